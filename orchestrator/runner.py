@@ -1,0 +1,457 @@
+"""Runs a pipeline's DAG on Ray.
+
+Every stage whose upstreams are done runs as a Ray task as soon as it is ready, so independent
+stages overlap as far as the cluster's resources allow. A stage task loads its workload from the
+registry, writes into a staging directory, and publishes the result under its key in the
+artifact store. The driver is the only MLflow writer: stages send per-step metrics to a small
+progress actor, which the driver drains into MLflow and the live view.
+
+A fully cached pipeline never starts Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.cache import ArtifactStore, compute_keys, mmkd_home
+from orchestrator.dag import ready_stages
+from orchestrator.runs import RunRecord, StageRecord, list_runs
+from orchestrator.spec import Pipeline, Stage
+from orchestrator.tracking import Tracker, default_tracking_uri, driver_tag
+from workloads.registry import get_workload
+
+logger = logging.getLogger("mmkd")
+
+# Environment a stage process needs to see what the driver sees (a cluster's workers don't
+# inherit the driver's shell).
+_FORWARD_ENV = ("MLFLOW_TRACKING_URI", "MMKD_HOME", "DS_ACCELERATOR", "HF_HUB_OFFLINE",
+                "TRANSFORMERS_OFFLINE", "RAY_TRAIN_COLLECTIVE_TIMEOUT_S", "TOKENIZERS_PARALLELISM")
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class PlanRow:
+    name: str
+    workload: str
+    key: str
+    status: str  # "cached" | "run" | "forced"
+    upstream: list[str]
+    resources: str
+    uri: str
+
+
+def fingerprints(pipeline: Pipeline) -> dict[str, str]:
+    out = {}
+    for name, stage in pipeline.stages.items():
+        info = get_workload(stage.workload)
+        out[name] = info.fingerprint(stage.config) if info.fingerprint else ""
+    return out
+
+
+def store_for(pipeline: Pipeline, root: str | None = None) -> ArtifactStore:
+    root = (root or os.environ.get("MMKD_STORE") or pipeline.spec.store
+            or str(mmkd_home() / "artifacts"))
+    return ArtifactStore(root)
+
+
+def resolve_force(pipeline: Pipeline, force: list[str]) -> set[str]:
+    names: set[str] = set()
+    for f in force:
+        matched = {n for n, s in pipeline.stages.items() if f in (n, s.base)}
+        if not matched:
+            raise ValueError(f"--force {f!r}: no such stage in {pipeline.path} "
+                             f"(stages: {', '.join(pipeline.stages)})")
+        names |= matched
+    return pipeline.downstream_of(names)
+
+
+def make_plan(pipeline: Pipeline, store: ArtifactStore, force: list[str] = ()) -> list[PlanRow]:
+    keys = compute_keys(pipeline.stages, fingerprints(pipeline))
+    forced = resolve_force(pipeline, list(force))
+    rows = []
+    for name, s in pipeline.stages.items():
+        cached = store.is_complete(s.workload, keys[name])
+        status = "forced" if name in forced and cached else ("cached" if cached else "run")
+        r = s.resources
+        res = (f"{r.num_workers}x({r.cpus_per_worker:g} cpu, {r.gpus_per_worker:g} gpu)"
+               + (f" zero{s.deepspeed.zero_stage} {s.deepspeed.precision}" if s.distributed else ""))
+        rows.append(PlanRow(name, s.workload, keys[name], status, list(s.upstream), res,
+                            store.uri(s.workload, keys[name])))
+    return rows
+
+
+def ensure_ray(address: str | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
+    env.setdefault("MMKD_HOME", str(mmkd_home()))
+    kwargs: dict[str, Any] = {"configure_logging": False, "runtime_env": {"env_vars": env}}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(include_dashboard=False, **kwargs)
+
+
+def _progress_hub_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressHub:
+        def __init__(self):
+            self._events: list[tuple[str, dict]] = []
+
+        def report(self, event: dict) -> None:
+            self._events.append(("metrics", event))
+
+        def log(self, event: dict) -> None:
+            self._events.append(("log", event))
+
+        def drain(self) -> list[tuple[str, dict]]:
+            events, self._events = self._events, []
+            return events
+
+    return ProgressHub
+
+
+def execute_stage(payload: dict[str, Any], reporter: Any = None) -> dict[str, Any]:
+    """Run one stage (inside a Ray task): inputs from the store, outputs published under its key."""
+    from workloads.context import Resources, StageContext
+
+    info = get_workload(payload["workload"])
+    config = info.config.model_validate(payload["params"])
+    store = ArtifactStore(payload["store_root"], payload["local_cache"])
+    inputs: dict[str, Any] = {}
+    for name, refs in payload["inputs"].items():
+        paths = [os.path.join(store.local_dir(wl, key), out) for wl, key, out in refs]
+        inputs[name] = paths if payload["input_is_list"][name] else paths[0]
+    manifest = {"stage": payload["stage"], "pipeline": payload["pipeline"],
+                "params": payload["params"], "source_run": payload.get("mlflow_run_id"),
+                "inputs": payload["inputs"]}
+    started = time.time()
+    with store.writer(payload["workload"], payload["key"], manifest) as out_dir:
+        ctx = StageContext(
+            pipeline=payload["pipeline"], stage=payload["stage"], key=payload["key"],
+            output_dir=out_dir, inputs=inputs, resources=Resources(**payload["resources"]),
+            deepspeed=payload["deepspeed"], checkpoint_storage=store.checkpoint_storage(),
+            run_name=payload["run_name"], seed=int(payload["params"].get("seed", 0) or 0),
+            reporter=reporter)
+        metrics = info.fn(config, ctx) or {}
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+        metrics["stage/wall_seconds"] = time.time() - started
+        Path(out_dir, "metrics.json").write_text(json.dumps(metrics, indent=2))
+        Path(out_dir, "stage.json").write_text(json.dumps(
+            {k: payload[k] for k in ("stage", "workload", "params", "resources", "deepspeed",
+                                     "inputs", "key")}, indent=2))
+    return {"metrics": metrics, "uri": store.uri(payload["workload"], payload["key"])}
+
+
+def run_name_for(stage: Stage, key: str) -> str:
+    """Deterministic per key, so a restarted stage finds its checkpoints; no timestamps."""
+    return f"{stage.workload}-{key[:16]}"
+
+
+class PipelineRunner:
+    def __init__(self, pipeline: Pipeline, *, force: list[str] = (), resume: bool = False,
+                 store_root: str | None = None, tracking_uri: str | None = None,
+                 overrides: list[str] = (), view: Any = None):
+        self.pipeline = pipeline
+        self.store = store_for(pipeline, store_root)
+        self.forced = resolve_force(pipeline, list(force))
+        self.keys = compute_keys(pipeline.stages, fingerprints(pipeline))
+        self.view = view
+        self.record = self._open_record(resume, list(overrides), tracking_uri)
+        self.tracker = Tracker(pipeline.name, self.record.journal,
+                               uri=tracking_uri or default_tracking_uri())
+        self.record.tracking_uri = self.tracker.uri
+        self._last_save = 0.0
+
+    # -- setup ----------------------------------------------------------------------------
+    def _open_record(self, resume: bool, overrides: list[str], uri: str | None) -> RunRecord:
+        if resume:
+            for prev in list_runs(self.pipeline.name):
+                if prev.status in ("killed", "failed", "interrupted"):
+                    prev.status, prev.driver, prev.ended, prev.error = "running", driver_tag(), None, ""
+                    logger.info("resuming run %s", prev.run_id)
+                    return self._sync_stages(prev)
+                break
+        record = RunRecord(run_id=RunRecord.new_id(), pipeline=self.pipeline.name,
+                           path=os.path.abspath(self.pipeline.path), overrides=overrides,
+                           started=time.time(), driver=driver_tag())
+        return self._sync_stages(record)
+
+    def _sync_stages(self, record: RunRecord) -> RunRecord:
+        stages = {}
+        for name, s in self.pipeline.stages.items():
+            old = record.stages.get(name)
+            if old is not None and old.key == self.keys[name] and old.status in ("done", "cached"):
+                stages[name] = old
+            else:
+                stages[name] = StageRecord(name=name, workload=s.workload, key=self.keys[name])
+        record.stages = stages
+        return record
+
+    def _save(self, force: bool = False) -> None:
+        if force or time.time() - self._last_save > 1.0:
+            self.record.save()
+            self._last_save = time.time()
+        if self.view is not None:
+            self.view.update(self.record)
+
+    # -- main loop ------------------------------------------------------------------------
+    def run(self) -> RunRecord:
+        p = self.pipeline
+        self.tracker.start_pipeline(
+            self.record.run_id,
+            params={"pipeline_file": p.path, "overrides": self.record.overrides},
+            tags={"mmkd.pipeline": p.name, "mmkd.run_id": self.record.run_id,
+                  "mmkd.driver": self.record.driver, "mmkd.kind": "pipeline"})
+        self.record.mlflow_run_id = self.tracker.run_id()
+        if self.tracker.online:
+            self.tracker.log_artifact("__pipeline__", p.path, "pipeline")
+        done: set[str] = set()
+        for name, stage in p.stages.items():
+            rec = self.record.stages[name]
+            if name in self.forced:
+                self._forget(stage, self.keys[name])
+            elif rec.status in ("done", "cached") or self.store.is_complete(stage.workload, self.keys[name]):
+                self._mark_cached(stage, rec)
+                done.add(name)
+        self._save(force=True)
+        if self.view is not None:
+            self.view.start(self.record)
+        try:
+            self._loop(done)
+        except KeyboardInterrupt:
+            self._finish("interrupted", "interrupted by the user (Ctrl-C); run again with "
+                         "--resume to continue")
+            raise
+        finally:
+            if self.view is not None:
+                self.view.stop(self.record)
+        return self.record
+
+    def _loop(self, done: set[str]) -> None:
+        stages = self.pipeline.stages
+        failed: set[str] = set()
+        started = set(done)
+        inflight: dict[Any, str] = {}
+        hub = None
+        while True:
+            running_keys = {self.keys[n] for n in inflight.values()}
+            for name in ready_stages(stages, done, started, failed):
+                stage, key = stages[name], self.keys[name]
+                if key in running_keys:
+                    continue  # an identical stage is running: reuse its result when it lands
+                if self.store.is_complete(stage.workload, key):
+                    started.add(name)
+                    self._mark_cached(stage, self.record.stages[name])
+                    done.add(name)
+                    continue
+                if hub is None:
+                    ensure_ray()
+                    hub = _progress_hub_class().remote()
+                started.add(name)
+                running_keys.add(key)
+                try:
+                    inflight[self._submit(stage, hub)] = name
+                except StageFailed as e:
+                    self._stage_failed(name, str(e))
+                    failed.add(name)
+            for name in stages:  # downstream of a failure can never run
+                if name not in started and any(u in failed for u in stages[name].upstream):
+                    started.add(name)
+                    self.record.stages[name].status = "skipped"
+                    failed.add(name)
+            if not inflight:
+                if ready_stages(stages, done, started, failed):
+                    continue  # twins of stages that just finished: now cached
+                break
+            import ray
+
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+            self._drain(hub)
+            for ref in ready:
+                name = inflight.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - any stage error is reported, not raised
+                    self._drain(hub)
+                    self._stage_failed(name, _error_text(e))
+                    failed.add(name)
+                else:
+                    self._drain(hub)
+                    self._stage_done(name, result)
+                    done.add(name)
+            self._save()
+        if failed:
+            first = next(n for n in stages if n in failed and self.record.stages[n].error)
+            self._finish("failed", f"stage {first!r} failed: {self.record.stages[first].error}")
+        else:
+            self._finish("success", "")
+
+    def _submit(self, stage: Stage, hub: Any):
+        import ray
+
+        key = self.keys[stage.name]
+        rec = self.record.stages[stage.name]
+        self._check_resources(stage)
+        self.tracker.start_stage(stage.name, params=stage.params, tags={
+            "mmkd.stage": stage.name, "mmkd.workload": stage.workload, "mmkd.key": key,
+            "mmkd.cached": "false", "mmkd.pipeline": self.pipeline.name,
+            **{f"mmkd.matrix.{k}": str(v) for k, v in stage.matrix_values.items()}})
+        self.tracker.log_metrics(stage.name, {}, 0)
+        rec.mlflow_run_id = self.tracker.run_id(stage.name)
+        rec.status, rec.started, rec.error = "running", time.time(), ""
+        payload = {
+            "pipeline": self.pipeline.name, "stage": stage.name, "workload": stage.workload,
+            "key": key, "params": stage.params, "run_name": run_name_for(stage, key),
+            "resources": stage.resources.model_dump(), "deepspeed": stage.deepspeed.model_dump(),
+            "store_root": self.store.root if not self.store.is_local else self.store.base,
+            "local_cache": str(self.store.local_cache), "mlflow_run_id": rec.mlflow_run_id,
+            "input_is_list": stage.input_is_list,
+            "inputs": {n: [(self.pipeline.stages[s].workload, self.keys[s], out)
+                           for s, out in refs] for n, refs in stage.resolved_inputs.items()},
+        }
+        r = stage.resources
+        options: dict[str, Any] = {"max_retries": 0, "name": f"mmkd:{stage.name}"}
+        if stage.distributed:
+            options["num_cpus"] = 0  # its Ray Train workers hold the resources
+        else:
+            options["num_cpus"], options["num_gpus"] = r.cpus_per_worker, r.gpus_per_worker
+        task = ray.remote(execute_stage).options(**options)
+        self._save(force=True)
+        return task.remote(payload, hub)
+
+    def _check_resources(self, stage: Stage) -> None:
+        import ray
+
+        if os.environ.get("MMKD_SKIP_RESOURCE_CHECK"):
+            return
+        total = ray.cluster_resources()
+        r = stage.resources
+        need_cpu = r.num_workers * r.cpus_per_worker
+        need_gpu = r.num_workers * r.gpus_per_worker
+        have_cpu, have_gpu = total.get("CPU", 0), total.get("GPU", 0)
+        if need_cpu > have_cpu or need_gpu > have_gpu:
+            raise StageFailed(
+                f"asks for {r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU / "
+                f"{r.gpus_per_worker:g} GPU = {need_cpu:g} CPU, {need_gpu:g} GPU, but the Ray "
+                f"cluster has {have_cpu:g} CPU, {have_gpu:g} GPU. Lower `resources` of stage "
+                f"{stage.name!r} (e.g. --set stages.{stage.base}.resources.num_workers=1) or "
+                f"add nodes (set MMKD_SKIP_RESOURCE_CHECK=1 for an autoscaling cluster).")
+
+    def _drain(self, hub: Any) -> None:
+        import ray
+
+        if hub is None:
+            return
+        for kind, event in ray.get(hub.drain.remote()):
+            rec = self.record.stages.get(event["stage"])
+            if rec is None:
+                continue
+            if kind == "log":
+                level = getattr(logging, event["level"].upper(), logging.INFO)
+                logger.log(level, "[%s] %s", event["stage"], event["message"])
+                continue
+            rec.step, rec.total_steps = event["step"], event["total_steps"]
+            rec.last_metrics = event["metrics"]
+            self.tracker.log_metrics(event["stage"], event["metrics"], event["step"],
+                                     event["time"])
+
+    # -- stage outcomes -------------------------------------------------------------------
+    def _mark_cached(self, stage: Stage, rec: StageRecord) -> None:
+        key = self.keys[stage.name]
+        manifest = self.store.read_json(stage.workload, key, "_mmkd.json") or {}
+        metrics = self.store.read_json(stage.workload, key, "metrics.json") or {}
+        if rec.status not in ("done", "cached") or rec.mlflow_run_id is None:
+            self.tracker.start_stage(stage.name, params=stage.params, tags={
+                "mmkd.stage": stage.name, "mmkd.workload": stage.workload, "mmkd.key": key,
+                "mmkd.cached": "true", "mmkd.pipeline": self.pipeline.name,
+                "mmkd.source_run": str(manifest.get("source_run"))})
+            self.tracker.log_metrics(stage.name, _numeric(metrics))
+            self.tracker.end_stage(stage.name, "FINISHED")
+            rec.mlflow_run_id = self.tracker.run_id(stage.name)
+            rec.status = "cached"
+        rec.source_run = manifest.get("source_run")
+        rec.metrics = metrics
+        rec.uri = self.store.uri(stage.workload, key)
+
+    def _forget(self, stage: Stage, key: str) -> None:
+        """--force: drop the cached result and in-stage checkpoints (else training resumes)."""
+        self.store.invalidate(stage.workload, key)
+        ck = f"{self.store.checkpoint_storage()}/{run_name_for(stage, key)}"
+        fs, path = self.store.fs, ck.split("://", 1)[-1]
+        import pyarrow.fs as pafs
+
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+
+    def _stage_done(self, name: str, result: dict[str, Any]) -> None:
+        rec = self.record.stages[name]
+        rec.status, rec.ended, rec.metrics, rec.uri = "done", time.time(), result["metrics"], result["uri"]
+        self.tracker.log_metrics(name, _numeric(result["metrics"]), rec.step)
+        if self.store.is_local:
+            self._log_small_artifacts(name, self.store.local_dir(rec.workload, rec.key))
+        self.tracker.end_stage(name, "FINISHED")
+        self._save(force=True)
+
+    def _stage_failed(self, name: str, error: str) -> None:
+        rec = self.record.stages[name]
+        rec.status, rec.ended, rec.error = "failed", time.time(), error
+        if rec.mlflow_run_id:
+            self.tracker.set_tags(name, {"mmkd.error": error[:5000]})
+            self.tracker.end_stage(name, "FAILED")
+        logger.error("stage %s failed: %s", name, error)
+        self._save(force=True)
+
+    def _log_small_artifacts(self, stage: str, directory: str) -> None:
+        """Configs, metrics, tables and plots; never weights or shards."""
+        skip = (".safetensors", ".bin", ".pt", ".pth", ".tar", ".parquet", ".npy", ".arrow")
+        for root, _, files in os.walk(directory):
+            for f in files:
+                path = os.path.join(root, f)
+                if f.startswith("_") or f.endswith(skip) or os.path.getsize(path) > 5_000_000:
+                    continue
+                rel = os.path.relpath(root, directory)
+                self.tracker.log_artifact(stage, path, None if rel == "." else rel)
+
+    def _finish(self, status: str, error: str) -> None:
+        self.record.status, self.record.ended, self.record.error = status, time.time(), error
+        for rec in self.record.stages.values():
+            if rec.status == "running":
+                rec.status, rec.error = "failed", rec.error or status
+                if rec.mlflow_run_id:
+                    self.tracker.end_stage(rec.name, "KILLED")
+        mlflow_status = {"success": "FINISHED", "failed": "FAILED"}.get(status, "KILLED")
+        self.tracker.end_pipeline(mlflow_status)
+        self._save(force=True)
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _error_text(e: BaseException) -> str:
+    """The user-relevant part of a stage error: the original exception, not Ray's wrapping."""
+    cause = getattr(e, "cause", None)
+    if cause is not None and not isinstance(cause, type(e)):
+        e = cause
+    text = f"{type(e).__name__}: {e}"
+    if len(text) > 4000:
+        text = text[:2000] + "\n...\n" + text[-2000:]
+    tb = "".join(traceback.format_exception_only(type(e), e)).strip()
+    return text if text else tb

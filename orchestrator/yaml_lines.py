@@ -1,0 +1,90 @@
+"""YAML loading that remembers line numbers and rejects duplicate keys.
+
+PyYAML silently keeps the last of two equal keys; in a pipeline file that hides a typo'd stage
+that was meant to be a second one. Line numbers let every spec error cite where to look.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class YamlError(ValueError):
+    pass
+
+
+class _LineLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise YamlError(
+                f"line {line}: duplicate key {key!r} (first defined on line {seen[key]}); "
+                "rename one of them"
+            )
+        seen[key] = line
+    mapping = loader.construct_mapping(node, deep=deep)
+    loader.lines[id(mapping)] = {k: v for k, v in seen.items()}
+    return mapping
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml_with_lines(path: str | Path) -> tuple[Any, "LineIndex"]:
+    """Parse ``path``; returns the data and an index from key paths to line numbers."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise YamlError(f"{path}: file not found") from None
+    except OSError as e:
+        raise YamlError(f"{path}: cannot read ({e.strerror})") from None
+    loader = _LineLoader(text)
+    loader.lines = {}
+    try:
+        data = loader.get_single_data()
+    except YamlError as e:
+        raise YamlError(f"{path}:{str(e).removeprefix('line ')}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise YamlError(f"{path}{where}: invalid YAML: {problem}") from None
+    finally:
+        loader.dispose()
+    return data, LineIndex(data, loader.lines)
+
+
+class LineIndex:
+    """Maps a key path such as ("stages", "dft", "params", "alpha") to its line number."""
+
+    def __init__(self, data: Any, lines: dict[int, dict[Any, int]]):
+        self._index: dict[tuple, int] = {}
+        self._walk(data, (), lines)
+
+    def _walk(self, node: Any, prefix: tuple, lines: dict[int, dict[Any, int]]) -> None:
+        if isinstance(node, dict):
+            own = lines.get(id(node), {})
+            for k, v in node.items():
+                if k in own:
+                    self._index[prefix + (k,)] = own[k]
+                self._walk(v, prefix + (k,), lines)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                self._walk(v, prefix + (i,), lines)
+
+    def line(self, path: tuple) -> int | None:
+        """Line of the deepest known prefix of ``path``."""
+        for n in range(len(path), 0, -1):
+            if path[:n] in self._index:
+                return self._index[path[:n]]
+        return None
