@@ -65,12 +65,14 @@ def expand_and_lint(
     errors: list[str] = []
     stages: dict[str, Stage] = {}
     members: dict[str, list[str]] = {}  # base name -> expanded names
+    broken: set[str] = set()  # stages with errors of their own: don't cascade to consumers
 
     for base, stage_spec in spec.stages.items():
         loc = ("stages", base)
         if not stage_name_ok(base):
             errors.append(f"{where(loc)}stage names start with a letter and use letters, "
                           f"digits, '_' or '-' (got {base!r})")
+            broken.add(base)
             continue
         try:
             info = get_workload(stage_spec.workload)
@@ -78,12 +80,14 @@ def expand_and_lint(
             errors.append(f"{where(loc + ('workload',))}unknown workload "
                           f"{stage_spec.workload!r}{_suggest(e.name, e.known)}; "
                           f"`mmkd workloads` lists the registered ones")
+            broken.add(base)
             continue
         empty = [k for k, values in stage_spec.matrix.items() if not values]
         for key in empty:
             errors.append(f"{where(loc + ('matrix', key))}field 'matrix.{key}': "
                           "needs at least one value")
         if empty:
+            broken.add(base)
             continue
 
         accepted = set(info.config.model_fields)
@@ -100,10 +104,12 @@ def expand_and_lint(
             except ValidationError as e:
                 section = _section_of(e, info.config)
                 errors.extend(fmt(e, loc + (section,) if section else loc, where))
+                broken.add(base)
                 continue
             if not info.distributed and resources.num_workers > 1:
                 errors.append(f"{where(loc + ('resources', 'num_workers'))}workload "
                               f"{info.name!r} runs in one process; num_workers must be 1")
+                broken.add(base)
                 continue
             stages[name] = Stage(
                 name=name, base=base, workload=info.name, version=info.version,
@@ -118,6 +124,8 @@ def expand_and_lint(
             resolved: list[tuple[str, str]] = []
             for ref in refs:
                 problem, targets = _resolve_ref(ref, stages, members)
+                if problem and ref.rsplit(".", 1)[0] in broken:
+                    continue  # that stage's own error is already reported
                 if problem:
                     errors.append(f"{where(loc + (input_name,))}input {input_name!r}: {problem}")
                     continue
@@ -128,6 +136,7 @@ def expand_and_lint(
         if stage.name in stage.upstream:
             errors.append(f"{where(loc)}stage {stage.name!r} consumes its own output")
 
+    errors = list(dict.fromkeys(errors))  # matrix twins repeat the same problem
     if errors:
         return stages, errors
     order, cycle = toposort({n: s.upstream for n, s in stages.items()})

@@ -175,6 +175,9 @@ class PipelineRunner:
         self.record = self._open_record(resume, list(overrides), tracking_uri)
         self.tracker = Tracker(pipeline.name, self.record.journal,
                                uri=tracking_uri or default_tracking_uri())
+        # --resume continues the old MLflow parent run if it lives in the same store
+        self._resume_parent = (self.record.mlflow_run_id
+                               if self.record.tracking_uri == self.tracker.uri else None)
         self.record.tracking_uri = self.tracker.uri
         self._last_save = 0.0
 
@@ -213,6 +216,16 @@ class PipelineRunner:
     # -- main loop ------------------------------------------------------------------------
     def run(self) -> RunRecord:
         p = self.pipeline
+        if self._resume_parent:
+            self.tracker.resume_pipeline(self._resume_parent, {
+                n: s.mlflow_run_id for n, s in self.record.stages.items() if s.mlflow_run_id})
+        if self.tracker.run_id() is None:
+            self._start_parent()
+        self._run_stages()
+        return self.record
+
+    def _start_parent(self) -> None:
+        p = self.pipeline
         self.tracker.start_pipeline(
             self.record.run_id,
             params={"pipeline_file": p.path, "overrides": self.record.overrides},
@@ -221,6 +234,9 @@ class PipelineRunner:
         self.record.mlflow_run_id = self.tracker.run_id()
         if self.tracker.online:
             self.tracker.log_artifact("__pipeline__", p.path, "pipeline")
+
+    def _run_stages(self) -> None:
+        p = self.pipeline
         done: set[str] = set()
         for name, stage in p.stages.items():
             rec = self.record.stages[name]
@@ -241,7 +257,6 @@ class PipelineRunner:
         finally:
             if self.view is not None:
                 self.view.stop(self.record)
-        return self.record
 
     def _loop(self, done: set[str]) -> None:
         stages = self.pipeline.stages

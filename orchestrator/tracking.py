@@ -120,6 +120,10 @@ class Tracker:
     def start_pipeline(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         self._do("start_pipeline", run_name=run_name, params=params, tags=tags)
 
+    def resume_pipeline(self, run_id: str, stages: dict[str, str]) -> None:
+        """Continue an interrupted run's parent run (``--resume``) instead of opening a new one."""
+        self._do("resume_pipeline", run_id=run_id, stages=stages)
+
     def start_stage(self, stage: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         self._do("start_stage", stage=stage, params=params, tags=tags)
 
@@ -161,6 +165,13 @@ class Tracker:
         self.reconcile()
         self._create(PIPELINE, run_name, params, tags)
 
+    def _op_resume_pipeline(self, run_id, stages):
+        self.reconcile()
+        self._connect().update_run(run_id, status="RUNNING")
+        self._connect().set_tag(run_id, "mmkd.driver", driver_tag())
+        self.ids[PIPELINE] = run_id
+        self.ids.update(stages)
+
     def _op_start_stage(self, stage, params, tags):
         self._create(stage, stage, params, tags)
 
@@ -193,11 +204,16 @@ class Tracker:
         client = self._connect()
         host = socket.gethostname()
         killed = []
-        for run in client.search_runs([self._experiment_id],
-                                      filter_string="attributes.status = 'RUNNING'"):
+        running = client.search_runs([self._experiment_id],
+                                     filter_string="attributes.status = 'RUNNING'")
+        for run in running:
             driver = run.data.tags.get("mmkd.driver", "")
             run_host, _, pid = driver.rpartition(":")
             if run_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+                client.set_terminated(run.info.run_id, status="KILLED")
+                killed.append(run.info.run_id)
+        for run in running:  # the stages those drivers were running died with them
+            if run.data.tags.get("mlflow.parentRunId") in killed:
                 client.set_terminated(run.info.run_id, status="KILLED")
                 killed.append(run.info.run_id)
         if killed:

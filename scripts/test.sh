@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install, then run the whole test suite (unit, integration on a real local Ray, e2e CLI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" TOKENIZERS_PARALLELISM=false
+exec python3 -m pytest tests -q -p no:cacheprovider --timeout=900 "$@"

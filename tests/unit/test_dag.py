@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from orchestrator.dag import expand_stage, toposort
+from orchestrator.spec import StageSpec
+
+
+def test_toposort_keeps_declaration_order_among_ready_stages():
+    order, cycle = toposort({"a": [], "b": ["a"], "c": [], "d": ["b", "c"]})
+    assert cycle is None and order == ["a", "c", "b", "d"]
+
+
+def test_toposort_finds_cycle():
+    order, cycle = toposort({"a": ["b"], "b": ["a"], "c": []})
+    assert order == [] and set(cycle) == {"a", "b"} and cycle[0] == cycle[-1]
+
+
+def test_matrix_is_cartesian_with_predictable_names():
+    spec = StageSpec(workload="noop", matrix={"alpha": [0.5, 1.0], "inputs.init": ["pt.model", "dpt.model"]})
+    out = expand_stage("dft", spec)
+    names = [n for n, _, _ in out]
+    assert names == ["dft_alpha-0.5_init-pt", "dft_alpha-0.5_init-dpt",
+                     "dft_alpha-1.0_init-pt", "dft_alpha-1.0_init-dpt"]
+    _, values, concrete = out[3]
+    assert values == {"alpha": 1.0, "inputs.init": "dpt.model"}
+    assert concrete.params["alpha"] == 1.0 and concrete.inputs["init"] == "dpt.model"
+    assert concrete.matrix == {}
