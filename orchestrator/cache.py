@@ -106,6 +106,7 @@ class ArtifactStore:
         if not (local / SUCCESS).exists():
             self.local_cache.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=self.local_cache, prefix=".dl-"))
+            (tmp / "d").mkdir()
             pafs.copy_files(self.stage_path(workload, key), str(tmp / "d"),
                             source_filesystem=self.fs,
                             destination_filesystem=pafs.LocalFileSystem())

@@ -180,6 +180,7 @@ class PipelineRunner:
                                if self.record.tracking_uri == self.tracker.uri else None)
         self.record.tracking_uri = self.tracker.uri
         self._last_save = 0.0
+        self.ray_started = False  # a fully cached pipeline never needs Ray
 
     # -- setup ----------------------------------------------------------------------------
     def _open_record(self, resume: bool, overrides: list[str], uri: str | None) -> RunRecord:
@@ -277,6 +278,7 @@ class PipelineRunner:
                     continue
                 if hub is None:
                     ensure_ray()
+                    self.ray_started = True
                     hub = _progress_hub_class().remote()
                 started.add(name)
                 running_keys.add(key)

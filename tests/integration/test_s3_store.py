@@ -1,0 +1,81 @@
+"""The artifact store on an S3-compatible server (moto, on 127.0.0.1) through pyarrow.fs."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from orchestrator.cache import ArtifactStore
+from orchestrator.runner import PipelineRunner
+from orchestrator.spec import load_pipeline
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_uri(tmp_path_factory):
+    pytest.importorskip("moto.server", reason="moto[server] is a test dependency")
+    import os
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        import boto3
+
+        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="mmkd-test")
+        yield f"s3://mmkd-test/store?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_store_round_trip_on_s3(s3_uri, tmp_path):
+    store = ArtifactStore(s3_uri, local_cache=tmp_path / "cache")
+    assert not store.is_local
+    key = "de" * 32
+    with store.writer("noop", key, {"stage": "x"}) as out:
+        (tmp_path / "unused").mkdir()
+        open(f"{out}/hello.txt", "w").write("from another node")
+    assert store.is_complete("noop", key)
+    assert store.uri("noop", key).startswith("s3://mmkd-test/store/stages/noop-")
+    local = store.local_dir("noop", key)
+    assert open(f"{local}/hello.txt").read() == "from another node"
+    assert store.read_json("noop", key, "_mmkd.json")["stage"] == "x"
+    store.invalidate("noop", key)
+    assert not store.is_complete("noop", key)
+
+
+def test_pipeline_with_s3_store_passes_outputs_downstream(ray_session, s3_uri, tmp_path, monkeypatch):
+    monkeypatch.setenv("MMKD_HOME", str(tmp_path / "home"))
+    path = tmp_path / "p.yaml"
+    path.write_text(textwrap.dedent("""
+        name: s3_pipe
+        stages:
+          a: {workload: noop, params: {value: 3}}
+          b: {workload: noop, inputs: {x: a.result}}
+    """))
+    rec = PipelineRunner(load_pipeline(path), store_root=s3_uri).run()
+    assert rec.status == "success", rec.error
+    assert rec.stages["b"].uri.startswith("s3://")
+    again = PipelineRunner(load_pipeline(path), store_root=s3_uri).run()
+    assert {s.status for s in again.stages.values()} == {"cached"}
