@@ -234,7 +234,12 @@ def cmd_submit(args) -> int:
     if args.wait:
         status = submit.wait(args.address, job, timeout=args.wait)
         console.print(f"{job}: {status}")
-        return 0 if status == "SUCCEEDED" else 1
+        if status != "SUCCEEDED":
+            tail = submit.logs(args.address, job).splitlines()[-40:]
+            err.print(f"last lines of the job's log:\n" + "\n".join(tail), markup=False,
+                      highlight=False)
+            return 1
+        return 0
     return 0
 
 

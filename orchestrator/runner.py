@@ -100,6 +100,8 @@ def ensure_ray(address: str | None = None) -> None:
     env.setdefault("MMKD_HOME", str(mmkd_home()))
     kwargs: dict[str, Any] = {"configure_logging": False, "runtime_env": {"env_vars": env}}
     if address:
+        # Inside a submitted job the job's runtime env is already set; merge ours into it.
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, **kwargs)
     else:
         ray.init(include_dashboard=False, **kwargs)
