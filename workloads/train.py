@@ -1,0 +1,295 @@
+"""The one training loop that pretrain, SFT and distillation share: Ray Train V2 ``TorchTrainer``
+with DeepSpeed inside ``train_loop_per_worker``.
+
+Driver side (``run_training``): check resources, size the run, start the trainer with a
+deterministic ``RunConfig(storage_path, name)`` so a restarted stage resumes from its latest
+checkpoint, then move the final model into ``ctx.output_dir/model``.
+
+Worker side (``train_loop_per_worker``): build the model from its spec, freeze parts, wrap in
+DeepSpeed, resume if a checkpoint exists, loop. The loss is a strategy (``LossFn``), so distillation
+plugs in a teacher-based loss without copying the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import tempfile
+import time
+from typing import Any
+
+from workloads.context import StageContext
+from workloads.train_setup import (CausalLMLoss, LossFn, StepContext, TrainParams, build_optimizer,
+                                   check_resources, deepspeed_config)
+
+__all__ = ["run_training", "train_loop_per_worker", "plan_total_steps", "CKPT_META"]
+
+CKPT_META = "mmkd_checkpoint.json"
+DS_TAG = "ds"
+
+
+def plan_total_steps(p: TrainParams, num_rows: int | None, world_size: int) -> int:
+    """Optimizer steps for the run: ``max_steps`` if given, else epochs over ``num_rows``."""
+    if p.max_steps:
+        return int(p.max_steps)
+    if not p.epochs or num_rows is None:
+        raise ValueError("train: give `max_steps` or `epochs` (epochs needs a data set of known size)")
+    per_step = p.batch_size * p.grad_accum * world_size
+    # Ray Train splits the rows equally across workers; the loop counts micro-batches across
+    # epoch boundaries, so a partial accumulation window carries over into the next epoch.
+    batches_per_epoch = math.ceil((num_rows // world_size) / p.batch_size)
+    steps = int(batches_per_epoch * p.epochs) // p.grad_accum
+    if steps < 1:
+        raise ValueError(f"train: {num_rows} rows give no full optimizer step of {per_step} samples "
+                         f"(batch_size × grad_accum × workers); lower batch_size or grad_accum")
+    return int(steps)
+
+
+def run_training(ctx: StageContext, *, model_spec: dict[str, Any], tokenizer_dir: str | None,
+                 dataset: Any, params: TrainParams, loss_fn: LossFn | None = None,
+                 num_rows: int | None = None) -> dict[str, Any]:
+    """Train on ``dataset`` (a Ray Dataset in the data row contract) and write
+    ``ctx.output_dir/model``. Returns final metrics (loss, steps, samples, ...)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    res = ctx.resources
+    check_resources(ctx.stage, res.num_workers, res.cpus_per_worker, res.gpus_per_worker,
+                    ray.cluster_resources())
+    if params.max_steps is None and num_rows is None:
+        num_rows = dataset.count()
+    total_steps = plan_total_steps(params, num_rows, res.num_workers)
+    use_gpu = res.gpus_per_worker > 0
+    resources = {"CPU": res.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = res.gpus_per_worker
+    storage = ctx.checkpoint_storage or os.path.join(ctx.output_dir, "_checkpoints")
+    run_name = ctx.run_name or f"{ctx.stage}-{ctx.key[:12]}"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"ctx": ctx, "params": params, "model_spec": model_spec,
+                           "tokenizer_dir": tokenizer_dir, "total_steps": total_steps,
+                           "loss_fn": loss_fn or CausalLMLoss(),
+                           "pid_dir": _pid_dir(storage, run_name)},
+        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
+                                 timeout_s=params.collective_timeout_s),
+        run_config=RunConfig(storage_path=storage, name=run_name,
+                             failure_config=FailureConfig(max_failures=params.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {ctx.stage!r}: training ended without a final checkpoint")
+    with result.checkpoint.as_directory() as d:
+        meta = json.load(open(os.path.join(d, CKPT_META)))
+        _copy_atomic(os.path.join(d, "model"), os.path.join(ctx.output_dir, "model"))
+    if ctx.reporter is None:  # no live hub: keep the per-step history on the driver's context
+        ctx.local_metrics.extend({"stage": ctx.stage, "step": h["step"], "total_steps": total_steps,
+                                  "metrics": {k: v for k, v in h.items() if k != "step"}}
+                                 for h in meta["history"])
+    return meta["final"]
+
+
+def _pid_dir(storage: str, run_name: str) -> str | None:
+    # Which processes work a stage (for ops and the worker-kill test); local storage only.
+    return None if "://" in storage else os.path.join(storage, run_name, "worker_pids")
+
+
+def _copy_atomic(src: str, dst: str) -> None:
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-model-", dir=parent)
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import torch
+
+    ctx: StageContext = config["ctx"]
+    p: TrainParams = config["params"]
+    total_steps: int = config["total_steps"]
+    loss_fn: LossFn = config["loss_fn"]
+    tc = ray.train.get_context()
+    rank, world = tc.get_world_rank(), tc.get_world_size()
+    on_gpu = torch.cuda.is_available() and ctx.resources.gpus_per_worker > 0
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed picks an accelerator
+        torch.set_num_threads(max(1, int(ctx.resources.cpus_per_worker)))
+    import deepspeed  # imported in the worker: picks the accelerator of this machine
+
+    _write_pid(config.get("pid_dir"), rank)
+    _seed_all(p.seed)
+    if on_gpu:
+        from ray.train.torch import get_device
+
+        device = get_device()
+    else:
+        device = torch.device("cpu")
+
+    from workloads.data.dataset import iter_train_batches
+    from workloads.models import build_model, set_trainable
+
+    model, processor = build_model(config["model_spec"], config["tokenizer_dir"])
+    set_trainable(model, p.train)
+    optimizer, scheduler = build_optimizer(model, p, total_steps)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(ctx.deepspeed, p, world))
+    dtype = next(engine.module.parameters()).dtype
+    sctx = StepContext(step=0, total_steps=total_steps, rank=rank, world_size=world,
+                       device=device, dtype=dtype, stage=ctx)
+    loss_fn.setup(engine, sctx)
+
+    step, history, resumed_from = 0, [], None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            meta = json.load(open(os.path.join(d, CKPT_META)))
+            if meta["kind"] == "final":  # the run had finished: hand the same model back
+                _report_final(d, meta, rank)
+                return
+            engine.load_checkpoint(d, tag=DS_TAG)
+            step, history, resumed_from = meta["step"], meta["history"], meta["step"]
+
+    zero3 = int(ctx.deepspeed.get("zero_stage", 0)) == 3
+    shard = ray.train.get_dataset_shard("train")
+    window = {"loss": 0.0, "tokens": 0, "samples": 0, "micro": 0}
+    extra: dict[str, float] = {}
+    t_window = time.perf_counter()
+    epoch = 0
+    while step < total_steps:
+        n_batches = 0
+        for batch in iter_train_batches(shard, p.batch_size, p.pad_token_id, p.seed, epoch):
+            n_batches += 1
+            batch = {k: v.to(device) for k, v in batch.items()}
+            batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            sctx.step = step
+            loss, extra = loss_fn(engine, batch, sctx)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed only steps the optimizer on accumulation boundaries
+            window["loss"] += float(loss.detach())
+            window["tokens"] += int(batch["attention_mask"].sum())
+            window["samples"] += int(batch["input_ids"].shape[0])
+            window["micro"] += 1
+            if window["micro"] < p.grad_accum:
+                continue
+            step += 1
+            metrics = _step_metrics(window, t_window, scheduler, extra, device)
+            metrics["epoch"] = epoch
+            history.append({"step": step, **metrics})
+            if rank == 0:
+                ctx.report(metrics, step=step, total_steps=total_steps)
+            window = {"loss": 0.0, "tokens": 0, "samples": 0, "micro": 0}
+            t_window = time.perf_counter()
+            if step >= total_steps:
+                break
+            if p.checkpoint_every and step % p.checkpoint_every == 0:
+                _save_checkpoint(engine, step, history, metrics, rank)
+                t_window = time.perf_counter()
+        if n_batches == 0:
+            raise RuntimeError(f"stage {ctx.stage!r}: worker {rank} got an empty data shard; "
+                               f"give more samples than workers × batch_size")
+        epoch += 1
+
+    final = {"loss": history[-1]["loss"], "steps": step, "total_steps": total_steps,
+             "samples": sum(h["samples"] for h in history),
+             "tokens": sum(h["tokens"] for h in history),
+             "mean_tokens_per_s": sum(h["tokens_per_s"] for h in history) / len(history),
+             "resumed_from_step": resumed_from if resumed_from is not None else -1}
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
+    with tempfile.TemporaryDirectory(prefix="mmkd-final-") as d:
+        if rank == 0:
+            _save_final_model(engine.module, processor, state_dict, zero3, os.path.join(d, "model"))
+        meta = {"kind": "final", "step": step, "history": history, "final": final}
+        _report_final(d, meta, rank)
+
+
+def _step_metrics(window: dict, t0: float, scheduler: Any, extra: dict, device: Any) -> dict:
+    """Loss averaged over the accumulation window and all ranks; tokens/samples summed."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([window["loss"] / window["micro"], window["tokens"], window["samples"]],
+                     dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t[0] /= dist.get_world_size()
+    dt = max(time.perf_counter() - t0, 1e-9)
+    m = {"loss": float(t[0]), "lr": float(scheduler.get_last_lr()[0]), "tokens": float(t[1]),
+         "samples": float(t[2]), "tokens_per_s": float(t[1]) / dt, "samples_per_s": float(t[2]) / dt}
+    m.update({k: float(v) for k, v in extra.items()})
+    return m
+
+
+def _save_checkpoint(engine: Any, step: int, history: list, metrics: dict, rank: int) -> None:
+    # Every rank saves its ZeRO shard and reports; a rank-0-only save/report deadlocks.
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="mmkd-ckpt-") as d:
+        engine.save_checkpoint(d, tag=DS_TAG)
+        if rank == 0:
+            with open(os.path.join(d, CKPT_META), "w") as f:
+                json.dump({"kind": "deepspeed", "step": step, "history": history}, f)
+        ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(d))
+
+
+def _save_final_model(module: Any, processor: Any, state_dict: dict | None, zero3: bool,
+                      out: str) -> None:
+    from workloads.models import save_model
+
+    if zero3:  # the engine's own params are partitioned: save through a fresh full-size model
+        from transformers import LlavaForConditionalGeneration
+
+        full = LlavaForConditionalGeneration(module.config)
+        full.load_state_dict(state_dict)
+        full.generation_config = module.generation_config
+        module = full
+    save_model(module, processor, out)
+
+
+def _report_final(d: str, meta: dict, rank: int) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    ckpt = None
+    if rank == 0:
+        if not os.path.exists(os.path.join(d, CKPT_META)):
+            with open(os.path.join(d, CKPT_META), "w") as f:
+                json.dump(meta, f)
+        ckpt = Checkpoint.from_directory(d)
+    ray.train.report({**meta["final"], "step": meta["step"]}, checkpoint=ckpt)
+
+
+def _write_pid(pid_dir: str | None, rank: int) -> None:
+    if not pid_dir:
+        return
+    os.makedirs(pid_dir, exist_ok=True)
+    with open(os.path.join(pid_dir, f"rank_{rank}.json"), "w") as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}, f)
+
+
+def _seed_all(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

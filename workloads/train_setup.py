@@ -1,0 +1,164 @@
+"""Pieces of the training loop that are pure or nearly so: hyperparameters, the DeepSpeed config,
+optimizer + schedule, batch collation, the loss strategy and the resource pre-flight check.
+
+Kept apart from ``train.py`` so the loop there reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = ["TrainParams", "LossFn", "CausalLMLoss", "StepContext", "model_inputs",
+           "deepspeed_config", "build_optimizer", "warmup_cosine",
+           "check_resources", "ResourceError"]
+
+
+@dataclass
+class TrainParams:
+    """Everything the loop needs besides model, data and the stage context (picklable)."""
+
+    train: list[str] = field(default_factory=lambda: ["projector"])
+    lr: float = 1e-3
+    batch_size: int = 8              # per worker, per micro-step
+    grad_accum: int = 1
+    max_steps: int | None = None     # optimizer steps; wins over epochs when both are given
+    epochs: float | None = None
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 0        # optimizer steps; 0 = only the final model
+    max_failures: int = 1            # worker-group restarts from the latest checkpoint
+    seed: int = 0
+    pad_token_id: int = 0
+    collective_timeout_s: int = 600  # a hung collective fails the stage instead of hanging it
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class StepContext:
+    """What a loss function may look at besides the model and the batch."""
+
+    step: int               # optimizer steps done so far
+    total_steps: int
+    rank: int
+    world_size: int
+    device: Any
+    dtype: Any
+    stage: Any              # the StageContext (output dir, inputs, ...)
+    state: dict[str, Any] = field(default_factory=dict)  # set up once per worker by LossFn.setup
+
+
+class LossFn(Protocol):
+    """The strategy the shared loop calls each micro-step. ``setup`` runs once per worker after
+    the student is built (load a teacher there); ``__call__`` runs the forward pass(es)."""
+
+    def setup(self, model: Any, sctx: StepContext) -> None: ...
+
+    def __call__(self, model: Any, batch: dict[str, Any], sctx: StepContext
+                 ) -> tuple[Any, dict[str, float]]: ...
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """Model kwargs for a collated batch. Text-only rows carry no ``<image>`` tokens, so only the
+    images of rows with ``has_image`` go in (LLaVA checks image tokens == image features)."""
+    out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    has = batch["has_image"].bool()
+    if bool(has.any()):
+        out["pixel_values"] = batch["pixel_values"][has]
+    return out
+
+
+class CausalLMLoss:
+    """Next-token cross-entropy on the unmasked labels (pretrain / SFT)."""
+
+    def setup(self, model: Any, sctx: StepContext) -> None:
+        pass
+
+    def __call__(self, model: Any, batch: dict[str, Any], sctx: StepContext):
+        out = model(**model_inputs(batch), labels=batch["labels"])
+        return out.loss, {"ce": float(out.loss.detach())}
+
+
+def deepspeed_config(ds: dict[str, Any], p: TrainParams, world_size: int) -> dict[str, Any]:
+    """DeepSpeed config from the stage's ``deepspeed`` dict (zero_stage, precision, offload_*)."""
+    stage = int(ds.get("zero_stage", 0))
+    precision = ds.get("precision", "fp32")
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed.zero_stage must be 0-3, got {stage}")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"deepspeed.precision must be fp32, bf16 or fp16, got {precision!r}")
+    zero: dict[str, Any] = {"stage": stage}
+    if ds.get("offload_optimizer"):
+        if stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs zero_stage >= 1")
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.get("offload_params"):
+        if stage != 3:
+            raise ValueError("deepspeed.offload_params needs zero_stage 3")
+        zero["offload_param"] = {"device": "cpu"}
+    if stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": p.batch_size,
+        "gradient_accumulation_steps": p.grad_accum,
+        "train_batch_size": p.batch_size * p.grad_accum * world_size,
+        "gradient_clipping": p.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        # Our torch AdamW also works with ZeRO-Offload (no compiled DeepSpeedCPUAdam needed).
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warmup to 1 over ``warmup`` steps, then cosine to ``min_ratio``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model: Any, p: TrainParams, total_steps: int):
+    """AdamW over trainable params only (frozen parts get no optimizer state); no decay on
+    biases and norms. Returns ``(optimizer, lr_scheduler)``."""
+    import torch
+
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+    groups = [g for g in ({"params": decay, "weight_decay": p.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=p.lr, betas=(0.9, 0.999), eps=1e-8)
+    warmup = int(round(p.warmup_ratio * total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, total_steps, warmup, p.min_lr_ratio))
+    return opt, sched
+
+
+class ResourceError(RuntimeError):
+    pass
+
+
+def check_resources(stage: str, num_workers: int, cpus_per_worker: float, gpus_per_worker: float,
+                    cluster: dict[str, float]) -> None:
+    """Fail before training when the stage asks for more than the whole cluster has."""
+    need_cpu = num_workers * cpus_per_worker
+    need_gpu = num_workers * gpus_per_worker
+    have_cpu, have_gpu = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    problems = []
+    if need_cpu > have_cpu:
+        problems.append(f"{num_workers} workers × {cpus_per_worker} CPUs = {need_cpu:g} CPUs but the "
+                        f"cluster has {have_cpu:g}; lower `resources.num_workers` or "
+                        f"`resources.cpus_per_worker`")
+    if need_gpu > have_gpu:
+        problems.append(f"{num_workers} workers × {gpus_per_worker} GPUs = {need_gpu:g} GPUs but the "
+                        f"cluster has {have_gpu:g}; lower `resources.gpus_per_worker` (0 = CPU "
+                        f"training) or add GPU nodes")
+    if problems:
+        raise ResourceError(f"stage {stage!r} cannot start: " + "; ".join(problems))
