@@ -107,7 +107,7 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(include_dashboard=False, **kwargs)
 
 
-def _progress_hub_class():
+def progress_hub_class():
     import ray
 
     @ray.remote(num_cpus=0)
@@ -158,6 +158,40 @@ def execute_stage(payload: dict[str, Any], reporter: Any = None) -> dict[str, An
             {k: payload[k] for k in ("stage", "workload", "params", "resources", "deepspeed",
                                      "inputs", "key")}, indent=2))
     return {"metrics": metrics, "uri": store.uri(payload["workload"], payload["key"])}
+
+
+def stage_payload(pipeline: Pipeline, stage: Stage, keys: dict[str, str], store: ArtifactStore,
+                  mlflow_run_id: str | None = None) -> dict[str, Any]:
+    """Everything a stage task needs, as plain data (it may run on another node)."""
+    key = keys[stage.name]
+    return {
+        "pipeline": pipeline.name, "stage": stage.name, "workload": stage.workload,
+        "key": key, "params": stage.params, "run_name": run_name_for(stage, key),
+        "resources": stage.resources.model_dump(), "deepspeed": stage.deepspeed.model_dump(),
+        "store_root": store.root if not store.is_local else store.base,
+        "local_cache": str(store.local_cache), "mlflow_run_id": mlflow_run_id,
+        "input_is_list": stage.input_is_list,
+        "inputs": {n: [(pipeline.stages[s].workload, keys[s], out) for s, out in refs]
+                   for n, refs in stage.resolved_inputs.items()},
+    }
+
+
+def stage_task(stage: Stage):
+    """``execute_stage`` as a Ray task holding the stage's resources."""
+    import ray
+
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    r = stage.resources
+    # Never inside a caller's placement group (a Tune trial's): the stage needs its own resources.
+    options: dict[str, Any] = {
+        "max_retries": 0, "name": f"mmkd:{stage.name}",
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)}
+    if stage.distributed:
+        options["num_cpus"] = 0  # its Ray Train workers hold the resources
+    else:
+        options["num_cpus"], options["num_gpus"] = r.cpus_per_worker, r.gpus_per_worker
+    return ray.remote(execute_stage).options(**options)
 
 
 def run_name_for(stage: Stage, key: str) -> str:
@@ -281,7 +315,7 @@ class PipelineRunner:
                 if hub is None:
                     ensure_ray()
                     self.ray_started = True
-                    hub = _progress_hub_class().remote()
+                    hub = progress_hub_class().remote()
                 started.add(name)
                 running_keys.add(key)
                 try:
@@ -334,25 +368,9 @@ class PipelineRunner:
         self.tracker.log_metrics(stage.name, {}, 0)
         rec.mlflow_run_id = self.tracker.run_id(stage.name)
         rec.status, rec.started, rec.error = "running", time.time(), ""
-        payload = {
-            "pipeline": self.pipeline.name, "stage": stage.name, "workload": stage.workload,
-            "key": key, "params": stage.params, "run_name": run_name_for(stage, key),
-            "resources": stage.resources.model_dump(), "deepspeed": stage.deepspeed.model_dump(),
-            "store_root": self.store.root if not self.store.is_local else self.store.base,
-            "local_cache": str(self.store.local_cache), "mlflow_run_id": rec.mlflow_run_id,
-            "input_is_list": stage.input_is_list,
-            "inputs": {n: [(self.pipeline.stages[s].workload, self.keys[s], out)
-                           for s, out in refs] for n, refs in stage.resolved_inputs.items()},
-        }
-        r = stage.resources
-        options: dict[str, Any] = {"max_retries": 0, "name": f"mmkd:{stage.name}"}
-        if stage.distributed:
-            options["num_cpus"] = 0  # its Ray Train workers hold the resources
-        else:
-            options["num_cpus"], options["num_gpus"] = r.cpus_per_worker, r.gpus_per_worker
-        task = ray.remote(execute_stage).options(**options)
+        payload = stage_payload(self.pipeline, stage, self.keys, self.store, rec.mlflow_run_id)
         self._save(force=True)
-        return task.remote(payload, hub)
+        return stage_task(stage).remote(payload, hub)
 
     def _check_resources(self, stage: Stage) -> None:
         import ray

@@ -85,3 +85,29 @@ def count(config: CountConfig, ctx: StageContext) -> dict[str, float]:
         ctx.report({"loss": 1.0 / state["step"]}, step=state["step"], total_steps=config.steps)
     os.makedirs(os.path.join(ctx.output_dir, "result"), exist_ok=True)
     return {"steps": state["step"], "starts": state["starts"], "resumed_from": resumed_from}
+
+
+class QuadraticConfig(WorkloadConfig):
+    lr: float = Field(0.1, gt=0, description="gradient-descent step size")
+    momentum: float = Field(0.0, ge=0, lt=1, description="heavy-ball momentum")
+    steps: int = Field(20, ge=1)
+    step_seconds: float = Field(0.05, ge=0, description="time per step")
+    target: float = 3.0
+    seed: int = 0
+
+
+@workload("quadratic", config=QuadraticConfig, outputs=("result",))
+def quadratic(config: QuadraticConfig, ctx: StageContext) -> dict[str, float]:
+    """Minimises (x - target)^2 by gradient descent; its loss curve depends on lr (for tuning)."""
+    x, velocity = 0.0, 0.0
+    loss = (x - config.target) ** 2
+    for step in range(1, config.steps + 1):
+        time.sleep(config.step_seconds)
+        velocity = config.momentum * velocity - config.lr * 2 * (x - config.target)
+        x += velocity
+        loss = (x - config.target) ** 2
+        ctx.report({"loss": loss, "x": x}, step=step, total_steps=config.steps)
+    os.makedirs(os.path.join(ctx.output_dir, "result"), exist_ok=True)
+    with open(os.path.join(ctx.output_dir, "result", "x.json"), "w") as f:
+        json.dump({"x": x}, f)
+    return {"loss": loss, "x": x}

@@ -1,0 +1,116 @@
+"""`mmkd submit / jobs / status / logs / stop`: pipelines on a Ray cluster."""
+
+from __future__ import annotations
+
+import os
+
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.spec import load_pipeline
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _cluster(fn):
+    """Run a cluster command; SubmitError becomes one clear line and exit code 2."""
+    def wrapped(args) -> int:
+        from orchestrator.submit import SubmitError
+
+        try:
+            return fn(args)
+        except SubmitError as e:
+            err.print(f"[red]error[/]: {e}", highlight=False)
+            return 2
+    return wrapped
+
+
+@_cluster
+def cmd_submit(args) -> int:
+    from orchestrator import submit
+
+    load_pipeline(args.pipeline, args.set or [])  # lint here, not after the upload
+    env = dict(kv.split("=", 1) for kv in (args.env or []))
+    if args.store:
+        env["MMKD_STORE"] = args.store
+    job = submit.submit(args.pipeline, args.address, args.set or [], args.working_dir, env,
+                        args.job_id)
+    console.print(f"submitted [bold]{job}[/] to {args.address}\n"
+                  f"  mmkd logs {job} --address {args.address} --follow")
+    if args.wait:
+        status = submit.wait(args.address, job, timeout=args.wait)
+        console.print(f"{job}: {status}")
+        if status != "SUCCEEDED":
+            tail = submit.logs(args.address, job).splitlines()[-40:]
+            err.print(f"last lines of the job's log:\n" + "\n".join(tail), markup=False,
+                      highlight=False)
+            return 1
+        return 0
+    return 0
+
+
+@_cluster
+def cmd_jobs(args) -> int:
+    from orchestrator import submit
+
+    table = Table(title=f"jobs on {args.address}")
+    for col in ("job", "status", "entrypoint"):
+        table.add_column(col)
+    for j in submit.list_jobs(args.address):
+        table.add_row(j.submission_id or j.job_id or "", str(j.status), j.entrypoint[:80])
+    console.print(table)
+    return 0
+
+
+@_cluster
+def cmd_status(args) -> int:
+    from orchestrator import submit
+
+    info = submit.status(args.address, args.job)
+    console.print(f"{args.job}: {info.status} {info.message or ''}")
+    return 0
+
+
+@_cluster
+def cmd_logs(args) -> int:
+    from orchestrator import submit
+
+    if args.follow:
+        for chunk in submit.follow_logs(args.address, args.job):
+            print(chunk, end="", flush=True)
+    else:
+        print(submit.logs(args.address, args.job), end="")
+    return 0
+
+
+@_cluster
+def cmd_stop(args) -> int:
+    from orchestrator import submit
+
+    stopped = submit.stop(args.address, args.job)
+    console.print(f"{args.job}: {'stop requested' if stopped else 'already finished'}")
+    return 0
+
+
+def add_cluster_commands(sub, add_pipeline_args) -> None:
+    default = os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265")
+    p = sub.add_parser("submit", help="run a pipeline on a Ray cluster (Ray Jobs API)")
+    add_pipeline_args(p)
+    p.add_argument("--address", default=default, help="Ray dashboard, http://HEAD:8265")
+    p.add_argument("--working-dir", default=".", help="folder uploaded with the job (the project)")
+    p.add_argument("--env", action="append", metavar="K=V", help="extra environment for the job")
+    p.add_argument("--job-id", help="submission id (default: Ray picks one)")
+    p.add_argument("--wait", type=float, metavar="SECONDS", help="wait for the job to finish")
+    p.set_defaults(fn=cmd_submit)
+    for name, fn, helptext in (("jobs", cmd_jobs, "list jobs on the cluster"),
+                               ("status", cmd_status, "a job's status"),
+                               ("logs", cmd_logs, "a job's logs"),
+                               ("stop", cmd_stop, "stop a job")):
+        p = sub.add_parser(name, help=helptext)
+        if name != "jobs":
+            p.add_argument("job")
+        if name == "logs":
+            p.add_argument("--follow", action="store_true")
+        p.add_argument("--address", default=default, help="Ray dashboard, http://HEAD:8265")
+        p.set_defaults(fn=fn)

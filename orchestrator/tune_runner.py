@@ -1,0 +1,252 @@
+"""Running a tune: upstream stages through the normal runner, then Ray Tune over one stage.
+
+Trials execute the stage with the same task as `mmkd run` (artifact store, key, checkpoints), and
+a small loop in the trial forwards the stage's per-step metrics to `tune.report`, so schedulers
+such as ASHA can stop a trial between steps. When Tune stops a trial, its stage task (and any Ray
+Train run inside it) dies with the trial actor that owns it.
+
+MLflow: one parent run per tune, a child per trial, written only by the driver (a Tune callback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.cache import compute_keys, mmkd_home
+from orchestrator.runner import (PipelineRunner, ensure_ray, progress_hub_class, stage_payload,
+                                 stage_task, store_for)
+from orchestrator.spec import Pipeline
+from orchestrator.tracking import Tracker, default_tracking_uri, driver_tag
+from orchestrator.tuning import (TuneSpec, default_concurrency, param_space, tune_name,
+                                 upstream_pipeline)
+
+# Keys Tune adds to every result; everything else a trial reports is the stage's own metric.
+_TUNE_KEYS = {"time_this_iter_s", "time_total_s", "timestamp", "training_iteration", "pid",
+              "iterations_since_restore", "time_since_restore", "done", "config", "trial_id",
+              "date", "hostname", "node_ip", "experiment_tag", "checkpoint_dir_name",
+              "should_checkpoint", "mmkd_completed", "mmkd_step"}
+
+
+def _trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
+    """One trial: run the tuned stage with the trial's params; forward its metrics to Tune."""
+    import ray
+    from ray import tune
+
+    from orchestrator.cache import ArtifactStore
+    from orchestrator.spec import Stage
+    from orchestrator.cache import stage_key
+    from orchestrator.runner import execute_stage
+
+    stage: Stage = base["stage"]
+    params = {**stage.params, **config}
+    stage = Stage(**{**stage.__dict__, "config": type(stage.config).model_validate(params)})
+    keys = dict(base["keys"])
+    keys[stage.name] = stage_key(stage, keys, base["fingerprint"])
+    store = ArtifactStore(base["store_root"], base["local_cache"])
+    payload = stage_payload(base["pipeline"], stage, keys, store)
+    metric = base["metric"]
+    if store.is_complete(stage.workload, keys[stage.name]):  # same params seen before
+        final = store.read_json(stage.workload, keys[stage.name], "metrics.json") or {}
+        tune.report({**_numeric(final), "mmkd_completed": 1, "mmkd_step": final.get("steps", 0)})
+        return
+    hub = progress_hub_class().remote()
+    ref = stage_task(stage).remote(payload, hub)
+    last: dict[str, float] = {}
+    while True:
+        ready, _ = ray.wait([ref], timeout=0.5)
+        for kind, event in ray.get(hub.drain.remote()):
+            if kind == "metrics" and metric in event["metrics"]:
+                last = event["metrics"]
+                tune.report({**last, "mmkd_step": event["step"] or 0})
+        if ready:
+            break
+    result = ray.get(ref)  # raises if the stage failed: Tune marks the trial errored
+    final = {**last, **_numeric(result["metrics"])}
+    tune.report({**final, "mmkd_completed": 1, "mmkd_step": final.get("steps", 0),
+                 "mmkd_key": keys[stage.name]})
+
+
+def _numeric(d: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class MlflowTrials:
+    """A Tune callback (created lazily so Ray is imported only when tuning)."""
+
+    def __new__(cls, tracker: Tracker, stage: str, metric: str):
+        from ray.tune import Callback
+
+        class _Callback(Callback):
+            def __init__(self):
+                self.completed: set[str] = set()
+                self.results: dict[str, list[dict]] = {}
+
+            def on_trial_start(self, iteration, trials, trial, **info):
+                tracker.start_stage(trial.trial_id, params=dict(trial.config), tags={
+                    "mmkd.trial": trial.trial_id, "mmkd.stage": stage, "mmkd.kind": "trial"})
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                self.results.setdefault(trial.trial_id, []).append(result)
+                metrics = {k: v for k, v in result.items()
+                           if k not in _TUNE_KEYS and isinstance(v, (int, float))
+                           and not isinstance(v, bool)}
+                if result.get("mmkd_completed"):
+                    self.completed.add(trial.trial_id)
+                if trial.trial_id not in tracker.ids:
+                    self.on_trial_start(iteration, trials, trial)
+                tracker.log_metrics(trial.trial_id, metrics, int(result.get("mmkd_step") or
+                                                                 result.get("training_iteration", 0)))
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                if trial.trial_id not in tracker.ids:
+                    return
+                stopped = trial.trial_id not in self.completed
+                tracker.set_tags(trial.trial_id, {"mmkd.stopped_early": str(stopped).lower()})
+                tracker.end_stage(trial.trial_id, "KILLED" if stopped else "FINISHED")
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                if trial.trial_id in tracker.ids:
+                    tracker.end_stage(trial.trial_id, "FAILED")
+
+        return _Callback()
+
+
+@dataclass
+class TuneOutcome:
+    name: str
+    trials: list[dict[str, Any]]  # sorted best first
+    best_params: dict[str, Any]
+    best_params_file: Path
+    run_line: str
+    stopped_early: int
+    steps_run: int
+    steps_budget: int
+    parent_run_id: str | None
+
+
+def run_tune(spec: TuneSpec, pipeline: Pipeline, tune_file: str, *, resume: bool = False,
+             overrides: list[str] = ()) -> TuneOutcome:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    # 1. Upstream stages: the ordinary runner, so they are cached and reused by every trial.
+    upstream = upstream_pipeline(pipeline, spec.stage)
+    if upstream.stages:
+        record = PipelineRunner(upstream, overrides=list(overrides)).run()
+        if record.status != "success":
+            raise RuntimeError(f"upstream stages of {spec.stage!r} failed: {record.error}")
+    ensure_ray()
+    name = tune_name(spec, pipeline)
+    out_dir = mmkd_home() / "tune" / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = pipeline.stages[spec.stage]
+    store = store_for(pipeline)
+    from orchestrator.runner import fingerprints
+
+    base = {"stage": stage, "keys": compute_keys(pipeline.stages, fingerprints(pipeline)),
+            "fingerprint": fingerprints(pipeline).get(spec.stage, ""), "pipeline": pipeline,
+            "store_root": store.root if not store.is_local else store.base,
+            "local_cache": str(store.local_cache), "metric": spec.metric}
+    budget = spec.scheduler.max_t or _stage_steps(stage)
+
+    # 2. MLflow parent run for the tune; one writer (this process).
+    tracker = Tracker(pipeline.name, out_dir / "tracking_journal.jsonl", uri=default_tracking_uri())
+    tracker.start_pipeline(f"tune-{name}", params={"tune_file": os.path.abspath(tune_file),
+                                                   **{f"space.{k}": json.dumps(v)
+                                                      for k, v in spec.space.items()}},
+                           tags={"mmkd.pipeline": pipeline.name, "mmkd.kind": "tune",
+                                 "mmkd.tune": name, "mmkd.driver": driver_tag()})
+    callback = MlflowTrials(tracker, spec.stage, spec.metric)
+
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=base), {"cpu": 0.1})
+    storage = str(mmkd_home() / "tune")
+    if resume and tune.Tuner.can_restore(str(Path(storage) / name)):
+        tuner = tune.Tuner.restore(str(Path(storage) / name), trainable, resume_unfinished=True,
+                                   resume_errored=True)
+        # Callbacks are not persisted; re-attach ours to the restored run config.
+        tuner._local_tuner._run_config.callbacks = [callback]
+    else:
+        if spec.scheduler.type == "asha":
+            scheduler = ASHAScheduler(time_attr="mmkd_step", max_t=max(budget, 1),
+                                      grace_period=spec.scheduler.grace_period,
+                                      reduction_factor=spec.scheduler.reduction_factor)
+        else:
+            scheduler = FIFOScheduler()
+        search = None
+        if spec.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search = OptunaSearch(seed=spec.seed)
+        tuner = tune.Tuner(
+            trainable, param_space=param_space(spec),
+            tune_config=tune.TuneConfig(
+                metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+                search_alg=search, scheduler=scheduler,
+                max_concurrent_trials=spec.max_concurrent_trials
+                or default_concurrency(pipeline, spec.stage)),
+            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[callback],
+                                      verbose=0))
+    status = "FINISHED"
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        status = "KILLED"
+        raise
+    finally:
+        if status != "FINISHED":
+            tracker.end_pipeline(status)
+    return _summarise(spec, pipeline, grid, callback, tracker, out_dir, name, budget, tune_file)
+
+
+def _stage_steps(stage) -> int:
+    for field in ("max_steps", "steps"):
+        value = getattr(stage.config, field, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1
+
+
+def _summarise(spec, pipeline, grid, callback, tracker, out_dir, name, budget, tune_file) -> TuneOutcome:
+    trials = []
+    for result in grid:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or (result.path or "").rsplit("_", 1)[-1]
+        history = callback.results.get(trial_id, [])
+        steps = max([int(r.get("mmkd_step") or 0) for r in history] or [int(metrics.get("mmkd_step") or 0)])
+        trials.append({"trial": trial_id, "params": {k: result.config[k] for k in spec.space},
+                       spec.metric: metrics.get(spec.metric),
+                       "steps": steps, "completed": bool(metrics.get("mmkd_completed")),
+                       "error": str(result.error) if result.error else ""})
+    ok = [t for t in trials if t[spec.metric] is not None and not t["error"]]
+    ok.sort(key=lambda t: t[spec.metric], reverse=spec.mode == "max")
+    if not ok:
+        tracker.end_pipeline("FAILED")
+        raise RuntimeError(f"no trial of {name} reported {spec.metric!r}; "
+                           f"errors: {[t['error'][:200] for t in trials if t['error']]}")
+    best = ok[0]
+    best_file = out_dir / "best_params.json"
+    best_file.write_text(json.dumps({"stage": spec.stage, "metric": spec.metric, "mode": spec.mode,
+                                     "value": best[spec.metric], "params": best["params"],
+                                     "trial": best["trial"]}, indent=2))
+    sets = " ".join(f"--set stages.{pipeline.stages[spec.stage].base}.params.{k}={v}"
+                    for k, v in best["params"].items())
+    run_line = f"mmkd run {pipeline.path} {sets}"
+    (out_dir / "trials.json").write_text(json.dumps(ok + [t for t in trials if t not in ok], indent=2))
+    tracker.log_metrics("__pipeline__", {f"best_{spec.metric}": float(best[spec.metric])})
+    tracker.set_tags("__pipeline__", {"mmkd.best_trial": best["trial"]})
+    tracker.log_artifact("__pipeline__", str(best_file))
+    tracker.end_pipeline("FINISHED")
+    steps_run = sum(t["steps"] for t in trials)
+    return TuneOutcome(name=name, trials=ok + [t for t in trials if t not in ok],
+                       best_params=best["params"], best_params_file=best_file, run_line=run_line,
+                       stopped_early=sum(not t["completed"] and not t["error"] for t in trials),
+                       steps_run=steps_run, steps_budget=budget * len(trials),
+                       parent_run_id=tracker.run_id())
+
+
+__all__ = ["run_tune", "TuneOutcome", "time"]

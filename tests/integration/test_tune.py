@@ -1,0 +1,93 @@
+"""`mmkd tune` on a real local Ray: ASHA stops bad trials, MLflow has a child per trial."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator.tune_runner import run_tune
+from orchestrator.tuning import TuneError, load_tune
+
+PIPE = """
+name: tune_me
+stages:
+  prep: {workload: noop, params: {value: 1}}
+  fit:
+    workload: quadratic
+    inputs: {x: prep.result}
+    params: {steps: 12, step_seconds: 0.15}
+"""
+
+TUNE = """
+pipeline: pipe.yaml
+stage: fit
+space:
+  lr: {grid: [0.0005, 0.001, 0.3, 0.45]}
+metric: loss
+mode: min
+num_samples: 1
+scheduler: {type: asha, grace_period: 2, reduction_factor: 2}
+max_concurrent_trials: 4
+"""
+
+
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMKD_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "pipe.yaml").write_text(textwrap.dedent(PIPE))
+    (tmp_path / "tune.yaml").write_text(textwrap.dedent(TUNE))
+    return tmp_path
+
+
+def test_asha_tune_logs_trials_and_saves_best_params(ray_session, files):
+    spec, pipeline = load_tune(str(files / "tune.yaml"))
+    out = run_tune(spec, pipeline, str(files / "tune.yaml"))
+
+    assert len(out.trials) == 4
+    best = json.loads(out.best_params_file.read_text())
+    assert best["params"] == out.best_params
+    assert best["params"]["lr"] in (0.3, 0.45)  # the two fast-converging rates
+    assert best["value"] == min(t["loss"] for t in out.trials if t["loss"] is not None)
+    assert out.stopped_early >= 1, out.trials  # ASHA cut at least one slow trial
+    assert out.steps_run < out.steps_budget == 4 * 12
+    assert "--set stages.fit.params.lr=" in out.run_line
+
+    client = MlflowClient(f"sqlite:///{files / 'home' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tune_me")
+    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{out.parent_run_id}'")
+    assert len(runs) == 4
+    assert sorted(float(r.data.params["lr"]) for r in runs) == [0.0005, 0.001, 0.3, 0.45]
+    stopped = [r for r in runs if r.data.tags.get("mmkd.stopped_early") == "true"]
+    assert len(stopped) == out.stopped_early
+    assert all(len(client.get_metric_history(r.info.run_id, "loss")) >= 2 for r in runs)
+    parent = client.get_run(out.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["mmkd.best_trial"] == best["trial"]
+
+    # the best trial's stage output is cached: applying the best params reruns nothing
+    from orchestrator.runner import PipelineRunner
+    from orchestrator.spec import load_pipeline
+
+    sets = [f"stages.fit.params.lr={best['params']['lr']}"]
+    rec = PipelineRunner(load_pipeline(files / "pipe.yaml", sets)).run()
+    assert {s.status for s in rec.stages.values()} == {"cached"}
+
+
+def test_bad_search_space_names_the_entry(files):
+    bad = files / "bad.yaml"
+    bad.write_text(TUNE.replace("lr: {grid: [0.0005, 0.001, 0.3, 0.45]}",
+                                "lr: {uniform: [1.0, 0.1]}\n  speed: {choice: [1]}"))
+    with pytest.raises(TuneError) as e:
+        load_tune(str(bad))
+    msg = str(e.value)
+    assert "bad.yaml" in msg and "space.lr.uniform" in msg and "low < high" in msg
+    assert "space.speed" in msg and "no param 'speed'" in msg
+    bad.write_text(TUNE.replace("lr: {grid: [0.0005, 0.001, 0.3, 0.45]}", "lr: {grid: [-1.0]}"))
+    with pytest.raises(TuneError, match=r"space.lr: value -1.0 is invalid"):
+        load_tune(str(bad))
+    bad.write_text(TUNE.replace("stage: fit", "stage: fitt"))
+    with pytest.raises(TuneError, match="no stage 'fitt'"):
+        load_tune(str(bad))
