@@ -163,6 +163,10 @@ def _resolve_ref(ref: str, stages: dict[str, Stage], members: dict[str, list[str
         return (f"{ref!r} is not a reference; write `<stage>.<output>`, e.g. teacher_sft.model",
                 [])
     stage_name, output = ref.rsplit(".", 1)
+    if "/" in stage_name:  # `stage.output/sub/path`: the split point is the last '.' before '/'
+        head, _, tail = ref.partition("/")
+        stage_name, output = head.rsplit(".", 1)
+        output = f"{output}/{tail}"
     if stage_name in stages:
         targets = [stage_name]
     elif stage_name in members:
@@ -173,7 +177,7 @@ def _resolve_ref(ref: str, stages: dict[str, Stage], members: dict[str, list[str
         known = sorted(set(stages) | set(members))
         return f"no stage {stage_name!r}{_suggest(stage_name, known)}", []
     outputs = get_workload(stages[targets[0]].workload).outputs
-    if outputs and output not in outputs:
+    if outputs and output.split("/", 1)[0] not in outputs:
         return (f"stage {stage_name!r} ({stages[targets[0]].workload}) has no output "
                 f"{output!r}; its outputs: {', '.join(outputs)}", [])
     return None, [(t, output) for t in targets]

@@ -75,8 +75,9 @@ def resolve_force(pipeline: Pipeline, force: list[str]) -> set[str]:
     return pipeline.downstream_of(names)
 
 
-def make_plan(pipeline: Pipeline, store: ArtifactStore, force: list[str] = ()) -> list[PlanRow]:
-    keys = compute_keys(pipeline.stages, fingerprints(pipeline))
+def make_plan(pipeline: Pipeline, store: ArtifactStore, force: list[str] = (),
+              offline: bool = False) -> list[PlanRow]:
+    keys = compute_keys(pipeline.stages, {} if offline else fingerprints(pipeline))
     forced = resolve_force(pipeline, list(force))
     rows = []
     for name, s in pipeline.stages.items():
@@ -158,6 +159,17 @@ def execute_stage(payload: dict[str, Any], reporter: Any = None) -> dict[str, An
             {k: payload[k] for k in ("stage", "workload", "params", "resources", "deepspeed",
                                      "inputs", "key")}, indent=2))
     return {"metrics": metrics, "uri": store.uri(payload["workload"], payload["key"])}
+
+
+DATA_CPUS = 1.0  # a Ray Train stage's Ray Data pipeline (read, decode, tokenize)
+
+
+def stage_cpus(stage: Stage) -> float:
+    """CPUs a running stage occupies, including its data pipeline."""
+    r = stage.resources
+    if stage.distributed:
+        return r.num_workers * r.cpus_per_worker + DATA_CPUS
+    return r.cpus_per_worker
 
 
 def stage_payload(pipeline: Pipeline, stage: Stage, keys: dict[str, str], store: ArtifactStore,
@@ -307,6 +319,8 @@ class PipelineRunner:
                 stage, key = stages[name], self.keys[name]
                 if key in running_keys:
                     continue  # an identical stage is running: reuse its result when it lands
+                if inflight and not self._fits(stage, [stages[n] for n in inflight.values()]):
+                    continue  # wait: starting it now would starve a running stage
                 if self.store.is_complete(stage.workload, key):
                     started.add(name)
                     self._mark_cached(stage, self.record.stages[name])
@@ -372,6 +386,20 @@ class PipelineRunner:
         self._save(force=True)
         return stage_task(stage).remote(payload, hub)
 
+    def _fits(self, stage: Stage, running: list[Stage]) -> bool:
+        """Admission control: launch a stage only if the CPUs it needs are not taken.
+
+        Ray alone would start two Ray Train stages whose workers take every CPU, and then
+        neither stage's Ray Data pipeline gets a CPU to read with: both hang. So a distributed
+        stage counts its workers plus one CPU for its data pipeline.
+        """
+        import ray
+
+        total = ray.cluster_resources().get("CPU", 0)
+        if os.environ.get("MMKD_SKIP_RESOURCE_CHECK"):
+            return True
+        return sum(stage_cpus(s) for s in running) + stage_cpus(stage) <= total + 1e-9
+
     def _check_resources(self, stage: Stage) -> None:
         import ray
 
@@ -379,12 +407,13 @@ class PipelineRunner:
             return
         total = ray.cluster_resources()
         r = stage.resources
-        need_cpu = r.num_workers * r.cpus_per_worker
+        need_cpu = stage_cpus(stage)
         need_gpu = r.num_workers * r.gpus_per_worker
         have_cpu, have_gpu = total.get("CPU", 0), total.get("GPU", 0)
         if need_cpu > have_cpu or need_gpu > have_gpu:
+            data = f" + {DATA_CPUS:g} CPU for its data pipeline" if stage.distributed else ""
             raise StageFailed(
-                f"asks for {r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU / "
+                f"asks for {r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU{data} / "
                 f"{r.gpus_per_worker:g} GPU = {need_cpu:g} CPU, {need_gpu:g} GPU, but the Ray "
                 f"cluster has {have_cpu:g} CPU, {have_gpu:g} GPU. Lower `resources` of stage "
                 f"{stage.name!r} (e.g. --set stages.{stage.base}.resources.num_workers=1) or "

@@ -25,6 +25,8 @@ from typing import Any, Iterable
 from pydantic import Field
 
 from workloads.context import StageContext
+from workloads.data.source import (DataSource, fingerprint_config_sources,
+                                   validate_config_sources)
 from workloads.registry import WorkloadConfig, workload
 
 __all__ = ["EvalConfig", "evaluate", "normalize_answer", "exact_match", "accuracy_by_type",
@@ -95,6 +97,9 @@ class EvalConfig(WorkloadConfig):
     max_samples: int | None = Field(None, ge=1, description="evaluate at most this many questions")
     caption_samples: int = Field(64, ge=1, description="captions scored for perplexity")
     max_length: int = Field(256, ge=8)
+    data: DataSource | None = Field(
+        None, description="held-out questions with answers (e.g. a LLaVA JSON file); "
+                          "omit to use input `data` (WebDataset shards such as shapes.eval)")
 
 
 def _messages(conv: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -145,27 +150,29 @@ def _source(path: Any) -> Any:
     return DataSource(format="webdataset", paths=[path])
 
 
-@workload("evaluate", config=EvalConfig, version="1", outputs=("results",), distributed=False)
+@workload("evaluate", config=EvalConfig, version="1", outputs=("results",), distributed=False,
+          validate=validate_config_sources, fingerprint=fingerprint_config_sources)
 def evaluate(config: EvalConfig, ctx: StageContext) -> dict[str, float]:
     """Score models on held-out VQA (exact match) and caption perplexity; write tables."""
     from itertools import islice
 
     import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from workloads.data.eval_examples import iter_eval_examples
+    from workloads.merging import load_any_model
 
     torch.set_num_threads(max(1, int(ctx.resources.cpus_per_worker)))
     models = model_names(ctx.input("models"), config.names)
-    examples = list(islice(iter_eval_examples(_source(ctx.input("data"))), config.max_samples))
+    source = config.data or _source(ctx.input("data"))
+    examples = list(islice(iter_eval_examples(source), config.max_samples))
     if not examples:
-        raise ValueError(f"stage {ctx.stage!r}: input data {ctx.input('data')} has no eval examples")
+        raise ValueError(f"stage {ctx.stage!r}: eval data {source.paths} has no eval examples")
     out_dir = os.path.join(ctx.output_dir, "results")
     os.makedirs(out_dir, exist_ok=True)
     results: dict[str, dict[str, float]] = {}
     for name, path in models.items():
-        model = LlavaForConditionalGeneration.from_pretrained(path).eval()
-        processor = AutoProcessor.from_pretrained(path)
+        model, processor = load_any_model(path)  # plain LLaVA or a merged wrapper
+        model.eval()
         records = []
         for ex in examples:
             pred = generate_answer(model, processor, ex, config.max_new_tokens)

@@ -49,7 +49,9 @@ def test_independent_stages_overlap_then_rerun_is_fully_cached(ray_session, tmp_
     inputs = json.load(open(f"{rec.stages['join'].uri}/result/inputs.json"))["inputs"]
     assert inputs["a"].endswith("/result") and inputs["b"].endswith("/result")
 
-    again = PipelineRunner(pipeline(tmp_path, PIPE)).run()
+    rerun = PipelineRunner(pipeline(tmp_path, PIPE))
+    again = rerun.run()
+    assert not rerun.ray_started  # a fully cached rerun does not even need Ray
     assert again.status == "success"
     assert {s.status for s in again.stages.values()} == {"cached"}
     assert again.stages["counter"].metrics["starts"] == 1  # nothing re-executed

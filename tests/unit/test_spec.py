@@ -155,3 +155,17 @@ def test_all_problems_reported_at_once(tmp_path):
     text = GOOD.replace("workload: sleep", "workload: nope").replace("{x: a.result}", "{x: q.result}")
     errs = errors_of(write(tmp_path, text))
     assert len(errs) >= 2
+
+
+def test_reference_into_a_subfolder_of_an_output(tmp_path):
+    text = """
+    name: sub
+    stages:
+      a: {workload: noop}
+      b: {workload: noop, inputs: {x: a.result/part_0}}
+      c: {workload: noop, inputs: {x: a.nothing/part_0}}
+    """
+    (err,) = errors_of(write(tmp_path, text))
+    assert "stage 'c'" in err and "has no output 'nothing/part_0'" in err
+    p = load_pipeline(write(tmp_path, text.replace("      c: {workload: noop, inputs: {x: a.nothing/part_0}}\n", "")))
+    assert p.stages["b"].resolved_inputs["x"] == [("a", "result/part_0")]

@@ -1,0 +1,123 @@
+"""The merge ablation's stages end to end on tiny data, workload functions called with a real
+StageContext (no Ray needed): partition → (experts) → merge with every method → load the merged
+model the way evaluate would and answer eval questions greedily."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from workloads.context import StageContext
+from workloads.merge import MergeConfig, merge
+from workloads.merging import MergeInputError, load_any_model
+from workloads.partition import PartitionConfig, partition
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from workloads.data.tiny import build_tiny_data
+    from workloads.models import build_model, save_model
+
+    root = tmp_path_factory.mktemp("mergepipe")
+    data = build_tiny_data(root / "data", num_samples=24)
+    torch.manual_seed(0)
+    base, proc = build_model({"preset": "tiny-student"}, data["tokenizer"])
+    dirs = {"base": save_model(base, proc, str(root / "base" / "model"))}
+    for k in (0, 1):
+        m = copy.deepcopy(base)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        dirs[f"expert_{k}"] = save_model(m, proc, str(root / f"expert_{k}" / "model"))
+    return {"root": root, "data": data, "dirs": dirs}
+
+
+def _ctx(root, stage, inputs):
+    out = root / stage
+    out.mkdir(parents=True, exist_ok=True)
+    return StageContext(pipeline="merge_ablation", stage=stage, key=stage, output_dir=str(out),
+                        inputs=inputs)
+
+
+def _read_keys(part_dir):
+    from workloads.data.readers import iter_rows
+    from workloads.data.source import DataSource
+
+    return [r["key"] for r in iter_rows(DataSource(format="webdataset", paths=[part_dir]))]
+
+
+@pytest.mark.parametrize("mode,balanced", [("kmeans", True), ("kmeans", False), ("random", False)])
+def test_partition_covers_every_sample_once_deterministically(setup, mode, balanced):
+    from workloads.data.readers import iter_rows
+    from workloads.data.source import DataSource
+
+    root, data = setup["root"], setup["data"]
+    inputs = {"model": setup["dirs"]["base"], "data": data["instruct"]}
+    cfg = PartitionConfig(num_partitions=3, mode=mode, balanced=balanced, seed=1, shard_size=5)
+    tag = f"{mode}{int(balanced)}"
+    partition(cfg, _ctx(root, f"part_{tag}_a", inputs))
+    partition(cfg, _ctx(root, f"part_{tag}_b", inputs))
+    out_a, out_b = (root / f"part_{tag}_{s}" / "partitions" for s in "ab")
+    man = json.loads((out_a / "manifest.json").read_text())
+    assert man == json.loads((out_b / "manifest.json").read_text())
+    keys = [_read_keys(str(out_a / f"part_{k}")) for k in range(3)]
+    assert [len(k) for k in keys] == man["counts"]
+    src = [r["key"] for r in iter_rows(DataSource(format="webdataset", paths=[data["instruct"]]))]
+    assert sorted(sum(keys, [])) == sorted(src)  # every sample exactly once
+    if balanced or mode == "random":
+        assert max(man["counts"]) - min(man["counts"]) <= 1
+    import numpy as np
+
+    assert np.load(out_a / "centroids.npy").shape == (3, 64)
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("uniform", {}), ("linear", {"weights": [2.0, 1.0]}), ("task_arithmetic", {"lambda_": 0.5}),
+    ("ties", {"density": 0.3}), ("width", {}), ("cross", {"cross_every": 2}),
+    ("ensemble", {"router": "soft", "temperature": 0.2}), ("ensemble", {"router": "top1"}),
+])
+def test_merge_workload_then_evaluate_style_generation(setup, method, extra):
+    from itertools import islice
+
+    from workloads.data.eval_examples import iter_eval_examples
+    from workloads.data.source import DataSource
+    from workloads.evaluate import generate_answer
+
+    root, dirs = setup["root"], setup["dirs"]
+    if not (root / "part_k2" / "partitions").exists():
+        partition(PartitionConfig(num_partitions=2, balanced=True),
+                  _ctx(root, "part_k2", {"model": dirs["base"], "data": setup["data"]["instruct"]}))
+    inputs = {"models": [dirs["expert_0"], dirs["expert_1"]], "base": dirs["base"],
+              "partition": str(root / "part_k2" / "partitions")}
+    stage = f"merge_{method}_{extra.get('router', '')}"
+    metrics = merge(MergeConfig(method=method, **extra), _ctx(root, stage, inputs))
+    assert metrics["params"] > 0 and metrics["merge_s"] >= 0
+    model, processor = load_any_model(str(root / stage / "model"))
+    ex = list(islice(iter_eval_examples(DataSource(format="webdataset",
+                                                   paths=[setup["data"]["eval"]])), 2))
+    answers = [generate_answer(model, processor, e, max_new_tokens=3) for e in ex]
+    assert all(isinstance(a, str) for a in answers)
+
+
+def test_merge_workload_refuses_incompatible_inputs(setup):
+    root, dirs = setup["root"], setup["dirs"]
+    three = [dirs["expert_0"], dirs["expert_1"], dirs["base"]]
+    with pytest.raises(MergeInputError, match="'cross' merges at most 2 models"):
+        merge(MergeConfig(method="cross"), _ctx(root, "bad1", {"models": three}))
+    with pytest.raises(MergeInputError, match="'ties' needs input `base`"):
+        merge(MergeConfig(method="ties"), _ctx(root, "bad2", {"models": three[:2]}))
+    with pytest.raises(MergeInputError, match="'ensemble' needs input `partition`"):
+        merge(MergeConfig(method="ensemble"), _ctx(root, "bad3", {"models": three[:2]}))
+    with pytest.raises(ValueError, match="unknown merge method 'soup'"):
+        MergeConfig(method="soup")
+    from workloads.registry import get_workload
+
+    info = get_workload("merge")
+    probs = info.validate(MergeConfig(method="width"),
+                          {"models": [("a", "model"), ("b", "model"), ("c", "model")]})
+    assert probs and "'width' merges at most 2" in probs[0]
+    assert not os.path.exists(root / "bad1" / "model")

@@ -1,0 +1,48 @@
+"""Apply a per-tensor merge method to whole state dicts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from workloads.merging.registry import MergeInputError, get_merge_method
+
+__all__ = ["check_same_shapes", "merge_state_dicts"]
+
+
+def check_same_shapes(method: str, state_dicts: list[dict[str, torch.Tensor]],
+                      names: list[str] | None = None) -> None:
+    """Raise MergeInputError naming the method, the first differing parameter and the models."""
+    names = names or [f"model {i}" for i in range(len(state_dicts))]
+    ref = state_dicts[0]
+    for name, sd in zip(names[1:], state_dicts[1:]):
+        if sd.keys() != ref.keys():
+            diff = sorted(set(sd) ^ set(ref))[:3]
+            raise MergeInputError(f"merge method {method!r} averages parameters and needs models "
+                                  f"of the same architecture; {names[0]} and {name} differ in "
+                                  f"parameter names (e.g. {diff})")
+        for k, v in ref.items():
+            if sd[k].shape != v.shape:
+                raise MergeInputError(f"merge method {method!r} needs models with identical "
+                                      f"shapes; {k} is {tuple(v.shape)} in {names[0]} but "
+                                      f"{tuple(sd[k].shape)} in {name}")
+
+
+def merge_state_dicts(method: str, state_dicts: list[dict[str, torch.Tensor]],
+                      base: dict[str, torch.Tensor] | None = None,
+                      params: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    m = get_merge_method(method)
+    if m.kind != "tensor":
+        raise MergeInputError(f"merge method {method!r} builds a new model; call its builder")
+    if m.needs_base and base is None:
+        raise MergeInputError(f"merge method {method!r} needs a base model (input `base`)")
+    check_same_shapes(method, state_dicts + ([base] if base is not None else []))
+    params = params or {}
+    out = {}
+    for k, ref in state_dicts[0].items():
+        if not torch.is_floating_point(ref):
+            out[k] = ref.clone()  # integer buffers are not averaged
+            continue
+        out[k] = m.fn([sd[k] for sd in state_dicts], None if base is None else base[k], params)
+    return out

@@ -1,0 +1,33 @@
+"""``task_arithmetic`` (Ilharco et al. 2023): θ = θ_base + λ Σ_k w_k (θ_k − θ_base).
+
+``weights`` default to 1 for every model (the paper's form; λ scales the sum).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from workloads.merging.registry import MergeMethod, register_merge_method
+
+__all__ = ["task_arithmetic_tensor"]
+
+
+def task_arithmetic_tensor(base: torch.Tensor, tensors: list[torch.Tensor], lambda_: float = 1.0,
+                           weights: list[float] | None = None) -> torch.Tensor:
+    w = weights or [1.0] * len(tensors)
+    b = base.float()
+    delta = torch.zeros_like(b)
+    for wi, t in zip(w, tensors):
+        delta += float(wi) * (t.float() - b)
+    return (b + lambda_ * delta).to(base.dtype)
+
+
+def _task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor,
+                     params: dict[str, Any]) -> torch.Tensor:
+    return task_arithmetic_tensor(base, tensors, params.get("lambda_", 1.0), params.get("weights"))
+
+
+register_merge_method(MergeMethod("task_arithmetic", "tensor", _task_arithmetic,
+                                  "base + λ Σ w_k (θ_k − base)", min_models=1, needs_base=True))
