@@ -1,0 +1,170 @@
+"""The LLaVA-KD loss strategy plugged into the shared training loop (``train.LossFn``):
+
+    L = CE + alpha * L_res + beta * L_vis + gamma * L_rel
+
+``DistillLoss`` travels to every Ray Train worker inside the loop's config dict (it must stay
+picklable: only paths and numbers before ``setup``). ``setup`` loads the teacher in every worker
+— frozen, eval mode, no optimizer state — and under ZeRO-3 wraps it in an optimizer-less
+DeepSpeed engine so its parameters are partitioned like the student's (TRL's
+``prepare_deepspeed`` trick), instead of replicated as in LLaVA-KD's published code.
+
+With ``offline`` set, there is no teacher model: the teacher's top-k logits and relation matrices
+come from a ``teacher_logits`` stage (see ``distill_offline.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["DistillLoss", "teacher_state_digest"]
+
+
+@dataclass
+class DistillLoss:
+    vocab_size: int                  # len(tokenizer): logits are cut to it before any KD term
+    image_token_id: int
+    teacher_dir: str | None = None   # online teacher (a LLaVA-format model dir)
+    offline_dir: str | None = None   # offline teacher: a `teacher_logits` output dir
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 0.5
+    temperature: float = 1.0
+    kind: str = "fkl"
+    chunk_size: int | None = 128
+    grad_accum: int = 1
+    # Hash the teacher's local parameters at setup and again on the last step, and log
+    # `teacher_unchanged` (1.0/0.0, min over ranks): a guard that nothing ever updates the teacher.
+    verify_teacher: bool = True
+
+    # ------------------------------------------------------------------ setup (per worker)
+
+    def setup(self, model: Any, sctx: Any) -> None:
+        state = sctx.state
+        state["micro"] = 0
+        if self.offline_dir:
+            from workloads.distill_offline import OfflineTeacher
+
+            state["offline"] = OfflineTeacher(self.offline_dir)
+            return
+        if not self.teacher_dir:
+            raise ValueError(f"stage {sctx.stage.stage!r}: distill needs input `teacher` (online) "
+                             f"or `teacher_logits` (offline)")
+        teacher = load_teacher(self.teacher_dir, sctx)
+        state["teacher"] = teacher
+        module = getattr(teacher, "module", teacher)
+        local = sum(_local_param(p).numel() for p in module.parameters())
+        full = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+        state["teacher_numel"] = (float(local), float(full))
+        if self.verify_teacher:
+            state["teacher_digest"] = teacher_state_digest(module)
+
+    # ------------------------------------------------------------------ one micro-step
+
+    def __call__(self, engine: Any, batch: dict[str, Any], sctx: Any):
+        import torch
+
+        from workloads.losses import (align_vocab, kd_objective, relation_kd_loss,
+                                      response_kd_loss, visual_kd_loss)
+        from workloads.train_setup import model_inputs
+
+        state = sctx.state
+        inputs = model_inputs(batch)
+        out = engine(**inputs, labels=batch["labels"])
+        ce = out.loss
+        image_mask = batch["input_ids"] == self.image_token_id
+        need = {"l_res": self.alpha > 0, "l_vis": self.beta > 0, "l_rel": self.gamma > 0}
+        terms: dict[str, Any] = {}
+        if any(need.values()):
+            if "offline" in state:
+                terms = state["offline"].terms(out.logits, batch, image_mask, self, need)
+            else:
+                with torch.no_grad():
+                    t_logits = state["teacher"](**inputs).logits
+                s, t = align_vocab(out.logits, t_logits, self.vocab_size)
+                if need["l_res"]:
+                    terms["l_res"] = response_kd_loss(s, t, batch["labels"], kind=self.kind,
+                                                      temperature=self.temperature,
+                                                      chunk_size=self.chunk_size)
+                if need["l_vis"]:
+                    terms["l_vis"] = visual_kd_loss(s, t, image_mask, kind=self.kind,
+                                                    temperature=self.temperature,
+                                                    chunk_size=self.chunk_size)
+                if need["l_rel"]:
+                    terms["l_rel"] = relation_kd_loss(s, t, image_mask)
+        total, logged = kd_objective(ce, terms.get("l_res"), terms.get("l_vis"),
+                                     terms.get("l_rel"), self.alpha, self.beta, self.gamma)
+        metrics = {k: float(logged.get(k, 0.0)) for k in ("loss", "ce", "l_res", "l_vis", "l_rel")}
+        metrics.update(self._teacher_checks(sctx))
+        state["micro"] += 1
+        return total, metrics
+
+    def _teacher_checks(self, sctx: Any) -> dict[str, float]:
+        state = sctx.state
+        if "teacher" not in state:
+            return {}
+        local, full = state["teacher_numel"]
+        out = {"teacher_local_numel": local, "teacher_numel": full}
+        last_micro = state["micro"] % self.grad_accum == self.grad_accum - 1
+        if self.verify_teacher and last_micro and sctx.step == sctx.total_steps - 1:
+            import torch
+            import torch.distributed as dist
+
+            module = getattr(state["teacher"], "module", state["teacher"])
+            same = torch.tensor([float(teacher_state_digest(module) == state["teacher_digest"])])
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(same, op=dist.ReduceOp.MIN)
+            out["teacher_unchanged"] = float(same)
+        return out
+
+
+def _local_param(p: Any) -> Any:
+    """This rank's storage of ``p``: the ZeRO-3 partition when partitioned, else ``p`` itself."""
+    return getattr(p, "ds_tensor", p)
+
+
+def teacher_state_digest(module: Any) -> str:
+    """sha256 over this rank's (local) teacher parameters and buffers, in name order."""
+    h = hashlib.sha256()
+    for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+        t = _local_param(p).detach().contiguous().cpu()
+        h.update(name.encode())
+        h.update(t.view(-1).view(dtype=_bytes_dtype(t)).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _bytes_dtype(t: Any) -> Any:
+    import torch
+
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+
+
+def load_teacher(teacher_dir: str, sctx: Any) -> Any:
+    """The frozen teacher for this worker: a plain module (ZeRO 0-2, replicated) or an
+    optimizer-less ZeRO-3 DeepSpeed engine (partitioned across the workers)."""
+    from workloads.models import load_model
+
+    teacher, _ = load_model(teacher_dir)
+    teacher.eval().requires_grad_(False)
+    teacher.to(device=sctx.device, dtype=sctx.dtype)
+    ds = sctx.stage.deepspeed or {}
+    if int(ds.get("zero_stage", 0)) != 3:
+        return teacher
+    import deepspeed
+
+    precision = ds.get("precision", "fp32")
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": sctx.world_size,
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "steps_per_print": 10**9,
+    }
+    if ds.get("offload_params"):
+        config["zero_optimization"]["offload_param"] = {"device": "cpu"}
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    engine.eval()
+    return engine
