@@ -63,8 +63,8 @@ def cmd_plan(args) -> int:
     from orchestrator.runner import make_plan, store_for
 
     pipeline = _load(args)
-    rows = make_plan(pipeline, store_for(pipeline, args.store), args.force or [],
-                     offline=args.offline)
+    store = None if args.offline else store_for(pipeline, args.store)
+    rows = make_plan(pipeline, store, args.force or [], offline=args.offline)
     table = Table(title=f"plan: {pipeline.name} ({args.pipeline})")
     for col in ("stage", "workload", "status", "after", "resources", "key"):
         table.add_column(col)
@@ -76,7 +76,8 @@ def cmd_plan(args) -> int:
     todo = sum(r.status != "cached" for r in rows)
     console.print(f"{todo} stage(s) to run, {len(rows) - todo} cached")
     if args.offline:
-        console.print("offline: keys exclude data fingerprints; data and model files not opened")
+        console.print("offline: the artifact store, data and model files were not opened "
+                      "(keys exclude data fingerprints; 'run' means not checked)")
         return 0
     problems = _deep_validate(pipeline)
     for p in problems:
@@ -224,15 +225,17 @@ def cmd_tune(args) -> int:
         err.print(f"[red]invalid tune spec[/]: {e}", highlight=False)
         return 2
     outcome = run_tune(spec, pipeline, args.spec, resume=args.resume, overrides=args.set or [])
-    table = Table(title=f"tune {outcome.name}: {spec.metric} ({spec.mode})")
-    for col in ("trial", *spec.space, spec.metric, "steps", "status"):
+    metrics = [spec.metric] + ([spec.select.metric] if spec.select else [])
+    ranked_by = metrics[-1]
+    table = Table(title=f"tune {outcome.name}: best by {ranked_by}")
+    for col in ("trial", *spec.space, *metrics, "steps", "status"):
         table.add_column(col)
     for t in outcome.trials:
         status = "error" if t["error"] else ("done" if t["completed"] else "stopped early")
-        value = t[spec.metric]
+        values = ["" if t.get(m) is None else f"{t[m]:.5g}" for m in metrics]
         table.add_row(t["trial"], *(f"{t['params'][k]:.4g}" if isinstance(t["params"][k], float)
                                    else str(t["params"][k]) for k in spec.space),
-                      "" if value is None else f"{value:.5g}", str(t["steps"]), status)
+                      *values, str(t["steps"]), status)
     console.print(table)
     console.print(f"{outcome.stopped_early} trial(s) stopped early; {outcome.steps_run} of "
                   f"{outcome.steps_budget} trial-steps run. Best params: {outcome.best_params_file}")

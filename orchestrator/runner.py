@@ -75,19 +75,20 @@ def resolve_force(pipeline: Pipeline, force: list[str]) -> set[str]:
     return pipeline.downstream_of(names)
 
 
-def make_plan(pipeline: Pipeline, store: ArtifactStore, force: list[str] = (),
+def make_plan(pipeline: Pipeline, store: ArtifactStore | None, force: list[str] = (),
               offline: bool = False) -> list[PlanRow]:
+    """The stages in order with their keys; ``store=None`` (offline) means cache unknown."""
     keys = compute_keys(pipeline.stages, {} if offline else fingerprints(pipeline))
     forced = resolve_force(pipeline, list(force))
     rows = []
     for name, s in pipeline.stages.items():
-        cached = store.is_complete(s.workload, keys[name])
+        cached = store is not None and store.is_complete(s.workload, keys[name])
         status = "forced" if name in forced and cached else ("cached" if cached else "run")
         r = s.resources
         res = (f"{r.num_workers}x({r.cpus_per_worker:g} cpu, {r.gpus_per_worker:g} gpu)"
                + (f" zero{s.deepspeed.zero_stage} {s.deepspeed.precision}" if s.distributed else ""))
         rows.append(PlanRow(name, s.workload, keys[name], status, list(s.upstream), res,
-                            store.uri(s.workload, keys[name])))
+                            store.uri(s.workload, keys[name]) if store else ""))
     return rows
 
 

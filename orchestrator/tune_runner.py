@@ -67,6 +67,11 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
             break
     result = ray.get(ref)  # raises if the stage failed: Tune marks the trial errored
     final = {**last, **_numeric(result["metrics"])}
+    if base.get("select"):  # evaluate this trial's output with the pipeline's eval stage
+        sel: Stage = base["select"]
+        keys[sel.name] = stage_key(sel, keys, base["select_fingerprint"])
+        evaluated = ray.get(stage_task(sel).remote(stage_payload(base["pipeline"], sel, keys, store)))
+        final.update(_numeric(evaluated["metrics"]))
     tune.report({**final, "mmkd_completed": 1, "mmkd_step": final.get("steps", 0),
                  "mmkd_key": keys[stage.name]})
 
@@ -135,7 +140,7 @@ def run_tune(spec: TuneSpec, pipeline: Pipeline, tune_file: str, *, resume: bool
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     # 1. Upstream stages: the ordinary runner, so they are cached and reused by every trial.
-    upstream = upstream_pipeline(pipeline, spec.stage)
+    upstream = upstream_pipeline(pipeline, spec.stage, spec.select.stage if spec.select else None)
     if upstream.stages:
         record = PipelineRunner(upstream, overrides=list(overrides)).run()
         if record.status != "success":
@@ -151,7 +156,10 @@ def run_tune(spec: TuneSpec, pipeline: Pipeline, tune_file: str, *, resume: bool
     base = {"stage": stage, "keys": compute_keys(pipeline.stages, fingerprints(pipeline)),
             "fingerprint": fingerprints(pipeline).get(spec.stage, ""), "pipeline": pipeline,
             "store_root": store.root if not store.is_local else store.base,
-            "local_cache": str(store.local_cache), "metric": spec.metric}
+            "local_cache": str(store.local_cache), "metric": spec.metric,
+            "select": pipeline.stages[spec.select.stage] if spec.select else None,
+            "select_fingerprint": fingerprints(pipeline).get(spec.select.stage, "")
+            if spec.select else ""}
     budget = spec.scheduler.max_t or _stage_steps(stage)
 
     # 2. MLflow parent run for the tune; one writer (this process).
@@ -222,22 +230,27 @@ def _summarise(spec, pipeline, grid, callback, tracker, out_dir, name, budget, t
                        spec.metric: metrics.get(spec.metric),
                        "steps": steps, "completed": bool(metrics.get("mmkd_completed")),
                        "error": str(result.error) if result.error else ""})
-    ok = [t for t in trials if t[spec.metric] is not None and not t["error"]]
-    ok.sort(key=lambda t: t[spec.metric], reverse=spec.mode == "max")
+    rank_metric, rank_mode = ((spec.select.metric, spec.select.mode) if spec.select
+                              else (spec.metric, spec.mode))
+    for t, result in zip(trials, grid):
+        t[rank_metric] = (result.metrics or {}).get(rank_metric) if t["completed"] else (
+            t.get(rank_metric))
+    ok = [t for t in trials if t.get(rank_metric) is not None and not t["error"]]
+    ok.sort(key=lambda t: t[rank_metric], reverse=rank_mode == "max")
     if not ok:
         tracker.end_pipeline("FAILED")
-        raise RuntimeError(f"no trial of {name} reported {spec.metric!r}; "
+        raise RuntimeError(f"no trial of {name} reported {rank_metric!r}; "
                            f"errors: {[t['error'][:200] for t in trials if t['error']]}")
     best = ok[0]
     best_file = out_dir / "best_params.json"
-    best_file.write_text(json.dumps({"stage": spec.stage, "metric": spec.metric, "mode": spec.mode,
-                                     "value": best[spec.metric], "params": best["params"],
+    best_file.write_text(json.dumps({"stage": spec.stage, "metric": rank_metric, "mode": rank_mode,
+                                     "value": best[rank_metric], "params": best["params"],
                                      "trial": best["trial"]}, indent=2))
     sets = " ".join(f"--set stages.{pipeline.stages[spec.stage].base}.params.{k}={v}"
                     for k, v in best["params"].items())
     run_line = f"mmkd run {pipeline.path} {sets}"
     (out_dir / "trials.json").write_text(json.dumps(ok + [t for t in trials if t not in ok], indent=2))
-    tracker.log_metrics("__pipeline__", {f"best_{spec.metric}": float(best[spec.metric])})
+    tracker.log_metrics("__pipeline__", {f"best_{rank_metric}": float(best[rank_metric])})
     tracker.set_tags("__pipeline__", {"mmkd.best_trial": best["trial"]})
     tracker.log_artifact("__pipeline__", str(best_file))
     tracker.end_pipeline("FINISHED")

@@ -48,6 +48,14 @@ class SchedulerSpec(BaseModel):
     max_t: int | None = Field(None, description="budget in steps (default: the stage's steps)")
 
 
+class SelectSpec(BaseModel):
+    """Pick the best trial by an evaluation stage that consumes the tuned stage."""
+    model_config = ConfigDict(extra="forbid")
+    stage: str = Field(description="a stage that takes the tuned stage's output as an input")
+    metric: str = Field(description="a metric that stage returns, e.g. kd/accuracy")
+    mode: Literal["min", "max"] = "max"
+
+
 class TuneSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     pipeline: str | None = Field(None, description="pipeline file, relative to the tune file")
@@ -58,6 +66,8 @@ class TuneSpec(BaseModel):
     num_samples: int = Field(8, ge=1)
     search: Literal["random", "optuna"] = "random"
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    select: SelectSpec | None = Field(
+        None, description="choose the best trial by this evaluation (default: by `metric`)")
     max_concurrent_trials: int | None = Field(None, ge=1)
     seed: int = 0
     name: str | None = Field(None, description="tune name (default: <pipeline>-<stage>-<hash>)")
@@ -92,6 +102,13 @@ def load_tune(path: str, overrides: list[str] = ()) -> tuple[TuneSpec, Pipeline]
     target = _target(spec, pipeline, path)
     problems = [p for name, entry in spec.space.items()
                 for p in _check_entry(name, entry, pipeline.stages[target].config)]
+    if spec.select is not None:
+        sel = pipeline.stages.get(spec.select.stage)
+        if sel is None:
+            problems.append(f"select.stage: no stage {spec.select.stage!r}")
+        elif target not in sel.upstream:
+            problems.append(f"select.stage: {spec.select.stage!r} does not take {target!r} "
+                            f"as an input (its inputs come from {', '.join(sel.upstream)})")
     if problems:
         raise TuneError(f"{path}: " + "; ".join(problems))
     return spec, pipeline
@@ -153,13 +170,13 @@ def tune_name(spec: TuneSpec, pipeline: Pipeline) -> str:
     return f"{pipeline.name}-{spec.stage}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
-def upstream_pipeline(pipeline: Pipeline, stage: str) -> Pipeline:
-    """The part of the pipeline the tuned stage depends on (run once, then cached)."""
-    needed = {stage}
+def upstream_pipeline(pipeline: Pipeline, stage: str, select: str | None = None) -> Pipeline:
+    """What the trials depend on, other than the tuned stage itself: run once, then cached."""
+    needed = {stage} | ({select} if select else set())
     for name in reversed(list(pipeline.stages)):
         if name in needed:
             needed.update(pipeline.stages[name].upstream)
-    needed.discard(stage)
+    needed -= pipeline.downstream_of({stage})
     sub = copy.copy(pipeline)
     sub.stages = {n: s for n, s in pipeline.stages.items() if n in needed}
     return sub

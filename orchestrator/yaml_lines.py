@@ -22,7 +22,9 @@ class _LineLoader(yaml.SafeLoader):
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
+    for key_node, _ in node.value:  # explicit keys only: `<<: *anchor` entries may be overridden
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=deep)
         line = key_node.start_mark.line + 1
         if key in seen:
@@ -31,8 +33,10 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool =
                 "rename one of them"
             )
         seen[key] = line
+    loader.flatten_mapping(node)  # merged keys first, explicit keys after them (and winning)
+    lines = {loader.construct_object(k, deep=deep): k.start_mark.line + 1 for k, _ in node.value}
     mapping = loader.construct_mapping(node, deep=deep)
-    loader.lines[id(mapping)] = {k: v for k, v in seen.items()}
+    loader.lines[id(mapping)] = lines
     return mapping
 
 

@@ -111,3 +111,16 @@ def quadratic(config: QuadraticConfig, ctx: StageContext) -> dict[str, float]:
     with open(os.path.join(ctx.output_dir, "result", "x.json"), "w") as f:
         json.dump({"x": x}, f)
     return {"loss": loss, "x": x}
+
+
+class ScoreConfig(WorkloadConfig):
+    target: float = 3.0
+
+
+@workload("score", config=ScoreConfig, outputs=("result",))
+def score(config: ScoreConfig, ctx: StageContext) -> dict[str, float]:
+    """Scores a `quadratic` result: closeness of its x to target (an 'evaluation' stage)."""
+    with open(os.path.join(ctx.input("fit"), "x.json")) as f:
+        x = json.load(f)["x"]
+    os.makedirs(os.path.join(ctx.output_dir, "result"), exist_ok=True)
+    return {"closeness": -abs(x - config.target)}

@@ -28,6 +28,7 @@ from workloads.context import StageContext
 from workloads.data.source import (DataSource, fingerprint_config_sources,
                                    validate_config_sources)
 from workloads.registry import WorkloadConfig, workload
+from workloads.report import accuracy_chart
 
 __all__ = ["EvalConfig", "evaluate", "normalize_answer", "exact_match", "accuracy_by_type",
            "results_table", "model_names", "generate_answer", "caption_perplexity"]
@@ -194,6 +195,7 @@ def evaluate(config: EvalConfig, ctx: StageContext) -> dict[str, float]:
         f.write(table_csv)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"models": models, "results": results}, f, indent=2)
+    accuracy_chart(results, os.path.join(out_dir, "results.png"), f"{ctx.pipeline}: {ctx.stage}")
     return {f"{name}/{k}": float(v) for name, m in results.items() for k, v in m.items()}
 
 

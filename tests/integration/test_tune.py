@@ -91,3 +91,29 @@ def test_bad_search_space_names_the_entry(files):
     bad.write_text(TUNE.replace("stage: fit", "stage: fitt"))
     with pytest.raises(TuneError, match="no stage 'fitt'"):
         load_tune(str(bad))
+
+
+def test_select_picks_the_best_trial_by_a_downstream_evaluation(ray_session, files):
+    pipe = PIPE + """  judge:
+    workload: score
+    inputs: {fit: fit.result}
+    params: {target: 1.0}
+"""
+    (files / "pipe.yaml").write_text(textwrap.dedent(pipe))
+    tune_file = files / "select.yaml"
+    tune_file.write_text(textwrap.dedent(TUNE).replace(
+        "num_samples: 1", "num_samples: 1\nselect: {stage: judge, metric: closeness, mode: max}")
+        .replace("{grid: [0.0005, 0.001, 0.3, 0.45]}", "{grid: [0.02, 0.06]}")
+        .replace("type: asha", "type: none"))
+    spec, pipeline = load_tune(str(tune_file))
+    out = run_tune(spec, pipeline, str(tune_file))
+    # after 12 steps lr=0.06 gets x close to 3 (loss lower), but the judge wants x near 1:
+    # lr=0.02 stops nearer 1 (x=1.16 vs 2.35), so selection by the judge disagrees with selection by loss.
+    by_loss = min(out.trials, key=lambda t: t["loss"])["params"]["lr"]
+    assert by_loss == 0.06
+    assert out.best_params == {"lr": 0.02}
+    assert json.loads(out.best_params_file.read_text())["metric"] == "closeness"
+    bad = files / "bad_select.yaml"
+    bad.write_text(tune_file.read_text().replace("stage: judge", "stage: prep"))
+    with pytest.raises(TuneError, match="does not take 'fit' as an input"):
+        load_tune(str(bad))

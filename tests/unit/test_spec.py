@@ -169,3 +169,18 @@ def test_reference_into_a_subfolder_of_an_output(tmp_path):
     assert "stage 'c'" in err and "has no output 'nothing/part_0'" in err
     p = load_pipeline(write(tmp_path, text.replace("      c: {workload: noop, inputs: {x: a.nothing/part_0}}\n", "")))
     assert p.stages["b"].resolved_inputs["x"] == [("a", "result/part_0")]
+
+
+def test_yaml_anchors_and_merge_keys_with_overrides(tmp_path):
+    text = """
+    name: anchors
+    stages:
+      a: {workload: quadratic, params: &q {lr: 0.1, steps: 5}}
+      b: {workload: quadratic, params: {<<: *q, lr: 0.2}}
+      c: {workload: quadratic, params: *q}
+    """
+    p = load_pipeline(write(tmp_path, text))
+    assert (p.stages["a"].config.lr, p.stages["b"].config.lr, p.stages["c"].config.lr) == (0.1, 0.2, 0.1)
+    assert p.stages["b"].config.steps == 5
+    (err,) = errors_of(write(tmp_path, text.replace("lr: 0.2}", "lr: 0.2, lr: 0.3}")))
+    assert "duplicate key 'lr'" in err

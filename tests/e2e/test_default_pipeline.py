@@ -1,0 +1,74 @@
+"""The main job, `mmkd run pipelines/llava_kd.yaml`, end to end with reduced steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+PIPE = ROOT / "pipelines" / "llava_kd.yaml"
+TRAINING = ["teacher_pt", "teacher_sft", "baseline_pt", "baseline_sft", "student_dpt",
+            "student_sft", "student_dft"]
+
+
+def reduced() -> list[str]:
+    sets = ["stages.shapes.params.num_captions=96", "stages.shapes.params.num_instruct=96",
+            "stages.shapes.params.num_eval=24", "stages.tokenizer.params.vocab_size=320",
+            "stages.evaluate.params.max_samples=12", "stages.evaluate.params.caption_samples=8"]
+    for stage in TRAINING:
+        sets += [f"stages.{stage}.params.max_steps=3", f"stages.{stage}.params.batch_size=4",
+                 f"stages.{stage}.params.checkpoint_every=2"]
+    return [a for s in sets for a in ("--set", s)]
+
+
+def test_default_pipeline_end_to_end(ray_session, tmp_path):
+    import ray
+
+    env = {**os.environ, "MMKD_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1",
+           "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(PIPE), "--plain", *reduced()]
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert "| teacher |" in out.stdout and "| kd_dpt_sft_dft |" in out.stdout  # table printed
+
+    home = tmp_path / "home"
+    (record_file,) = home.glob("runs/*/run.json")
+    record = json.loads(record_file.read_text())
+    assert record["status"] == "success"
+    assert {s["status"] for s in record["stages"].values()} == {"done"}
+    for stage in TRAINING:
+        assert record["stages"][stage]["metrics"]["steps"] == 3, stage
+    dft = record["stages"]["student_dft"]["metrics"]
+    assert dft["resumed_from_step"] == -1
+
+    results = Path(record["stages"]["evaluate"]["uri"]) / "results"
+    table = json.loads((results / "results.json").read_text())["results"]
+    assert set(table) == {"teacher", "baseline_pt_sft", "kd_dpt_sft", "kd_dpt_sft_dft"}
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["n"] == 12 for r in table.values())
+    assert (results / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert (results / "results.csv").exists()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    parent = client.get_run(record["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 10
+    dft_run = next(r for r in children if r.data.tags["mmkd.stage"] == "student_dft")
+    for term in ("loss", "ce", "l_res", "l_vis", "l_rel"):
+        assert len(client.get_metric_history(dft_run.info.run_id, term)) >= 1, term
+    assert dft_run.data.params["alpha"] == "1.0"
+    eval_run = next(r for r in children if r.data.tags["mmkd.stage"] == "evaluate")
+    logged = {a.path for a in client.list_artifacts(eval_run.info.run_id, "results")}
+    assert {"results/results.md", "results/results.png", "results/results.csv"} <= logged
+
+    again = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "10 cached" in again.stdout
