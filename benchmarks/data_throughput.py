@@ -81,6 +81,47 @@ def ray_pipeline(data: str, processor: str, batch_size: int, max_length: int, cp
             "steady_samples_per_s": (n - n_first) / (end - first)}
 
 
+def training_consumption(data: str, processor: str, tokenizer: str, max_length: int,
+                         batch_size: int = 16, steps: int = 30) -> dict:
+    """Samples/s that one training step of each tiny preset consumes (forward + backward +
+    AdamW, plain PyTorch, same preprocessed batches): what the data path has to keep up with."""
+    import torch
+
+    from workloads.data.collate import collate
+    from workloads.data.preprocess import Preprocessor
+    from workloads.data.readers import iter_rows
+    from workloads.data.source import DataSource
+    from workloads.models import ModelSpec, build_model
+    from workloads.train_setup import model_inputs
+
+    import numpy as np
+
+    pre = Preprocessor(processor, max_length, quality=None)
+    rows = []
+    for row in iter_rows(DataSource(format="webdataset", paths=data)):
+        rows.append(row)
+        if len(rows) >= batch_size:
+            break
+    raw = {k: np.array([r[k] for r in rows] + [None], dtype=object)[:-1] for k in rows[0]}
+    batch = collate(pre(raw), pre.spec.pad_token_id)
+    out = {}
+    for preset in ("tiny-student", "tiny-teacher"):
+        model, _ = build_model(ModelSpec(preset=preset), tokenizer)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        times = []
+        for i in range(steps + 5):
+            t = time.perf_counter()
+            loss = model(**model_inputs(batch), labels=batch["labels"]).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if i >= 5:
+                times.append(time.perf_counter() - t)
+        times.sort()
+        out[preset] = batch_size / times[len(times) // 2]
+    return out
+
+
 def machine_info() -> dict:
     import ray
     import torch
@@ -127,15 +168,18 @@ def main() -> None:
              f"--_processor={tiny['processor']}", f"--batch-size={args.batch_size}",
              f"--max-length={args.max_length}"], capture_output=True, text=True, check=True)
         results[f"ray_data_{cpus}cpu"] = json.loads(out.stdout.strip().splitlines()[-1])
+    consumption = training_consumption(data, tiny["processor"], tiny["tokenizer"], args.max_length)
+    steady = min(r["steady_samples_per_s"] for r in results.values())
     report = {
         "description": "read webdataset shards -> decode PNG -> Siglip image processor -> "
                        "chat template + tokenize -> collate; shapes instruct split, 32x32 images,"
                        " 16 image tokens",
         "samples": args.samples, "batch_size": args.batch_size, "max_length": args.max_length,
         "machine": info, "results": results,
-        # Filled in by the training benchmark: samples/s one training step consumes, to show
-        # whether the data path keeps up.
-        "training_consumption_samples_per_s": None,
+        # samples/s one training step consumes (median, torch default threads): the data path
+        # must stay above it, or the step waits on data.
+        "training_consumption_samples_per_s": consumption,
+        "data_over_consumption_ratio": {k: steady / v for k, v in consumption.items()},
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,62 @@
+"""Every pipeline file we ship lints cleanly (the paper-scale one offline, without data or hub)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.spec import load_pipeline
+from orchestrator.tuning import load_tune
+
+PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
+
+
+@pytest.mark.parametrize("name", ["llava_kd", "kd_stage_ablation", "merge_ablation"])
+def test_tiny_pipelines_validate(name):
+    p = load_pipeline(PIPELINES / f"{name}.yaml")
+    assert p.stages and "evaluate" in p.stages
+    evaluate = p.stages["evaluate"]
+    names = evaluate.config.names
+    models = evaluate.resolved_inputs["models"]
+    assert names is not None and len(names) == len(models), "every evaluated model is named"
+
+
+def test_default_pipeline_compares_teacher_baseline_and_kd_student():
+    p = load_pipeline(PIPELINES / "llava_kd.yaml")
+    assert [s.workload for s in p.stages.values()].count("distill") == 2  # DPT and DFT
+    assert p.stages["student_dpt"].config.train == p.stages["baseline_pt"].config.train
+    dft = p.stages["student_dft"].config
+    assert (dft.alpha, dft.beta, dft.gamma, dft.temperature) == (1.0, 1.0, 0.5, 1.0)
+
+
+def test_kd_stage_ablation_shares_stages_with_the_default_pipeline():
+    from orchestrator.cache import compute_keys
+
+    default = compute_keys(load_pipeline(PIPELINES / "llava_kd.yaml").stages)
+    ablation = compute_keys(load_pipeline(PIPELINES / "kd_stage_ablation.yaml").stages)
+    assert default["teacher_sft"] == ablation["teacher_sft"]
+    assert default["baseline_sft"] == ablation["sft_init-pt"]
+    assert default["student_dft"] == ablation["dft_init-sft-init-dpt"]
+
+
+@pytest.mark.parametrize("command", ["validate", "plan"])
+def test_paper_scale_pipeline_validates_and_plans_offline(command):
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", command,
+                          str(PIPELINES / "llava_kd_qwen.yaml"), "--offline"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    p = load_pipeline(PIPELINES / "llava_kd_qwen.yaml")
+    assert p.stages["student_dpt"].deepspeed.zero_stage == 2
+    assert p.stages["student_dft"].deepspeed.zero_stage == 3
+    assert p.stages["student_dft"].deepspeed.precision == "bf16"
+    assert p.stages["teacher_sft"].config.model is None  # continues from teacher_pt
+    assert p.stages["teacher_pt"].config.model.parts.llm == "Qwen/Qwen1.5-4B"
+
+
+def test_tune_spec_loads():
+    spec, pipeline = load_tune(str(PIPELINES / "tune_kd_weights.yaml"))
+    assert spec.stage == "student_dft" and set(spec.space) == {"alpha", "beta", "gamma", "temperature"}
+    assert pipeline.name == "llava_kd"
