@@ -23,7 +23,10 @@ err = Console(stderr=True)
 
 
 def _load(args) -> "object":
-    return load_pipeline(args.pipeline, args.set or [])
+    pipeline = load_pipeline(args.pipeline, args.set or [])
+    if getattr(args, "only", None):
+        pipeline = pipeline.only(args.only)
+    return pipeline
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -255,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the last interrupted run of this pipeline (same MLflow run)")
     p.add_argument("--plain", action="store_true", help="plain log lines instead of a live table")
+    p.add_argument("--only", action="append", metavar="STAGE",
+                   help="run only STAGE and the stages it needs (repeatable)")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("validate", help="check a pipeline file without running anything")
@@ -269,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="append", metavar="STAGE")
     p.add_argument("--offline", action="store_true",
                    help="open no data or model files (keys then exclude data fingerprints)")
+    p.add_argument("--only", action="append", metavar="STAGE",
+                   help="plan only STAGE and the stages it needs")
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("runs", help="list recent pipeline runs")
@@ -328,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as e:
         err.print("[red]invalid pipeline[/]")
         err.print(str(e), highlight=False, markup=False)
+        return 2
+    except ValueError as e:  # a bad --set / --force / --only
+        err.print(f"[red]error[/]: {e}", highlight=False)
         return 2
 
 

@@ -30,12 +30,14 @@ def _cluster(fn):
 def cmd_submit(args) -> int:
     from orchestrator import submit
 
-    load_pipeline(args.pipeline, args.set or [])  # lint here, not after the upload
+    pipeline = load_pipeline(args.pipeline, args.set or [])  # lint here, not after the upload
+    if args.only:
+        pipeline.only(args.only)
     env = dict(kv.split("=", 1) for kv in (args.env or []))
     if args.store:
         env["MMKD_STORE"] = args.store
     job = submit.submit(args.pipeline, args.address, args.set or [], args.working_dir, env,
-                        args.job_id)
+                        args.job_id, only=args.only or [])
     console.print(f"submitted [bold]{job}[/] to {args.address}\n"
                   f"  mmkd logs {job} --address {args.address} --follow")
     if args.wait:
@@ -102,6 +104,8 @@ def add_cluster_commands(sub, add_pipeline_args) -> None:
     p.add_argument("--env", action="append", metavar="K=V", help="extra environment for the job")
     p.add_argument("--job-id", help="submission id (default: Ray picks one)")
     p.add_argument("--wait", type=float, metavar="SECONDS", help="wait for the job to finish")
+    p.add_argument("--only", action="append", metavar="STAGE",
+                   help="run only STAGE and the stages it needs (repeatable)")
     p.set_defaults(fn=cmd_submit)
     for name, fn, helptext in (("jobs", cmd_jobs, "list jobs on the cluster"),
                                ("status", cmd_status, "a job's status"),

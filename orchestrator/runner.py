@@ -92,14 +92,21 @@ def make_plan(pipeline: Pipeline, store: ArtifactStore | None, force: list[str] 
     return rows
 
 
+def forwarded_env() -> dict[str, str]:
+    """The driver's settings a stage process must see (credentials for the store included)."""
+    env = {k: v for k, v in os.environ.items()
+           if k in _FORWARD_ENV or k.startswith(("AWS_", "MMKD_"))}
+    env.setdefault("MMKD_HOME", str(mmkd_home()))
+    return env
+
+
 def ensure_ray(address: str | None = None) -> None:
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ}
-    env.setdefault("MMKD_HOME", str(mmkd_home()))
+    env = forwarded_env()
     kwargs: dict[str, Any] = {"configure_logging": False, "runtime_env": {"env_vars": env}}
     if address:
         # Inside a submitted job the job's runtime env is already set; merge ours into it.
@@ -199,7 +206,9 @@ def stage_task(stage: Stage):
     # Never inside a caller's placement group (a Tune trial's): the stage needs its own resources.
     options: dict[str, Any] = {
         "max_retries": 0, "name": f"mmkd:{stage.name}",
-        "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)}
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None),
+        # per task, not only at ray.init: Ray may already run (a cluster, a test session)
+        "runtime_env": {"env_vars": forwarded_env()}}
     if stage.distributed:
         options["num_cpus"] = 0  # its Ray Train workers hold the resources
     else:

@@ -129,6 +129,27 @@ class Pipeline:
     def name(self) -> str:
         return self.spec.name
 
+    def upstream_of(self, names: set[str]) -> set[str]:
+        """``names`` and every stage they (transitively) consume."""
+        out = set(names)
+        for name in reversed(list(self.stages)):  # reverse topological order: one pass
+            if name in out:
+                out.update(self.stages[name].upstream)
+        return out
+
+    def only(self, targets: list[str]) -> "Pipeline":
+        """The sub-pipeline that produces ``targets`` (stage or matrix base names)."""
+        names = set()
+        for t in targets:
+            matched = {n for n, s in self.stages.items() if t in (n, s.base)}
+            if not matched:
+                raise ValueError(f"--only {t!r}: no such stage in {self.path} "
+                                 f"(stages: {', '.join(self.stages)})")
+            names |= matched
+        keep = self.upstream_of(names)
+        return Pipeline(path=self.path, spec=self.spec, raw=self.raw,
+                        stages={n: s for n, s in self.stages.items() if n in keep})
+
     def downstream_of(self, names: set[str]) -> set[str]:
         """``names`` and every stage that (transitively) consumes them."""
         out = set(names)

@@ -62,7 +62,21 @@ def _explain_auth(text: str, address: str, token: str | None) -> str:
     return f"the Ray auth token was rejected. {_token_help(address)}"
 
 
-def _call(address: str, fn, *args, **kwargs):
+def _call(address: str, fn, *args, retry_s: float = 90.0, **kwargs):
+    from ray.exceptions import AuthenticationError
+
+    deadline = time.time() + retry_s
+    while True:
+        try:
+            return _call_once(address, fn, *args, **kwargs)
+        except RuntimeError as e:
+            # A freshly started head answers 500 until its job agent is up: wait for it.
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2)
+
+
+def _call_once(address: str, fn, *args, **kwargs):
     from ray.exceptions import AuthenticationError
 
     try:
@@ -84,7 +98,8 @@ def entrypoint(pipeline: str, overrides: list[str], extra: list[str] = ()) -> st
 
 
 def submit(pipeline: str, address: str, overrides: list[str] = (), working_dir: str = ".",
-           env: dict[str, str] | None = None, submission_id: str | None = None) -> str:
+           env: dict[str, str] | None = None, submission_id: str | None = None,
+           only: list[str] = ()) -> str:
     """Upload ``working_dir`` (the project with the pipeline file) and run the pipeline there."""
     wd = Path(working_dir).resolve()
     path = Path(pipeline).resolve()
@@ -99,7 +114,8 @@ def submit(pipeline: str, address: str, overrides: list[str] = (), working_dir: 
     runtime_env: dict[str, Any] = {"working_dir": str(wd), "env_vars": env_vars,
                                    "excludes": _EXCLUDES}
     c = client(address)
-    return _call(address, c.submit_job, entrypoint=entrypoint(str(rel), list(overrides)),
+    extra = [a for stage in only for a in ("--only", stage)]
+    return _call(address, c.submit_job, entrypoint=entrypoint(str(rel), list(overrides), extra),
                  runtime_env=runtime_env, submission_id=submission_id,
                  metadata={"mmkd.pipeline": str(rel)})
 

@@ -47,6 +47,9 @@ class TrainConfig(WorkloadConfig):
     checkpoint_every: int = Field(50, ge=0, description="optimizer steps between checkpoints (0: none)")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
     seed: int | None = Field(None, description="defaults to the pipeline seed")
+    max_bad_fraction: float = Field(
+        0.01, ge=0, le=1, description="error budget: the stage fails if more than this fraction "
+                                      "of samples is unusable (corrupt image, bad JSON, ...)")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "TrainConfig":
@@ -110,17 +113,33 @@ def train_params(config: TrainConfig, ctx: StageContext, pad_token_id: int) -> T
 def run_train_stage(config: TrainConfig, ctx: StageContext, loss_fn: Any = None) -> dict[str, Any]:
     """Shared body of pretrain / sft (and distill): processor → dataset → loop."""
     from workloads.data.dataset import build_train_dataset  # read → preprocess, lazily
+    from workloads.data.quality import SampleQuality
 
     spec, tokenizer_dir = resolve_model_spec(config, ctx)
     proc_dir = save_processor(spec, tokenizer_dir, os.path.join(ctx.output_dir, "_processor"))
     params_seed = ctx.seed if config.seed is None else config.seed
-    dataset = build_train_dataset(resolve_data_source(config, ctx), proc_dir,
-                                             config.max_length, params_seed)
+    source = resolve_data_source(config, ctx)
+    # Bad samples are dropped and counted by kind in one small actor; the budget is applied
+    # while streaming (after enough samples) and once more at the end of the stage.
+    quality = SampleQuality.create(max_bad_fraction=config.max_bad_fraction,
+                                   name=source.describe())
+    dataset = build_train_dataset(source, proc_dir, config.max_length, params_seed,
+                                  quality=quality)
     from transformers import AutoTokenizer
 
     pad = AutoTokenizer.from_pretrained(proc_dir).pad_token_id
-    return run_training(ctx, model_spec=spec, tokenizer_dir=tokenizer_dir, dataset=dataset,
-                        params=train_params(config, ctx, pad), loss_fn=loss_fn)
+    num_rows = None
+    if config.max_steps is None:  # plan the steps from an epoch's usable rows
+        num_rows = dataset.count()
+        quality.reset()  # that pass only counted; the training pass reports what it skipped
+    metrics = run_training(ctx, model_spec=spec, tokenizer_dir=tokenizer_dir, dataset=dataset,
+                           params=train_params(config, ctx, pad), loss_fn=loss_fn,
+                           num_rows=num_rows)
+    for line in quality.warnings():
+        ctx.log(line, level="warning")
+    quality.check()  # raises DataQualityError naming the dominant cause and an example
+    metrics.update(quality.metrics())
+    return metrics
 
 
 @workload("pretrain", config=PretrainConfig, version="1", outputs=("model",), distributed=True)

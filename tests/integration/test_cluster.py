@@ -137,36 +137,40 @@ def test_cluster_yaml_passes_rays_schema_validation():
 
 
 def test_submit_runs_pipeline_on_the_cluster_and_logs_to_mlflow_server(cluster, tmp_path):
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "pipe.yaml").write_text(textwrap.dedent("""
-        name: cluster_pipe
-        stages:
-          a: {workload: count, params: {steps: 3, step_seconds: 0.05}}
-          b: {workload: noop, inputs: {x: a.result}, params: {value: 2}}
-    """))
+    """The default pipeline, reduced and cut after the teacher's pre-training: data generation,
+    tokenizer and a Ray Train + DeepSpeed stage run as a job on the two-node cluster."""
+    sets = ["stages.shapes.params.num_captions=64", "stages.shapes.params.num_instruct=64",
+            "stages.shapes.params.num_eval=16", "stages.tokenizer.params.vocab_size=320",
+            "stages.teacher_pt.params.max_steps=2", "stages.teacher_pt.params.batch_size=4",
+            "stages.teacher_pt.params.checkpoint_every=0"]
     env = {**os.environ, "RAY_AUTH_TOKEN": cluster["token"], "HOME": str(tmp_path)}
     env.pop("RAY_ADDRESS", None)
-    out = mmkd(["submit", "pipe.yaml", "--address", cluster["address"], "--wait", "300",
-                "--env", f"MLFLOW_TRACKING_URI={cluster['mlflow']}",
-                "--env", f"MMKD_HOME={tmp_path / 'job_home'}",
-                "--store", cluster["store"], "--job-id", "mmkd-test-job"], env, project)
+    args = ["submit", "pipelines/llava_kd.yaml", "--only", "teacher_pt", "--address",
+            cluster["address"], "--wait", "600",
+            "--env", f"MLFLOW_TRACKING_URI={cluster['mlflow']}",
+            "--env", f"MMKD_HOME={tmp_path / 'job_home'}",
+            "--store", cluster["store"], "--job-id", "mmkd-test-job"]
+    out = mmkd(args + [a for s in sets for a in ("--set", s)], env, ROOT, timeout=700)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SUCCEEDED" in out.stdout
 
-    out = mmkd(["jobs", "--address", cluster["address"]], env, project)
+    out = mmkd(["jobs", "--address", cluster["address"]], env, ROOT)
     assert out.returncode == 0 and "mmkd-test-job" in out.stdout and "SUCCEEDED" in out.stdout
-    out = mmkd(["logs", "mmkd-test-job", "--address", cluster["address"]], env, project)
-    assert "cluster_pipe" in out.stdout and "success" in out.stdout
+    out = mmkd(["logs", "mmkd-test-job", "--address", cluster["address"]], env, ROOT)
+    assert "llava_kd" in out.stdout and "success" in out.stdout
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(cluster["mlflow"])
-    exp = client.get_experiment_by_name("cluster_pipe")
+    exp = client.get_experiment_by_name("llava_kd")
     runs = client.search_runs([exp.experiment_id])
-    assert sorted(r.data.tags.get("mmkd.stage", "") for r in runs) == ["", "a", "b"]
+    assert sorted(r.data.tags.get("mmkd.stage", "") for r in runs) == \
+        ["", "shapes", "teacher_pt", "tokenizer"]
     assert all(r.info.status == "FINISHED" for r in runs)
-    assert list(Path(cluster["store"]).glob("stages/count-*/_SUCCESS"))
+    pt = next(r for r in runs if r.data.tags.get("mmkd.stage") == "teacher_pt")
+    assert len(client.get_metric_history(pt.info.run_id, "loss")) >= 1
+    assert list(Path(cluster["store"]).glob("stages/pretrain-*/_SUCCESS"))
+    assert list(Path(cluster["store"]).glob("stages/pretrain-*/model/model.safetensors"))
 
 
 def test_missing_or_wrong_token_gives_a_clear_error(cluster, tmp_path):

@@ -110,3 +110,27 @@ def test_check_resources_names_stage_and_fix():
         check_resources("sft", 4, 2, 0, {"CPU": 2.0})
     with pytest.raises(ResourceError, match="gpus_per_worker"):
         check_resources("sft", 1, 1, 1, {"CPU": 2.0})
+
+
+@pytest.mark.parametrize("preset", ["tiny-teacher", "tiny-student"])
+def test_image_reaches_the_llm(tok_dir, preset):
+    """The answer's loss must depend on the image: 16 image tokens with the model's id, vision
+    features scattered into them, and gradient flowing back to the pixels and the vision tower
+    (a model that cannot see the image trains to the answer prior and nothing distils)."""
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model, proc = build_model({"preset": preset}, tok_dir)
+    text = "<|im_start|>user\n<image>\nwhat color is the square ?<|im_end|>\n<|im_start|>assistant\nred"
+    images = [Image.new("RGB", (32, 32), c) for c in ((220, 40, 40), (40, 80, 220))]
+    enc = proc(images=images, text=[text, text], return_tensors="pt")
+    ids = enc["input_ids"]
+    assert ((ids == model.config.image_token_id).sum(1) == 16).all()
+    pixels = enc["pixel_values"].requires_grad_(True)
+    out = model(input_ids=ids, attention_mask=enc["attention_mask"], pixel_values=pixels)
+    answer_logits = out.logits[:, -2]  # predicts the answer token
+    assert not torch.allclose(answer_logits[0], answer_logits[1], atol=1e-6)
+    answer_logits[:, ids[0, -1]].sum().backward()
+    assert pixels.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.model.vision_tower.embeddings.patch_embedding.parameters())

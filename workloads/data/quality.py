@@ -75,6 +75,9 @@ class QualityState:
                 f"({n}), e.g. {example}. Fix the data, or raise max_bad_fraction if this is "
                 f"expected.")
 
+    def reset(self) -> None:
+        self.__init__(self.max_bad_fraction, self.min_samples, self.name)
+
     def snapshot(self) -> dict[str, Any]:
         return {"seen": self.seen, "counts": dict(self.counts),
                 "examples": {k: list(v) for k, v in self.examples.items()}}
@@ -114,6 +117,10 @@ class SampleQuality:
         error = self._call("add", seen, counts, examples)
         if error:
             raise DataQualityError(error)
+
+    def reset(self) -> None:
+        """Forget the counts (after a pass that only counted rows, e.g. to plan the steps)."""
+        self._call("reset")
 
     def check(self) -> None:
         """Apply the error budget to everything seen so far (call at the end of an epoch)."""
