@@ -39,14 +39,15 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
 def cmd_validate(args) -> int:
     pipeline = _load(args)
     n = len(pipeline.stages)
+    problems = [] if args.offline else _deep_validate(pipeline)
+    for p in problems:
+        err.print(f"[red]problem[/]: {p}")
+    if problems:
+        return 2
     console.print(f"[green]ok[/]: {args.pipeline}: pipeline {pipeline.name!r}, {n} stage(s)")
     if args.offline:
         console.print("offline: data sources and model files were not opened")
-        return 0
-    problems = _deep_validate(pipeline)
-    for p in problems:
-        err.print(f"[red]problem[/]: {p}")
-    return 2 if problems else 0
+    return 0
 
 
 def _deep_validate(pipeline) -> list[str]:

@@ -181,8 +181,20 @@ def build_distill_loss(config: DistillConfig, ctx: StageContext) -> DistillLoss:
     return DistillLoss(offline_dir=logits_dir, **common)
 
 
+def _validate(config: DistillConfig, inputs: dict | None = None) -> list[str]:
+    from workloads.training import data_problems
+
+    return validate_distill(config, inputs) + data_problems(config, inputs)
+
+
+def _fingerprint(config: DistillConfig) -> str:
+    from workloads.training import data_fingerprint
+
+    return data_fingerprint(config)
+
+
 @workload("distill", config=DistillConfig, version="1", outputs=("model",), distributed=True,
-          validate=validate_distill)
+          validate=_validate, fingerprint=_fingerprint)
 def distill(config: DistillConfig, ctx: StageContext) -> dict[str, Any]:
     """LLaVA-KD distillation of a student from a teacher (online or stored logits)."""
     problems = validate_distill(config, {k: v for k, v in ctx.inputs.items() if v})

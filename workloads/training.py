@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from workloads.context import StageContext
-from workloads.data.source import DataSource
+from workloads.data.source import DataSource, fingerprint_config_sources, validate_config_sources
 from workloads.models import ModelSpec, save_processor
 from workloads.registry import WorkloadConfig, workload
 from workloads.train import run_training
@@ -142,13 +142,26 @@ def run_train_stage(config: TrainConfig, ctx: StageContext, loss_fn: Any = None)
     return metrics
 
 
-@workload("pretrain", config=PretrainConfig, version="1", outputs=("model",), distributed=True)
+def data_fingerprint(config: Any) -> str:
+    """Registry hook: hash of the files a `data:` param names ("" when data comes from inputs,
+    whose keys already say what they hold)."""
+    return fingerprint_config_sources(config) if getattr(config, "data", None) else ""
+
+
+def data_problems(config: Any, inputs: dict | None = None) -> list[str]:
+    """Registry hook for `mmkd validate`: a `data:` param that is missing, empty or unreadable."""
+    return validate_config_sources(config, inputs) if getattr(config, "data", None) else []
+
+
+@workload("pretrain", config=PretrainConfig, version="1", outputs=("model",), distributed=True,
+          validate=data_problems, fingerprint=data_fingerprint)
 def pretrain(config: PretrainConfig, ctx: StageContext) -> dict[str, Any]:
     """Align vision and language: train the projector on image-caption data."""
     return run_train_stage(config, ctx)
 
 
-@workload("sft", config=SFTConfig, version="1", outputs=("model",), distributed=True)
+@workload("sft", config=SFTConfig, version="1", outputs=("model",), distributed=True,
+          validate=data_problems, fingerprint=data_fingerprint)
 def sft(config: SFTConfig, ctx: StageContext) -> dict[str, Any]:
     """Instruction-tune projector + LLM on conversations."""
     return run_train_stage(config, ctx)

@@ -48,6 +48,13 @@ def test_validate_plan_and_bad_file_exit_codes(tmp_path, cli_env):
     out = mmkd(["run", str(bad)], cli_env, tmp_path)
     assert out.returncode == 2
 
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("name: m\nstages:\n  pt:\n    workload: pretrain\n    params: {model: "
+                       "{preset: tiny-student}, data: {format: webdataset, paths: /nowhere/shards}}\n")
+    out = mmkd(["validate", str(missing)], cli_env, tmp_path)
+    assert out.returncode == 2 and "stage 'pt'" in out.stderr and "/nowhere/shards" in out.stderr
+    assert "ok" not in out.stdout
+
     out = mmkd(["workloads"], cli_env, tmp_path, check=True)
     for name in ("noop", "sleep", "count", "fail"):
         assert name in out.stdout

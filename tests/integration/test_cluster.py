@@ -158,6 +158,12 @@ def test_submit_runs_pipeline_on_the_cluster_and_logs_to_mlflow_server(cluster, 
     assert out.returncode == 0 and "mmkd-test-job" in out.stdout and "SUCCEEDED" in out.stdout
     out = mmkd(["logs", "mmkd-test-job", "--address", cluster["address"]], env, ROOT)
     assert "llava_kd" in out.stdout and "success" in out.stdout
+    out = mmkd(["status", "mmkd-test-job", "--address", cluster["address"]], env, ROOT)
+    assert out.returncode == 0 and "SUCCEEDED" in out.stdout
+    out = mmkd(["stop", "mmkd-test-job", "--address", cluster["address"]], env, ROOT)
+    assert out.returncode == 0 and "already finished" in out.stdout
+    out = mmkd(["status", "no-such-job", "--address", cluster["address"]], env, ROOT)
+    assert out.returncode == 2 and "mmkd jobs" in out.stderr and "Traceback" not in out.stderr
 
     from mlflow.tracking import MlflowClient
 
