@@ -65,14 +65,8 @@ def store_for(pipeline: Pipeline, root: str | None = None) -> ArtifactStore:
 
 
 def resolve_force(pipeline: Pipeline, force: list[str]) -> set[str]:
-    names: set[str] = set()
-    for f in force:
-        matched = {n for n, s in pipeline.stages.items() if f in (n, s.base)}
-        if not matched:
-            raise ValueError(f"--force {f!r}: no such stage in {pipeline.path} "
-                             f"(stages: {', '.join(pipeline.stages)})")
-        names |= matched
-    return pipeline.downstream_of(names)
+    """`--force` stages and everything downstream of them."""
+    return pipeline.downstream_of(pipeline.match(force, "--force"))
 
 
 def make_plan(pipeline: Pipeline, store: ArtifactStore | None, force: list[str] = (),

@@ -137,16 +137,20 @@ class Pipeline:
                 out.update(self.stages[name].upstream)
         return out
 
+    def match(self, names: list[str], option: str) -> set[str]:
+        """Stages named (or matrix base names) on the command line; unknown names are errors."""
+        out: set[str] = set()
+        for name in names:
+            matched = {n for n, s in self.stages.items() if name in (n, s.base)}
+            if not matched:
+                raise ValueError(f"{option} {name!r}: no such stage in {self.path} "
+                                 f"(stages: {', '.join(self.stages)})")
+            out |= matched
+        return out
+
     def only(self, targets: list[str]) -> "Pipeline":
         """The sub-pipeline that produces ``targets`` (stage or matrix base names)."""
-        names = set()
-        for t in targets:
-            matched = {n for n, s in self.stages.items() if t in (n, s.base)}
-            if not matched:
-                raise ValueError(f"--only {t!r}: no such stage in {self.path} "
-                                 f"(stages: {', '.join(self.stages)})")
-            names |= matched
-        keep = self.upstream_of(names)
+        keep = self.upstream_of(self.match(targets, "--only"))
         return Pipeline(path=self.path, spec=self.spec, raw=self.raw,
                         stages={n: s for n, s in self.stages.items() if n in keep})
 

@@ -16,8 +16,6 @@ Importing this module also registers the ``partition`` workload (``workloads/par
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, Literal
 
@@ -25,6 +23,7 @@ from pydantic import Field, field_validator
 
 import workloads.partition  # noqa: F401  (registers the `partition` workload)
 from workloads.context import StageContext
+from workloads.fsutil import atomic_dir
 from workloads.registry import WorkloadConfig, workload
 
 __all__ = ["MergeConfig", "merge", "run_merge"]
@@ -106,21 +105,12 @@ def run_merge(config: MergeConfig, model_dirs: list[str], out_dir: str,
         else:
             merged = method.fn(models, base, params)
     merge_s = time.perf_counter() - t_loaded
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-merge-", dir=parent)
-    try:
+    with atomic_dir(out_dir) as tmp:
         if hasattr(merged, "save_pretrained"):
             merged.save_pretrained(tmp, safe_serialization=True)
         else:
             merged.save(tmp)
         processor.save_pretrained(tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n_params = sum(p.numel() for p in merged.parameters())
     n_new = (sum(p.numel() for p in merged.new_parameters())
              if hasattr(merged, "new_parameters") else 0)

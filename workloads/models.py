@@ -14,8 +14,6 @@ Part names used by ``set_trainable``: ``vision``, ``projector``, ``llm`` (LLM bo
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -300,18 +298,11 @@ def count_params(model: Any) -> dict[str, int]:
 
 def save_model(model: Any, processor: Any, out_dir: str, state_dict: dict | None = None) -> str:
     """Write ``model`` (+ processor) to ``out_dir`` atomically: a temp dir beside it, then rename."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-model-", dir=parent)
-    try:
+    from workloads.fsutil import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         processor.save_pretrained(tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -19,9 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import tarfile
-import tempfile
 from typing import Any, Iterator, Literal
 
 import numpy as np
@@ -240,10 +238,9 @@ def run_partition(config: PartitionConfig, model_dir: str, data_dirs: list[str],
         sizes[c] += 1
     rows = image_rows + text_rows
     full = np.concatenate([assign, np.asarray(text_assign, dtype=np.int64)])
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-partition-", dir=parent)
-    try:
+    from workloads.fsutil import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
         counts = write_partitions(rows, full, k, tmp, config.shard_size)
         np.save(os.path.join(tmp, "centroids.npy"), centroids)
         manifest = {"num_partitions": k, "mode": config.mode, "balanced": config.balanced,
@@ -255,12 +252,6 @@ def run_partition(config: PartitionConfig, model_dir: str, data_dirs: list[str],
                              for c in range(k)}}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
