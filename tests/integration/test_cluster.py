@@ -76,16 +76,24 @@ def cluster(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     logs = tmp_path_factory.mktemp("cluster_logs")
     common = ["--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}"]
+
+    def own_ports() -> list[str]:
+        # Not the defaults: another Ray on this machine (the test session's own) already holds
+        # them, and a node whose dashboard agent cannot bind never accepts jobs.
+        return [f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}",
+                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
     head = subprocess.Popen(
         ["ray", "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
-         "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", *common],
+         "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", *common,
+         *own_ports()],
         env=env, start_new_session=True, stdout=open(logs / "head.log", "w"), stderr=subprocess.STDOUT)
     procs = [head]
     try:
         address = f"http://127.0.0.1:{dash}"
         wait_http(f"{address}/api/version", 120, head)
         worker = subprocess.Popen(
-            ["ray", "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", *common],
+            ["ray", "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", *common, *own_ports()],
             env=env, start_new_session=True, stdout=open(logs / "worker.log", "w"),
             stderr=subprocess.STDOUT)
         procs.append(worker)

@@ -3,7 +3,6 @@ latest checkpoint and finishes with the same total number of steps."""
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal
@@ -26,7 +25,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):
                        resources=Resources(num_workers=2, cpus_per_worker=1),
                        deepspeed={"zero_stage": 2}, checkpoint_storage=str(storage),
                        run_name="student_sft-k")
-    total = 12
+    total = 18  # leaves several seconds of training after the second checkpoint for the kill
     params = TrainParams(train=["projector", "llm"], lr=3e-3, batch_size=4, max_steps=total,
                          checkpoint_every=3, max_failures=2, pad_token_id=tok.pad_token_id)
     outcome: dict = {}
@@ -44,14 +43,24 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):
     thread.start()
     run_dir = storage / "student_sft-k"
     deadline = time.time() + 240
-    # Wait until a second checkpoint is being written (so the first one is committed), then kill
+    # Wait until the Train controller has *registered* a checkpoint (a folder on disk is not
+    # enough: registration is asynchronous, and a restart only sees registered ones), then kill
     # rank 1's process.
-    while time.time() < deadline and len(glob.glob(str(run_dir / "checkpoint_*"))) < 2:
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+
+    def registered() -> int:
+        try:
+            return len(json.loads(snapshot.read_text())["checkpoint_results"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    while time.time() < deadline and registered() < 1:
         time.sleep(0.2)
     pid_file = run_dir / "worker_pids" / "rank_1.json"
     assert pid_file.exists(), "no checkpoint/pid file appeared"
     victim = json.loads(pid_file.read_text())["pid"]
-    os.kill(victim, signal.SIGKILL)
+    assert thread.is_alive(), "training finished before the worker could be killed"
+    os.kill(victim, signal.SIGKILL)  # raises if the worker was already gone
     thread.join(timeout=300)
     assert not thread.is_alive()
     assert "error" not in outcome, outcome.get("error")
