@@ -45,7 +45,7 @@ def cmd_submit(args) -> int:
         console.print(f"{job}: {status}")
         if status != "SUCCEEDED":
             tail = submit.logs(args.address, job).splitlines()[-40:]
-            err.print(f"last lines of the job's log:\n" + "\n".join(tail), markup=False,
+            err.print("last lines of the job's log:\n" + "\n".join(tail), markup=False,
                       highlight=False)
             return 1
         return 0

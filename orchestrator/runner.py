@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,15 +98,13 @@ def ensure_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
+    # No runtime_env here: every stage task carries the driver's environment itself
+    # (`stage_task`), which also works when Ray was started by someone else or inside a job.
     address = address or os.environ.get("RAY_ADDRESS")
-    env = forwarded_env()
-    kwargs: dict[str, Any] = {"configure_logging": False, "runtime_env": {"env_vars": env}}
     if address:
-        # Inside a submitted job the job's runtime env is already set; merge ours into it.
-        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
-        ray.init(address=address, **kwargs)
+        ray.init(address=address, configure_logging=False)
     else:
-        ray.init(include_dashboard=False, **kwargs)
+        ray.init(include_dashboard=False, configure_logging=False)
 
 
 def progress_hub_class():
@@ -268,7 +265,6 @@ class PipelineRunner:
 
     # -- main loop ------------------------------------------------------------------------
     def run(self) -> RunRecord:
-        p = self.pipeline
         if self._resume_parent:
             self.tracker.resume_pipeline(self._resume_parent, {
                 n: s.mlflow_run_id for n, s in self.record.stages.items() if s.mlflow_run_id})
@@ -374,8 +370,6 @@ class PipelineRunner:
             self._finish("success", "")
 
     def _submit(self, stage: Stage, hub: Any):
-        import ray
-
         key = self.keys[stage.name]
         rec = self.record.stages[stage.name]
         self._check_resources(stage)
@@ -399,9 +393,9 @@ class PipelineRunner:
         """
         import ray
 
-        total = ray.cluster_resources().get("CPU", 0)
         if os.environ.get("MMKD_SKIP_RESOURCE_CHECK"):
             return True
+        total = ray.cluster_resources().get("CPU", 0)
         return sum(stage_cpus(s) for s in running) + stage_cpus(stage) <= total + 1e-9
 
     def _check_resources(self, stage: Stage) -> None:
@@ -521,7 +515,4 @@ def _error_text(e: BaseException) -> str:
     if cause is not None and not isinstance(cause, type(e)):
         e = cause
     text = f"{type(e).__name__}: {e}"
-    if len(text) > 4000:
-        text = text[:2000] + "\n...\n" + text[-2000:]
-    tb = "".join(traceback.format_exception_only(type(e), e)).strip()
-    return text if text else tb
+    return text if len(text) <= 4000 else text[:2000] + "\n...\n" + text[-2000:]

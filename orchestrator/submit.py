@@ -63,8 +63,6 @@ def _explain_auth(text: str, address: str, token: str | None) -> str:
 
 
 def _call(address: str, fn, *args, retry_s: float = 90.0, **kwargs):
-    from ray.exceptions import AuthenticationError
-
     deadline = time.time() + retry_s
     while True:
         try:
@@ -143,9 +141,7 @@ def follow_logs(address: str, job_id: str, poll: float = 1.0) -> Iterator[str]:
         if len(text) > seen:
             yield text[seen:]
             seen = len(text)
-        info = status(address, job_id)
-        if str(info.status) in ("SUCCEEDED", "FAILED", "STOPPED") or getattr(
-                info.status, "is_terminal", lambda: False)():
+        if status(address, job_id).status.is_terminal():
             text = logs(address, job_id)
             if len(text) > seen:
                 yield text[seen:]

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orchestrator.cache import compute_keys, mmkd_home
-from orchestrator.runner import (PipelineRunner, ensure_ray, progress_hub_class, stage_payload,
+from orchestrator.runner import (PipelineRunner, ensure_ray, fingerprints, progress_hub_class,
+                                 stage_payload,
                                  stage_task, store_for)
 from orchestrator.spec import Pipeline
 from orchestrator.tracking import Tracker, default_tracking_uri, driver_tag
@@ -37,10 +37,8 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
     import ray
     from ray import tune
 
-    from orchestrator.cache import ArtifactStore
+    from orchestrator.cache import ArtifactStore, stage_key
     from orchestrator.spec import Stage
-    from orchestrator.cache import stage_key
-    from orchestrator.runner import execute_stage
 
     stage: Stage = base["stage"]
     params = {**stage.params, **config}
@@ -151,14 +149,13 @@ def run_tune(spec: TuneSpec, pipeline: Pipeline, tune_file: str, *, resume: bool
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = pipeline.stages[spec.stage]
     store = store_for(pipeline)
-    from orchestrator.runner import fingerprints
-
-    base = {"stage": stage, "keys": compute_keys(pipeline.stages, fingerprints(pipeline)),
-            "fingerprint": fingerprints(pipeline).get(spec.stage, ""), "pipeline": pipeline,
+    prints = fingerprints(pipeline)
+    base = {"stage": stage, "keys": compute_keys(pipeline.stages, prints),
+            "fingerprint": prints.get(spec.stage, ""), "pipeline": pipeline,
             "store_root": store.root if not store.is_local else store.base,
             "local_cache": str(store.local_cache), "metric": spec.metric,
             "select": pipeline.stages[spec.select.stage] if spec.select else None,
-            "select_fingerprint": fingerprints(pipeline).get(spec.select.stage, "")
+            "select_fingerprint": prints.get(spec.select.stage, "")
             if spec.select else ""}
     budget = spec.scheduler.max_t or _stage_steps(stage)
 
@@ -220,6 +217,8 @@ def _stage_steps(stage) -> int:
 
 
 def _summarise(spec, pipeline, grid, callback, tracker, out_dir, name, budget, tune_file) -> TuneOutcome:
+    rank_metric, rank_mode = ((spec.select.metric, spec.select.mode) if spec.select
+                              else (spec.metric, spec.mode))
     trials = []
     for result in grid:
         metrics = result.metrics or {}
@@ -228,14 +227,10 @@ def _summarise(spec, pipeline, grid, callback, tracker, out_dir, name, budget, t
         steps = max([int(r.get("mmkd_step") or 0) for r in history] or [int(metrics.get("mmkd_step") or 0)])
         trials.append({"trial": trial_id, "params": {k: result.config[k] for k in spec.space},
                        spec.metric: metrics.get(spec.metric),
+                       rank_metric: metrics.get(rank_metric),  # None for a stopped select trial
                        "steps": steps, "completed": bool(metrics.get("mmkd_completed")),
                        "error": str(result.error) if result.error else ""})
-    rank_metric, rank_mode = ((spec.select.metric, spec.select.mode) if spec.select
-                              else (spec.metric, spec.mode))
-    for t, result in zip(trials, grid):
-        t[rank_metric] = (result.metrics or {}).get(rank_metric) if t["completed"] else (
-            t.get(rank_metric))
-    ok = [t for t in trials if t.get(rank_metric) is not None and not t["error"]]
+    ok = [t for t in trials if t[rank_metric] is not None and not t["error"]]
     ok.sort(key=lambda t: t[rank_metric], reverse=rank_mode == "max")
     if not ok:
         tracker.end_pipeline("FAILED")
@@ -261,5 +256,3 @@ def _summarise(spec, pipeline, grid, callback, tracker, out_dir, name, budget, t
                        steps_run=steps_run, steps_budget=budget * len(trials),
                        parent_run_id=tracker.run_id())
 
-
-__all__ = ["run_tune", "TuneOutcome", "time"]

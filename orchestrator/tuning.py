@@ -25,16 +25,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
-import time
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from orchestrator.cache import compute_keys, mmkd_home
-from orchestrator.spec import Pipeline, PipelineError, load_pipeline
+from orchestrator.cache import compute_keys
+from orchestrator.spec import Pipeline, load_pipeline
 from orchestrator.yaml_lines import YamlError, load_yaml_with_lines
 
 _KINDS = ("uniform", "loguniform", "choice", "grid", "randint")
@@ -189,6 +186,3 @@ def default_concurrency(pipeline: Pipeline, stage: str) -> int:
     need = max(r.num_workers * r.cpus_per_worker, 0.1) + 0.1
     return max(1, int(ray.cluster_resources().get("CPU", 1) // need))
 
-
-__all__ = ["TuneSpec", "TuneError", "load_tune", "param_space", "tune_name", "upstream_pipeline",
-           "default_concurrency", "PipelineError", "math", "time", "mmkd_home", "yaml"]

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workloads.merging.generation import eos_ids, greedy_generate
+from workloads.merging.generation import GreedyGenerationMixin
 from workloads.merging.registry import MergeInputError, MergeMethod, register_merge_method
 
 __all__ = ["CrossBridge", "CrossMergedModel", "cross_merge", "load_cross"]
@@ -72,7 +72,7 @@ def _input_embeddings(llava: Any, input_ids: torch.Tensor,
     return emb
 
 
-class CrossMergedModel(nn.Module):
+class CrossMergedModel(GreedyGenerationMixin, nn.Module):
     def __init__(self, parent_a: Any, parent_b: Any, cross_every: int = 2,
                  freeze_parents: bool = True):
         super().__init__()
@@ -141,15 +141,6 @@ class CrossMergedModel(nn.Module):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                    ignore_index=-100)
         return SimpleNamespace(logits=logits, loss=loss)
-
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 pixel_values: torch.Tensor | None = None, max_new_tokens: int = 8,
-                 **kwargs: Any) -> torch.Tensor:
-        fn = lambda **kw: self.forward(**kw).logits  # noqa: E731
-        return greedy_generate(fn, input_ids, attention_mask, pixel_values, max_new_tokens,
-                               eos_ids(self.generation_config),
-                               self.generation_config.pad_token_id,
-                               suppress=[self.config.image_token_id], **kwargs)
 
     def save(self, out_dir: str) -> None:
         from safetensors.torch import save_file

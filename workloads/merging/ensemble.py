@@ -23,14 +23,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from workloads.merging.generation import eos_ids, greedy_generate
+from workloads.merging.generation import GreedyGenerationMixin
 from workloads.merging.registry import MergeInputError, MergeMethod, register_merge_method
 from workloads.merging.router import embed_images, route_weights
 
 __all__ = ["EnsembleModel", "ensemble_merge", "load_ensemble"]
 
 
-class EnsembleModel(nn.Module):
+class EnsembleModel(GreedyGenerationMixin, nn.Module):
     def __init__(self, experts: list[Any], router_vision: Any, centroids: torch.Tensor,
                  mode: str = "top1", temperature: float = 0.1):
         super().__init__()
@@ -72,15 +72,6 @@ class EnsembleModel(nn.Module):
             p = w[:, k, None, None].to(logits.dtype) * torch.softmax(logits.float(), dim=-1)
             probs = p if probs is None else probs + p
         return SimpleNamespace(logits=torch.log(probs.clamp_min(1e-30)), routing=w)
-
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 pixel_values: torch.Tensor | None = None, max_new_tokens: int = 8,
-                 **kwargs: Any) -> torch.Tensor:
-        fn = lambda **kw: self.forward(**kw).logits  # noqa: E731
-        return greedy_generate(fn, input_ids, attention_mask, pixel_values, max_new_tokens,
-                               eos_ids(self.generation_config),
-                               self.generation_config.pad_token_id,
-                               suppress=[self.config.image_token_id], **kwargs)
 
     def save(self, out_dir: str) -> None:
         os.makedirs(out_dir, exist_ok=True)

@@ -50,3 +50,17 @@ def greedy_generate(logits_fn: Callable[..., torch.Tensor], input_ids: torch.Ten
             if bool(done.all()):
                 break
     return input_ids
+
+
+class GreedyGenerationMixin:
+    """`generate` for wrapper models whose `forward(**inputs).logits` is a full next-token
+    distribution (cross, ensemble): greedy, never emitting the image token. Needs
+    `generation_config` and `config.image_token_id` on the model."""
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, max_new_tokens: int = 8,
+                 **kwargs: Any) -> torch.Tensor:
+        return greedy_generate(lambda **kw: self.forward(**kw).logits, input_ids, attention_mask,
+                               pixel_values, max_new_tokens, eos_ids(self.generation_config),
+                               self.generation_config.pad_token_id,
+                               suppress=[self.config.image_token_id], **kwargs)
