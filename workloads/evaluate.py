@@ -1,5 +1,7 @@
 """``evaluate``: greedy VQA exact match (overall and per question type), caption perplexity, a
-predictions JSONL per model and a results table (markdown + CSV) comparing the models.
+predictions JSONL per model and a results table (markdown + CSV) comparing the models, with each
+model's parameter count (an ensemble counts all its experts) and, from its lineage
+(``workloads.lineage``), the samples and wall seconds of every stage that made it.
 
 Inputs:
   models    list of model dirs, or a dict name -> model dir (names: the upstream stage names)
@@ -151,7 +153,7 @@ def _source(path: Any) -> Any:
     return DataSource(format="webdataset", paths=[path])
 
 
-@workload("evaluate", config=EvalConfig, version="1", outputs=("results",), distributed=False,
+@workload("evaluate", config=EvalConfig, version="2", outputs=("results",), distributed=False,
           validate=validate_config_sources, fingerprint=fingerprint_config_sources)
 def evaluate(config: EvalConfig, ctx: StageContext) -> dict[str, float]:
     """Score models on held-out VQA (exact match) and caption perplexity; write tables."""
@@ -160,6 +162,7 @@ def evaluate(config: EvalConfig, ctx: StageContext) -> dict[str, float]:
     import torch
 
     from workloads.data.eval_examples import iter_eval_examples
+    from workloads.lineage import totals as lineage_totals
     from workloads.merging import load_any_model
 
     torch.set_num_threads(max(1, int(ctx.resources.cpus_per_worker)))
@@ -183,7 +186,8 @@ def evaluate(config: EvalConfig, ctx: StageContext) -> dict[str, float]:
             f.writelines(json.dumps(r) + "\n" for r in records)
         acc = accuracy_by_type(records)
         res = {"accuracy": acc.pop("overall"), **{f"accuracy/{k}": v for k, v in acc.items()},
-               "n": len(records)}
+               "n": len(records), "params": sum(p.numel() for p in model.parameters()),
+               **{k: v for k, v in lineage_totals(path).items() if k != "stages"}}
         if ctx.inputs.get("captions"):
             res["caption_ppl"] = _caption_ppl(model, path, ctx.inputs["captions"], config, ctx.seed)
         results[name] = res

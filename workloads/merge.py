@@ -24,6 +24,7 @@ from pydantic import Field, field_validator
 import workloads.partition  # noqa: F401  (registers the `partition` workload)
 from workloads.context import StageContext
 from workloads.fsutil import atomic_dir
+from workloads.lineage import write_lineage
 from workloads.registry import WorkloadConfig, workload
 
 __all__ = ["MergeConfig", "merge", "run_merge"]
@@ -118,7 +119,7 @@ def run_merge(config: MergeConfig, model_dirs: list[str], out_dir: str,
             "merge_s": merge_s, "total_s": time.perf_counter() - t0}
 
 
-@workload("merge", config=MergeConfig, version="1", outputs=("model",), distributed=False,
+@workload("merge", config=MergeConfig, version="2", outputs=("model",), distributed=False,
           validate=_validate)
 def merge(config: MergeConfig, ctx: StageContext) -> dict[str, float]:
     """Merge K models (parameter averages, JAM-Width/Cross, routed ensemble) into one model dir."""
@@ -127,8 +128,11 @@ def merge(config: MergeConfig, ctx: StageContext) -> dict[str, float]:
     torch.set_num_threads(max(1, int(ctx.resources.cpus_per_worker)))
     models = ctx.input("models")
     models = [models] if isinstance(models, str) else list(models)
-    metrics = run_merge(config, models, os.path.join(ctx.output_dir, "model"),
-                        _one(ctx.inputs.get("base")), _one(ctx.inputs.get("partition")))
+    base = _one(ctx.inputs.get("base"))
+    out = os.path.join(ctx.output_dir, "model")
+    metrics = run_merge(config, models, out, base, _one(ctx.inputs.get("partition")))
+    write_lineage(out, models + ([base] if base else []), ctx.key,
+                  {"stage": ctx.stage, "samples": 0, "seconds": round(metrics["total_s"], 2)})
     ctx.log(f"{config.method}: {len(models)} models → {int(metrics['params'])} params in "
             f"{metrics['merge_s']:.2f}s")
     return metrics

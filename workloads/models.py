@@ -8,7 +8,9 @@ Three mutually exclusive ways to name a model (``ModelSpec``):
 - ``parts``: a vision tower and an LLM by hub id or path, joined by a fresh projector. Hub ids are
   only resolved when the model is built, never by ``describe_model`` (``mmkd plan`` stays offline).
 
-Part names used by ``set_trainable``: ``vision``, ``projector``, ``llm`` (LLM body + lm_head).
+Part names used by ``set_trainable``: ``vision``, ``projector``, ``llm`` (LLM body + lm_head), and
+for a JAM-Cross merge (``workloads.merging.cross``) also ``bridges`` — its new cross-attention and
+fusion layers; there ``vision``/``projector``/``llm`` name those parts of both parent decoders.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ __all__ = [
     "count_params", "check_compat", "save_model", "save_processor",
 ]
 
-PARTS = ("vision", "projector", "llm")
+PARTS = ("vision", "projector", "llm", "bridges")
 IMAGE_TOKEN = "<image>"
 
 # Tiny presets: 32×32 images, patch 8 → 16 image tokens for both, so visual-token KD can match
@@ -217,10 +219,24 @@ def load_model(path: str, tokenizer_dir: str | None = None) -> tuple[Any, Any]:
     """Load a LLaVA-format checkpoint dir and its processor (saved beside it by ``save_model``)."""
     from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-    if not os.path.exists(os.path.join(path, "config.json")):
+    if not os.path.exists(os.path.join(path, "config.json")) and \
+            not os.path.exists(os.path.join(path, "mmkd_merged.json")):
         raise ModelCompatError(f"model path {path!r} has no config.json; point `model.path` (or the "
                                f"stage input `init`) at a directory written by save_pretrained")
-    model = LlavaForConditionalGeneration.from_pretrained(path)
+    from workloads.merging.io import MERGED_META, is_wrapper, load_merged
+
+    if is_wrapper(path):
+        import json
+
+        with open(os.path.join(path, MERGED_META)) as f:
+            kind = json.load(f)["kind"]
+        if kind != "cross":
+            raise ModelCompatError(f"model path {path!r} is a {kind!r} merge, which has no "
+                                   f"weights of its own to train; fine-tune its experts before "
+                                   f"merging, or start from a plain checkpoint")
+        model = load_merged(path)
+    else:
+        model = LlavaForConditionalGeneration.from_pretrained(path)
     if os.path.exists(os.path.join(path, "processor_config.json")) or not tokenizer_dir:
         processor = AutoProcessor.from_pretrained(path)
     else:
@@ -266,7 +282,13 @@ def check_compat(model: Any, processor: Any) -> None:
 
 
 def model_parts(model: Any) -> dict[str, list[Any]]:
-    """Part name → modules (transformers 5 attribute names)."""
+    """Part name → modules (transformers 5 attribute names). A JAM-Cross merge maps each part
+    over both parent decoders and adds ``bridges`` (its new layers)."""
+    if hasattr(model, "new_parameters") and hasattr(model, "decoders"):
+        per = [model_parts(d) for d in model.decoders]
+        parts = {k: [m for p in per for m in p[k]] for k in ("vision", "projector", "llm")}
+        parts["bridges"] = [model.bridges_ab, model.bridges_ba, model.fusion]
+        return parts
     inner = model.model
     return {"vision": [inner.vision_tower], "projector": [inner.multi_modal_projector],
             "llm": [inner.language_model, model.lm_head]}
@@ -277,8 +299,13 @@ def set_trainable(model: Any, train: list[str]) -> dict[str, int]:
     unknown = sorted(set(train) - set(PARTS))
     if unknown or not train:
         raise ValueError(f"train: parts must be a non-empty subset of {list(PARTS)}, got {train}")
+    parts = model_parts(model)
+    if "bridges" in train and "bridges" not in parts:
+        raise ValueError("train: `bridges` are the new layers of a JAM-Cross merge; start the "
+                         "stage from one (input `init: <cross merge stage>.model`) or train "
+                         "vision / projector / llm")
     counts = {}
-    for name, modules in model_parts(model).items():
+    for name, modules in parts.items():
         on = name in train
         n = 0
         for m in modules:
@@ -301,7 +328,12 @@ def save_model(model: Any, processor: Any, out_dir: str, state_dict: dict | None
     from workloads.fsutil import atomic_dir
 
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        else:  # a merged wrapper (JAM-Cross) writes its own layout
+            if state_dict is not None:
+                model.load_state_dict(state_dict)
+            model.save(tmp)
         processor.save_pretrained(tmp)
     return out_dir
 

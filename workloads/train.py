@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from workloads.context import StageContext
+from workloads.lineage import write_lineage
 from workloads.train_setup import (CausalLMLoss, LossFn, StepContext, TrainParams, build_optimizer,
                                    check_resources, deepspeed_config)
 
@@ -58,6 +59,7 @@ def run_training(ctx: StageContext, *, model_spec: dict[str, Any], tokenizer_dir
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    t_start = time.perf_counter()
     res = ctx.resources
     check_resources(ctx.stage, res.num_workers, res.cpus_per_worker, res.gpus_per_worker,
                     ray.cluster_resources())
@@ -93,6 +95,10 @@ def run_training(ctx: StageContext, *, model_spec: dict[str, Any], tokenizer_dir
     with result.checkpoint.as_directory() as d:
         meta = json.load(open(os.path.join(d, CKPT_META)))
         _copy_atomic(os.path.join(d, "model"), os.path.join(ctx.output_dir, "model"))
+    init = ctx.inputs.get("init")
+    write_lineage(os.path.join(ctx.output_dir, "model"), [init] if isinstance(init, str) else [],
+                  ctx.key, {"stage": ctx.stage, "samples": int(meta["final"]["samples"]),
+                            "seconds": round(time.perf_counter() - t_start, 2)})
     if ctx.reporter is None:  # no live hub: keep the per-step history on the driver's context
         ctx.local_metrics.extend({"stage": ctx.stage, "step": h["step"], "total_steps": total_steps,
                                   "metrics": {k: v for k, v in h.items() if k != "step"}}
@@ -216,7 +222,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
     with tempfile.TemporaryDirectory(prefix="mmkd-final-") as d:
         if rank == 0:
-            _save_final_model(engine.module, processor, state_dict, zero3, os.path.join(d, "model"))
+            _save_final_model(engine.module, processor, state_dict, zero3, os.path.join(d, "model"),
+                              config["model_spec"])
         meta = {"kind": "final", "step": step, "history": history, "final": final}
         _report_final(d, meta, rank)
 
@@ -252,13 +259,18 @@ def _save_checkpoint(engine: Any, step: int, history: list, metrics: dict, rank:
 
 
 def _save_final_model(module: Any, processor: Any, state_dict: dict | None, zero3: bool,
-                      out: str) -> None:
+                      out: str, model_spec: dict[str, Any]) -> None:
     from workloads.models import save_model
 
     if zero3:  # the engine's own params are partitioned: save through a fresh full-size model
-        from transformers import LlavaForConditionalGeneration
+        if hasattr(module, "save_pretrained"):
+            from transformers import LlavaForConditionalGeneration
 
-        full = LlavaForConditionalGeneration(module.config)
+            full = LlavaForConditionalGeneration(module.config)
+        else:  # a merged wrapper: the same structure, loaded again from where the stage began
+            from workloads.merging.io import load_merged
+
+            full = load_merged(model_spec["path"])
         full.load_state_dict(state_dict)
         full.generation_config = module.generation_config
         module = full

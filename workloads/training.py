@@ -23,7 +23,7 @@ from workloads.train_setup import TrainParams
 __all__ = ["TrainConfig", "PretrainConfig", "SFTConfig", "pretrain", "sft", "resolve_model_spec",
            "resolve_data_source", "train_params"]
 
-Part = Literal["vision", "projector", "llm"]
+Part = Literal["vision", "projector", "llm", "bridges"]
 _FORMAT_BY_EXT = {".tar": "webdataset", ".json": "llava_json", ".jsonl": "llava_json",
                   ".parquet": "parquet"}
 
@@ -34,7 +34,8 @@ class TrainConfig(WorkloadConfig):
     model: ModelSpec | None = Field(None, description="model to train; omit to start from input `init`")
     data: DataSource | None = Field(None, description="training set; omit to use input `data`")
     train: list[Part] = Field(default_factory=lambda: ["projector"],
-                              description="parts whose weights are updated; the rest are frozen")
+                              description="parts whose weights are updated; the rest are frozen "
+                                          "(`bridges`: the new layers of a JAM-Cross merge)")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
     batch_size: int = Field(8, ge=1, description="samples per worker per micro-step")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
