@@ -127,6 +127,10 @@ class Tracker:
     def start_stage(self, stage: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         self._do("start_stage", stage=stage, params=params, tags=tags)
 
+    def reopen_stage(self, stage: str) -> None:
+        """Set a known child run (from ``resume_pipeline``'s ``stages``) RUNNING again."""
+        self._do("reopen_stage", stage=stage)
+
     def log_metrics(self, stage: str, metrics: dict[str, float], step: int | None = None,
                     timestamp: float | None = None) -> None:
         self._do("log_metrics", stage=stage, metrics=metrics, step=step,
@@ -174,6 +178,9 @@ class Tracker:
 
     def _op_start_stage(self, stage, params, tags):
         self._create(stage, stage, params, tags)
+
+    def _op_reopen_stage(self, stage):
+        self._connect().update_run(self.ids[stage], status="RUNNING")
 
     def _op_log_metrics(self, stage, metrics, step, timestamp):
         from mlflow.entities import Metric

@@ -11,6 +11,7 @@ MLflow: one parent run per tune, a child per trial, written only by the driver (
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from orchestrator.spec import Pipeline
 from orchestrator.tracking import Tracker, default_tracking_uri, driver_tag
 from orchestrator.tuning import (TuneSpec, default_concurrency, param_space, tune_name,
                                  upstream_pipeline)
+
+logger = logging.getLogger("mmkd.tune")
 
 # Keys Tune adds to every result; everything else a trial reports is the stage's own metric.
 _TUNE_KEYS = {"time_this_iter_s", "time_total_s", "timestamp", "training_iteration", "pid",
@@ -78,10 +81,26 @@ def _numeric(d: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+class TuneState:
+    """``tune_state.json`` beside the tune's results: the MLflow parent run, each trial's child
+    run and how often Tune started each trial, so ``--resume`` continues the same MLflow runs."""
+
+    def __init__(self, path: Path, fresh: bool):
+        self.path = path
+        self.data: dict[str, Any] = {"parent_run_id": None, "trials": {}, "starts": {}}
+        if path.exists() and not fresh:
+            self.data.update(json.loads(path.read_text()))
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        os.replace(tmp, self.path)
+
+
 class MlflowTrials:
     """A Tune callback (created lazily so Ray is imported only when tuning)."""
 
-    def __new__(cls, tracker: Tracker, stage: str, metric: str):
+    def __new__(cls, tracker: Tracker, stage: str, metric: str, state: TuneState):
         from ray.tune import Callback
 
         class _Callback(Callback):
@@ -90,8 +109,16 @@ class MlflowTrials:
                 self.results: dict[str, list[dict]] = {}
 
             def on_trial_start(self, iteration, trials, trial, **info):
-                tracker.start_stage(trial.trial_id, params=dict(trial.config), tags={
-                    "mmkd.trial": trial.trial_id, "mmkd.stage": stage, "mmkd.kind": "trial"})
+                tid = trial.trial_id
+                if tid in tracker.ids:  # a trial of the interrupted tune, started again
+                    tracker.reopen_stage(tid)
+                else:
+                    tracker.start_stage(tid, params=dict(trial.config), tags={
+                        "mmkd.trial": tid, "mmkd.stage": stage, "mmkd.kind": "trial"})
+                state.data["starts"][tid] = state.data["starts"].get(tid, 0) + 1
+                if tracker.run_id(tid):
+                    state.data["trials"][tid] = tracker.run_id(tid)
+                state.save()
 
             def on_trial_result(self, iteration, trials, trial, result, **info):
                 self.results.setdefault(trial.trial_id, []).append(result)
@@ -159,22 +186,35 @@ def run_tune(spec: TuneSpec, pipeline: Pipeline, tune_file: str, *, resume: bool
             if spec.select else ""}
     budget = spec.scheduler.max_t or _stage_steps(stage)
 
-    # 2. MLflow parent run for the tune; one writer (this process).
+    # 2. MLflow parent run for the tune; one writer (this process). A resumed tune continues
+    #    the interrupted one's parent and trial runs (ids in tune_state.json).
+    # Tune's experiment dir is a subfolder: Tune syncs that folder from a local staging copy
+    # (restored with the experiment), which would overwrite mmkd's files written beside it.
+    experiment = out_dir / "ray_tune"
+    restoring = resume and tune.Tuner.can_restore(str(experiment))
+    if resume and not restoring:
+        logger.warning("--resume: no interrupted tune %s under %s; starting it from the beginning",
+                       name, out_dir)
+    state = TuneState(out_dir / "tune_state.json", fresh=not restoring)
     tracker = Tracker(pipeline.name, out_dir / "tracking_journal.jsonl", uri=default_tracking_uri())
-    tracker.start_pipeline(f"tune-{name}", params={"tune_file": os.path.abspath(tune_file),
-                                                   **{f"space.{k}": json.dumps(v)
-                                                      for k, v in spec.space.items()}},
-                           tags={"mmkd.pipeline": pipeline.name, "mmkd.kind": "tune",
-                                 "mmkd.tune": name, "mmkd.driver": driver_tag()})
-    callback = MlflowTrials(tracker, spec.stage, spec.metric)
+    if state.data["parent_run_id"]:
+        tracker.resume_pipeline(state.data["parent_run_id"], stages=state.data["trials"])
+    else:
+        tracker.start_pipeline(f"tune-{name}", params={"tune_file": os.path.abspath(tune_file),
+                                                       **{f"space.{k}": json.dumps(v)
+                                                          for k, v in spec.space.items()}},
+                               tags={"mmkd.pipeline": pipeline.name, "mmkd.kind": "tune",
+                                     "mmkd.tune": name, "mmkd.driver": driver_tag()})
+    state.data["parent_run_id"] = tracker.run_id()
+    state.save()
+    callback = MlflowTrials(tracker, spec.stage, spec.metric, state)
 
     trainable = tune.with_resources(tune.with_parameters(_trial, base=base), {"cpu": 0.1})
-    storage = str(mmkd_home() / "tune")
-    if resume and tune.Tuner.can_restore(str(Path(storage) / name)):
-        tuner = tune.Tuner.restore(str(Path(storage) / name), trainable, resume_unfinished=True,
+    if restoring:
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True,
                                    resume_errored=True)
-        # Callbacks are not persisted; re-attach ours to the restored run config.
-        tuner._local_tuner._run_config.callbacks = [callback]
+        # Callbacks are not persisted with the experiment; attach ours to the restored config.
+        tuner._local_tuner.get_run_config().callbacks = [callback]
     else:
         if spec.scheduler.type == "asha":
             scheduler = ASHAScheduler(time_attr="mmkd_step", max_t=max(budget, 1),
@@ -194,7 +234,8 @@ def run_tune(spec: TuneSpec, pipeline: Pipeline, tune_file: str, *, resume: bool
                 search_alg=search, scheduler=scheduler,
                 max_concurrent_trials=spec.max_concurrent_trials
                 or default_concurrency(pipeline, spec.stage)),
-            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[callback],
+            run_config=tune.RunConfig(name=experiment.name, storage_path=str(out_dir),
+                                      callbacks=[callback],
                                       verbose=0))
     status = "FINISHED"
     try:

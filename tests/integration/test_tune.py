@@ -117,3 +117,83 @@ def test_select_picks_the_best_trial_by_a_downstream_evaluation(ray_session, fil
     bad.write_text(tune_file.read_text().replace("stage: judge", "stage: prep"))
     with pytest.raises(TuneError, match="does not take 'fit' as an input"):
         load_tune(str(bad))
+
+
+RESUME_TUNE = """
+pipeline: pipe.yaml
+stage: fit
+space:
+  lr: {grid: [0.0005, 0.001, 0.3, 0.45]}
+metric: loss
+mode: min
+num_samples: 1
+scheduler: {type: none}
+max_concurrent_trials: 1
+"""
+
+
+def test_tune_resume_after_the_driver_is_killed(ray_session, files):
+    """SIGKILL `mmkd tune` after a trial finished, then `mmkd tune --resume`: the finished
+    trials are not run again, the rest are, and MLflow keeps one parent with 4 trial runs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    (files / "pipe.yaml").write_text(textwrap.dedent(PIPE).replace("step_seconds: 0.15",
+                                                                   "step_seconds: 0.4"))
+    (files / "tune.yaml").write_text(textwrap.dedent(RESUME_TUNE))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "TUNE_GLOBAL_CHECKPOINT_S": "0.5"}  # Tune saves its experiment state this often
+    cmd = [sys.executable, "-m", "orchestrator.cli", "tune", "tune.yaml"]
+    home = files / "home"
+    proc = subprocess.Popen(cmd, env=env, cwd=files, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    client = None
+    deadline = time.monotonic() + 240
+    finished: list[str] = []
+    try:
+        while not finished:
+            assert proc.poll() is None, f"tune ended before it was killed: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "no trial finished in 240 s"
+            time.sleep(0.5)
+            # the parent run exists (so the sqlite schema is complete) once the state is saved
+            if client is None and list(home.glob("tune/*/tune_state.json")):
+                client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+            if client is not None and client.get_experiment_by_name("tune_me"):
+                exp = client.get_experiment_by_name("tune_me")
+                runs = client.search_runs([exp.experiment_id], "tags.`mmkd.kind` = 'trial'")
+                finished = [r.data.tags["mmkd.trial"] for r in runs
+                            if r.info.status == "FINISHED"]
+        time.sleep(2.0)  # past Tune's next experiment-state save
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    (state_file,) = home.glob("tune/*/tune_state.json")
+    before = json.loads(state_file.read_text())
+    exp = client.get_experiment_by_name("tune_me")
+    done = [r for r in client.search_runs([exp.experiment_id], "tags.`mmkd.kind` = 'trial'")
+            if r.info.status == "FINISHED"]
+    assert len(done) < 4, "every trial had finished before the kill; nothing left to resume"
+
+    again = subprocess.run([*cmd, "--resume"], env=env, cwd=files, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    after = json.loads(state_file.read_text())
+    assert after["parent_run_id"] == before["parent_run_id"]
+    assert len(after["starts"]) == 4, (after, again.stdout[-3000:], again.stderr[-3000:])
+    for trial in finished:  # finished before the kill: never started again
+        assert after["starts"][trial] == 1, (trial, after["starts"])
+    assert json.loads(next(home.glob("tune/*/best_params.json")).read_text())["params"]["lr"] \
+        in (0.3, 0.45)
+
+    parents = client.search_runs([exp.experiment_id], "tags.`mmkd.kind` = 'tune'")
+    assert [p.info.run_id for p in parents] == [before["parent_run_id"]]
+    assert parents[0].info.status == "FINISHED"
+    runs = client.search_runs([exp.experiment_id],
+                              f"tags.mlflow.parentRunId = '{before['parent_run_id']}'")
+    assert sorted(r.data.tags["mmkd.trial"] for r in runs) == sorted(after["starts"])
+    assert {r.info.status for r in runs} == {"FINISHED"}
