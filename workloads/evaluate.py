@@ -204,11 +204,25 @@ def evaluate(config: EvalConfig, ctx: StageContext) -> dict[str, float]:
 
 
 def _caption_ppl(model: Any, model_dir: str, captions: Any, config: EvalConfig, seed: int) -> float:
+    """Perplexity on the first ``caption_samples`` captions, preprocessed in process with the
+    model's own processor (a few dozen rows: no Ray Dataset to start per model)."""
+    from itertools import islice
+
+    import numpy as np
+
     from workloads.data.collate import collate
-    from workloads.data.dataset import build_train_dataset
+    from workloads.data.preprocess import Preprocessor
+    from workloads.data.readers import iter_rows
 
     pad = model.generation_config.pad_token_id or 0
-    ds = build_train_dataset(_source(captions), model_dir, config.max_length, seed)
-    ds = ds.limit(config.caption_samples)
-    batches = (collate(b, pad) for b in ds.iter_batches(batch_size=16, batch_format="numpy"))
-    return caption_perplexity(model, batches)
+    pre = Preprocessor(model_dir, config.max_length, quality=None)
+    rows = list(islice(iter_rows(_source(captions)), config.caption_samples))
+
+    def batches():
+        for i in range(0, len(rows), 16):
+            chunk = rows[i:i + 16]
+            cols = {k: np.array([r[k] for r in chunk] + [None], dtype=object)[:-1]
+                    for k in chunk[0]}
+            yield collate(pre(cols), pad)
+
+    return caption_perplexity(model, batches())

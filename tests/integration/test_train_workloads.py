@@ -98,6 +98,12 @@ def test_evaluate_writes_tables_and_consistent_scores(chain):
         assert len(records) == 12
         assert metrics[f"{name}/accuracy"] == pytest.approx(accuracy_by_type(records)["overall"])
         assert metrics[f"{name}/caption_ppl"] > 1.0
+    # Cost columns from the models' lineage: 2 workers x batch 8 per step, pretrain counted in
+    # the SFT model's total.
+    assert metrics["teacher_pt/train_samples"] == 6 * 16
+    assert metrics["teacher_sft/train_samples"] == 6 * 16 + 12 * 16
+    assert metrics["teacher_sft/train_s"] > metrics["teacher_pt/train_s"] > 0
+    assert metrics["teacher_sft/params"] == metrics["teacher_pt/params"] > 1e6
     # SFT saw captions only through pretraining; its caption perplexity stays finite.
     md = open(os.path.join(out, "results.md")).read()
     assert "| teacher_pt |" in md and "| teacher_sft |" in md
