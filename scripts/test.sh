@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" TOKENIZERS_PARALLELISM=false
-exec python3 -m pytest tests -q -p no:cacheprovider --timeout=900 "$@"
+exec python3 -m pytest tests -q -p no:cacheprovider --timeout=900 --durations=25 "$@"
