@@ -23,8 +23,8 @@ from orchestrator.runner import (PipelineRunner, ensure_ray, fingerprints, progr
                                  stage_task, store_for)
 from orchestrator.spec import Pipeline
 from orchestrator.tracking import Tracker, default_tracking_uri, driver_tag
-from orchestrator.tuning import (TuneSpec, default_concurrency, param_space, tune_name,
-                                 upstream_pipeline)
+from orchestrator.tuning import (TuneSpec, default_concurrency, param_space, select_chain,
+                                 tune_name, upstream_pipeline)
 
 logger = logging.getLogger("mmkd.tune")
 
@@ -68,11 +68,17 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
             break
     result = ray.get(ref)  # raises if the stage failed: Tune marks the trial errored
     final = {**last, **_numeric(result["metrics"])}
-    if base.get("select"):  # evaluate this trial's output with the pipeline's eval stage
-        sel: Stage = base["select"]
-        keys[sel.name] = stage_key(sel, keys, base["select_fingerprint"])
-        evaluated = ray.get(stage_task(sel).remote(stage_payload(base["pipeline"], sel, keys, store)))
-        final.update(_numeric(evaluated["metrics"]))
+    # select: run the stages from this one to the evaluation stage on this trial's output
+    # (e.g. SFT → DFT → evaluate after a tuned DPT); the last one's metrics rank the trials.
+    for down in base["chain"]:
+        keys[down.name] = stage_key(down, keys, base["fingerprints"].get(down.name, ""))
+        if store.is_complete(down.workload, keys[down.name]):
+            done = store.read_json(down.workload, keys[down.name], "metrics.json") or {}
+        else:
+            done = ray.get(stage_task(down).remote(
+                stage_payload(base["pipeline"], down, keys, store)))["metrics"]
+        if down is base["chain"][-1]:
+            final.update(_numeric(done))
     tune.report({**final, "mmkd_completed": 1, "mmkd_step": final.get("steps", 0),
                  "mmkd_key": keys[stage.name]})
 
@@ -181,9 +187,8 @@ def run_tune(spec: TuneSpec, pipeline: Pipeline, tune_file: str, *, resume: bool
             "fingerprint": prints.get(spec.stage, ""), "pipeline": pipeline,
             "store_root": store.root if not store.is_local else store.base,
             "local_cache": str(store.local_cache), "metric": spec.metric,
-            "select": pipeline.stages[spec.select.stage] if spec.select else None,
-            "select_fingerprint": prints.get(spec.select.stage, "")
-            if spec.select else ""}
+            "chain": select_chain(pipeline, spec.stage, spec.select.stage)
+            if spec.select else [], "fingerprints": prints}
     budget = spec.scheduler.max_t or _stage_steps(stage)
 
     # 2. MLflow parent run for the tune; one writer (this process). A resumed tune continues

@@ -103,9 +103,10 @@ def load_tune(path: str, overrides: list[str] = ()) -> tuple[TuneSpec, Pipeline]
         sel = pipeline.stages.get(spec.select.stage)
         if sel is None:
             problems.append(f"select.stage: no stage {spec.select.stage!r}")
-        elif target not in sel.upstream:
-            problems.append(f"select.stage: {spec.select.stage!r} does not take {target!r} "
-                            f"as an input (its inputs come from {', '.join(sel.upstream)})")
+        elif spec.select.stage == target or \
+                spec.select.stage not in pipeline.downstream_of({target}):
+            problems.append(f"select.stage: {spec.select.stage!r} does not depend on {target!r}, "
+                            f"so it cannot rank its trials; name a stage downstream of it")
     if problems:
         raise TuneError(f"{path}: " + "; ".join(problems))
     return spec, pipeline
@@ -177,6 +178,17 @@ def upstream_pipeline(pipeline: Pipeline, stage: str, select: str | None = None)
     sub = copy.copy(pipeline)
     sub.stages = {n: s for n, s in pipeline.stages.items() if n in needed}
     return sub
+
+
+def select_chain(pipeline: Pipeline, stage: str, select: str) -> list[Any]:
+    """The stages a trial runs after the tuned one, in order, ending with ``select``: those
+    downstream of ``stage`` that ``select`` (transitively) needs."""
+    needed = {select}
+    for name in reversed(list(pipeline.stages)):
+        if name in needed:
+            needed.update(pipeline.stages[name].upstream)
+    down = pipeline.downstream_of({stage}) - {stage}
+    return [s for n, s in pipeline.stages.items() if n in needed and n in down]
 
 
 def default_concurrency(pipeline: Pipeline, stage: str) -> int:

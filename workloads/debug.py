@@ -98,8 +98,12 @@ class QuadraticConfig(WorkloadConfig):
 
 @workload("quadratic", config=QuadraticConfig, outputs=("result",))
 def quadratic(config: QuadraticConfig, ctx: StageContext) -> dict[str, float]:
-    """Minimises (x - target)^2 by gradient descent; its loss curve depends on lr (for tuning)."""
+    """Minimises (x - target)^2 by gradient descent; its loss curve depends on lr (for tuning).
+    Starts at 0, or at the x of input ``init`` (another quadratic's result)."""
     x, velocity = 0.0, 0.0
+    if ctx.inputs.get("init"):
+        with open(os.path.join(ctx.input("init"), "x.json")) as f:
+            x = json.load(f)["x"]
     loss = (x - config.target) ** 2
     for step in range(1, config.steps + 1):
         time.sleep(config.step_seconds)

@@ -94,9 +94,14 @@ def test_bad_search_space_names_the_entry(files):
 
 
 def test_select_picks_the_best_trial_by_a_downstream_evaluation(ray_session, files):
-    pipe = PIPE + """  judge:
+    # the judge is two stages below the tuned one: each finished trial runs refine, then judge
+    pipe = PIPE + """  refine:
+    workload: quadratic
+    inputs: {init: fit.result}
+    params: {lr: 0.001, steps: 2, step_seconds: 0.0}
+  judge:
     workload: score
-    inputs: {fit: fit.result}
+    inputs: {fit: refine.result}
     params: {target: 1.0}
 """
     (files / "pipe.yaml").write_text(textwrap.dedent(pipe))
@@ -115,7 +120,7 @@ def test_select_picks_the_best_trial_by_a_downstream_evaluation(ray_session, fil
     assert json.loads(out.best_params_file.read_text())["metric"] == "closeness"
     bad = files / "bad_select.yaml"
     bad.write_text(tune_file.read_text().replace("stage: judge", "stage: prep"))
-    with pytest.raises(TuneError, match="does not take 'fit' as an input"):
+    with pytest.raises(TuneError, match="'prep' does not depend on 'fit'"):
         load_tune(str(bad))
 
 

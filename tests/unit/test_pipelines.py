@@ -60,3 +60,9 @@ def test_tune_spec_loads():
     spec, pipeline = load_tune(str(PIPELINES / "tune_kd_weights.yaml"))
     assert spec.stage == "student_dft" and set(spec.space) == {"alpha", "beta", "gamma", "temperature"}
     assert pipeline.name == "llava_kd"
+    dpt, pipeline = load_tune(str(PIPELINES / "tune_kd_weights_dpt.yaml"))
+    assert dpt.stage == "student_dpt" and dpt.select.stage == "evaluate"
+    from orchestrator.tuning import select_chain
+
+    chain = [s.name for s in select_chain(pipeline, dpt.stage, dpt.select.stage)]
+    assert chain == ["student_sft", "student_dft", "evaluate"]
