@@ -14,7 +14,8 @@ from orchestrator.tuning import load_tune
 PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 
 
-@pytest.mark.parametrize("name", ["llava_kd", "kd_stage_ablation", "merge_ablation"])
+@pytest.mark.parametrize("name", ["llava_kd", "kd_stage_ablation", "merge_ablation",
+                                  "kd_offline_teacher"])
 def test_tiny_pipelines_validate(name):
     p = load_pipeline(PIPELINES / f"{name}.yaml")
     assert p.stages and "evaluate" in p.stages
@@ -38,6 +39,9 @@ def test_kd_stage_ablation_shares_stages_with_the_default_pipeline():
     default = compute_keys(load_pipeline(PIPELINES / "llava_kd.yaml").stages)
     ablation = compute_keys(load_pipeline(PIPELINES / "kd_stage_ablation.yaml").stages)
     assert default["teacher_sft"] == ablation["teacher_sft"]
+    offline = compute_keys(load_pipeline(PIPELINES / "kd_offline_teacher.yaml").stages)
+    assert offline["student_dft"] == default["student_dft"]  # the online DFT row is the default's
+    assert len({offline[f"dft_offline_teacher_logits-teacher-logits-top-k-{k}"] for k in (8, 64, 512)}) == 3
     assert default["baseline_sft"] == ablation["sft_init-pt"]
     assert default["student_dft"] == ablation["dft_init-sft-init-dpt"]
 
