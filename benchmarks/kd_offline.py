@@ -22,6 +22,16 @@ ROWS = {"dft_online": "student_dft",
            for k in (8, 64, 512)}}
 
 
+def _wall(home: Path, key: str) -> float | None:
+    """Wall seconds of the run that computed stage ``key`` (a cached stage ran in an earlier
+    run record), with that run's start time."""
+    for f in (home / "runs").glob("*/run.json"):
+        for s in json.loads(f.read_text())["stages"].values():
+            if s["key"] == key and s["status"] == "done":
+                return round(s["ended"] - s["started"], 1)
+    return None
+
+
 def _bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
@@ -43,12 +53,11 @@ def main() -> None:
         for name, stage in ROWS.items():
             s = stages[stage]
             rows[name] = {"accuracy": run["table"][name]["accuracy"], "status": s["status"],
-                          "dft_wall_s": s["ended"] - s["started"] if s["status"] == "done" else None}
+                          "dft_wall_s": _wall(home, s["key"])}
         for k in (8, 64, 512):
             s = stages[f"teacher_logits_top_k-{k}"]
             rows[f"dft_offline_top{k}"]["logits_bytes"] = _bytes(s["uri"])
-            rows[f"dft_offline_top{k}"]["teacher_pass_wall_s"] = (
-                s["ended"] - s["started"] if s["status"] == "done" else None)
+            rows[f"dft_offline_top{k}"]["teacher_pass_wall_s"] = _wall(home, s["key"])
         rows["kd_dpt_sft"] = {"accuracy": run["table"]["kd_dpt_sft"]["accuracy"]}
         runs.append({"seed": seed, "rows": rows})
         print(json.dumps(runs[-1]), flush=True)
