@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from seeded import ROOT, machine, run_seed, summary
+from seeded import ROOT, latest_record, machine, run_seed, summary
 
 DFT = ["student_dft", "dft_offline"]
 ROWS = {"dft_online": "student_dft",
@@ -46,8 +46,7 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         run = run_seed("pipelines/kd_offline_teacher.yaml", DFT, seed, home, [])
-        record = json.loads(sorted((home / "runs").glob("*/run.json"),
-                                   key=lambda p: p.stat().st_mtime)[-1].read_text())
+        record = latest_record(home, "pipelines/kd_offline_teacher.yaml")
         stages = record["stages"]
         rows = {}
         for name, stage in ROWS.items():

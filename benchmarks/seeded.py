@@ -31,12 +31,21 @@ def run_seed(pipeline: str, student_stages: list[str], seed: int, home: Path,
     if proc.returncode != 0:
         raise RuntimeError(f"{pipeline} seed {seed} failed:\n{proc.stdout[-2000:]}\n"
                            f"{proc.stderr[-3000:]}")
-    runs = sorted((home / "runs").glob("*/run.json"), key=lambda p: p.stat().st_mtime)
-    record = json.loads(runs[-1].read_text())
+    record = latest_record(home, pipeline)
     results = Path(record["stages"][evaluate]["uri"]) / "results" / "results.json"
     return {"seed": seed, "wall_seconds": round(wall, 1),
             "stages": {n: s["status"] for n, s in record["stages"].items()},
             "table": json.loads(results.read_text())["results"]}
+
+
+def latest_record(home: Path, pipeline: str) -> dict:
+    """The newest run record of ``pipeline`` in ``home`` (other pipelines may share the home)."""
+    import yaml
+
+    name = yaml.safe_load((ROOT / pipeline).read_text())["name"]
+    records = [json.loads(p.read_text()) for p in (home / "runs").glob("*/run.json")]
+    records = [r for r in records if r.get("pipeline") == name]
+    return max(records, key=lambda r: r.get("started") or 0)
 
 
 def summary(values: list[float]) -> dict:

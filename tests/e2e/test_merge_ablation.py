@@ -73,3 +73,19 @@ def test_merge_ablation_end_to_end(ray_session, tmp_path):
     assert table["jam_cross_ft"]["params"] > 2 * p                # two decoders + new layers
     assert table["jam_cross_ft"]["params"] == table["jam_cross_untrained"]["params"]
     assert (results / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+    # JAM-Cross's fine-tune (`sft` with train: [bridges]) moved only the new layers
+    import torch
+    from safetensors.torch import load_file
+
+    from workloads.merging.io import load_merged
+
+    dirs = [str(Path(record["stages"][s]["uri"]) / "model") for s in ("merge_cross",
+                                                                        "cross_finetune")]
+    before, after = (load_merged(d) for d in dirs)
+    for (name, p0), p1 in zip(before.decoders.state_dict().items(),
+                              after.decoders.state_dict().values()):
+        assert torch.equal(p0, p1), f"parent weight {name} changed"
+    b0, b1 = (load_file(str(Path(d) / "bridge.safetensors")) for d in dirs)
+    changed = {k.split(".")[0] for k in b0 if not torch.equal(b0[k], b1[k])}
+    assert changed == {"bridges_ab", "bridges_ba", "fusion"}, changed
