@@ -31,19 +31,24 @@ def read_lineage(model_dir: str | None) -> dict[str, dict[str, Any]]:
 
 
 def write_lineage(model_dir: str, parents: list[str], key: str, entry: dict[str, Any]) -> None:
-    """Write ``model_dir``'s lineage: the union of its parents' entries plus this stage's."""
+    """Write ``model_dir``'s lineage: the union of its parents' entries plus this stage's. A
+    parent without lineage (a hub checkpoint, a dir written before lineage existed) enters as
+    ``{"unknown": true}``: its cost is not known, so ``totals`` reports none."""
     stages: dict[str, dict[str, Any]] = {}
     for parent in parents:
-        stages.update(read_lineage(parent))
+        known = read_lineage(parent)
+        stages.update(known or {os.path.abspath(parent): {"stage": os.path.basename(
+            os.path.dirname(os.path.abspath(parent))), "unknown": True}})
     stages[key] = entry
     with open(os.path.join(model_dir, LINEAGE), "w") as f:
         json.dump({"stages": stages}, f, indent=2)
 
 
 def totals(model_dir: str) -> dict[str, float]:
-    """``{"train_samples", "train_s", "stages"}`` summed over the lineage ({} when it has none)."""
+    """``{"train_samples", "train_s", "stages"}`` summed over the lineage ({} when it has none
+    or an ancestor's cost is unknown)."""
     stages = read_lineage(model_dir)
-    if not stages:
+    if not stages or any(e.get("unknown") for e in stages.values()):
         return {}
     return {"train_samples": float(sum(e.get("samples", 0) for e in stages.values())),
             "train_s": float(sum(e.get("seconds", 0.0) for e in stages.values())),
