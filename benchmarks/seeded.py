@@ -17,12 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_seed(pipeline: str, student_stages: list[str], seed: int, home: Path,
-             extra: list[str], evaluate: str = "evaluate") -> dict:
+             extra: list[str], evaluate: str = "evaluate", args: list[str] = ()) -> dict:
     """``mmkd run PIPELINE`` with ``stages.S.params.seed=seed`` for each student stage; returns
     ``{"seed", "wall_seconds", "stages": {name: status}, "table": {model: metrics}}``."""
     sets = [f"stages.{s}.params.seed={seed}" for s in student_stages] + extra
     cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(ROOT / pipeline), "--plain",
-           *[a for s in sets for a in ("--set", s)]]
+           *[a for s in sets for a in ("--set", s)], *args]
     env = {**os.environ, "MMKD_HOME": str(home), "RAY_ADDRESS": ""}
     env.pop("MLFLOW_TRACKING_URI", None)
     t = time.perf_counter()
@@ -33,7 +33,7 @@ def run_seed(pipeline: str, student_stages: list[str], seed: int, home: Path,
                            f"{proc.stderr[-3000:]}")
     record = latest_record(home, pipeline)
     results = Path(record["stages"][evaluate]["uri"]) / "results" / "results.json"
-    return {"seed": seed, "wall_seconds": round(wall, 1),
+    return {"seed": seed, "wall_seconds": round(wall, 1), "run_id": record["run_id"],
             "stages": {n: s["status"] for n, s in record["stages"].items()},
             "table": json.loads(results.read_text())["results"]}
 
