@@ -114,7 +114,8 @@ def expand_and_lint(
             stages[name] = Stage(
                 name=name, base=base, workload=info.name, version=info.version,
                 config=config, inputs=dict(concrete.inputs), resources=resources,
-                deepspeed=deepspeed, distributed=info.distributed, matrix_values=values)
+                deepspeed=deepspeed, distributed=info.distributed,
+                streams_data=info.streams_data, matrix_values=values)
             members[base].append(name)
 
     for stage in stages.values():

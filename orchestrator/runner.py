@@ -160,15 +160,16 @@ def execute_stage(payload: dict[str, Any], reporter: Any = None) -> dict[str, An
     return {"metrics": metrics, "uri": store.uri(payload["workload"], payload["key"])}
 
 
-DATA_CPUS = 1.0  # a Ray Train stage's Ray Data pipeline (read, decode, tokenize)
+DATA_CPUS = 1.0  # a stage's Ray Data pipeline (read, decode, tokenize): Ray Train, teacher_logits
 
 
 def stage_cpus(stage: Stage) -> float:
     """CPUs a running stage occupies, including its data pipeline."""
     r = stage.resources
+    data = DATA_CPUS if stage.streams_data else 0.0
     if stage.distributed:
-        return r.num_workers * r.cpus_per_worker + DATA_CPUS
-    return r.cpus_per_worker
+        return r.num_workers * r.cpus_per_worker + data
+    return r.cpus_per_worker + data
 
 
 def stage_payload(pipeline: Pipeline, stage: Stage, keys: dict[str, str], store: ArtifactStore,
@@ -388,8 +389,9 @@ class PipelineRunner:
         """Admission control: launch a stage only if the CPUs it needs are not taken.
 
         Ray alone would start two Ray Train stages whose workers take every CPU, and then
-        neither stage's Ray Data pipeline gets a CPU to read with: both hang. So a distributed
-        stage counts its workers plus one CPU for its data pipeline.
+        neither stage's Ray Data pipeline gets a CPU to read with: both hang (seen, also with two
+        `teacher_logits` stages). So a stage that streams data counts one CPU for its pipeline
+        beside its workers (or its own task).
         """
         import ray
 
@@ -409,7 +411,7 @@ class PipelineRunner:
         need_gpu = r.num_workers * r.gpus_per_worker
         have_cpu, have_gpu = total.get("CPU", 0), total.get("GPU", 0)
         if need_cpu > have_cpu or need_gpu > have_gpu:
-            data = f" + {DATA_CPUS:g} CPU for its data pipeline" if stage.distributed else ""
+            data = f" + {DATA_CPUS:g} CPU for its data pipeline" if stage.streams_data else ""
             raise StageFailed(
                 f"asks for {r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU{data} / "
                 f"{r.gpus_per_worker:g} GPU = {need_cpu:g} CPU, {need_gpu:g} GPU, but the Ray "

@@ -157,7 +157,7 @@ def teacher_entries(logits: Any, batch: dict[str, Any], vocab_size: int, image_t
 
 
 @workload("teacher_logits", config=TeacherLogitsConfig, version="1", outputs=("logits",),
-          distributed=False)
+          distributed=False, streams_data=True)
 def teacher_logits(config: TeacherLogitsConfig, ctx: StageContext) -> dict[str, Any]:
     """Store a teacher's top-k logits and visual relation matrices for offline distillation."""
     import torch

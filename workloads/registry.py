@@ -46,6 +46,9 @@ class WorkloadInfo:
     # True: the workload starts its own Ray Train run (its workers hold the resources), so the
     # stage task itself takes no CPU. False: the stage task does the work and holds the resources.
     distributed: bool = False
+    # True: the stage runs a Ray Data pipeline beside its own work (a non-distributed stage that
+    # streams a data set); the runner then reserves a CPU for that pipeline, as for Ray Train.
+    streams_data: bool = False
     description: str = ""
     # Optional fn(config) -> str hashing external data the stage reads (files named in params).
     fingerprint: Callable[[Any], str] | None = None
@@ -87,6 +90,7 @@ def workload(
     version: str = "1",
     outputs: tuple[str, ...] = (),
     distributed: bool = False,
+    streams_data: bool = False,
     fingerprint: Callable[[Any], str] | None = None,
     validate: Callable[..., list[str]] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -105,6 +109,7 @@ def workload(
             version=str(version),
             outputs=tuple(outputs),
             distributed=distributed,
+            streams_data=streams_data or distributed,
             description=doc[0] if doc else "",
             fingerprint=fingerprint,
             validate=validate,

@@ -24,3 +24,18 @@ def test_matrix_is_cartesian_with_predictable_names():
     assert values == {"alpha": 1.0, "inputs.init": "dpt.model"}
     assert concrete.params["alpha"] == 1.0 and concrete.inputs["init"] == "dpt.model"
     assert concrete.matrix == {}
+
+
+def test_stages_that_stream_data_reserve_a_cpu_for_their_pipeline():
+    """Two `teacher_logits` stages (1 CPU each, plus a Ray Data pipeline each) on 2 CPUs hung
+    forever: the runner counts the pipeline's CPU for every stage that streams data."""
+    from pathlib import Path
+
+    from orchestrator.runner import stage_cpus
+    from orchestrator.spec import load_pipeline
+
+    pipe = load_pipeline(Path(__file__).resolve().parents[2] / "pipelines/kd_offline_teacher.yaml")
+    st = pipe.stages
+    assert st["teacher_logits_top_k-8"].streams_data and stage_cpus(st["teacher_logits_top_k-8"]) == 2
+    assert stage_cpus(st["student_dft"]) == 2          # 1 Ray Train worker + its data pipeline
+    assert not st["evaluate"].streams_data and stage_cpus(st["evaluate"]) == 1
