@@ -26,8 +26,9 @@ def _suggest(name: str, known: list[str]) -> str:
 
 
 def _slug(value: Any) -> str:
-    if isinstance(value, str) and re.match(r"^[A-Za-z][\w\-]*\.\w+$", value):
-        value = value.rsplit(".", 1)[0]  # a reference `stage.output` is named by its stage
+    ref = re.match(r"^([A-Za-z][\w\-]*)\.\w+(?:/(.+))?$", value) if isinstance(value, str) else None
+    if ref:  # a reference `stage.output[/sub/path]` is named by its stage (and sub path)
+        value = ref.group(1) + (f"-{ref.group(2)}" if ref.group(2) else "")
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
         value = repr(value)
     return re.sub(r"[^A-Za-z0-9.]+", "-", str(value)).strip("-") or "x"

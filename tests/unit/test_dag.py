@@ -24,6 +24,12 @@ def test_matrix_is_cartesian_with_predictable_names():
     assert values == {"alpha": 1.0, "inputs.init": "dpt.model"}
     assert concrete.params["alpha"] == 1.0 and concrete.inputs["init"] == "dpt.model"
     assert concrete.matrix == {}
+    # a reference with a sub path is named by its stage and the sub path (no dots: names must
+    # stay referable as `name.output`)
+    spec = StageSpec(workload="noop", matrix={"inputs.data": ["partition.partitions/part_0",
+                                                              "partition.partitions/part_1"]})
+    assert [n for n, _, _ in expand_stage("expert", spec)] == ["expert_data-partition-part-0",
+                                                               "expert_data-partition-part-1"]
 
 
 def test_stages_that_stream_data_reserve_a_cpu_for_their_pipeline():
