@@ -20,7 +20,9 @@ PIPE = ROOT / "pipelines" / "merge_ablation.yaml"
 
 def _training_stages() -> list[str]:
     spec = load_pipeline(str(PIPE))
-    return [n for n, s in spec.stages.items() if s.workload in ("pretrain", "sft")]
+    # `--set` addresses a stage as written in the file (a matrix's base name)
+    return list(dict.fromkeys(s.base for s in spec.stages.values()
+                              if s.workload in ("pretrain", "sft")))
 
 
 def reduced() -> list[str]:
