@@ -214,7 +214,11 @@ def run_tune(spec: TuneSpec, pipeline: Pipeline, tune_file: str, *, resume: bool
     state.save()
     callback = MlflowTrials(tracker, spec.stage, spec.metric, state)
 
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=base), {"cpu": 0.1})
+    # A trial only waits on its stage task, which takes the stage's resources itself. It must
+    # hold no CPU: with 0.1 CPU per trial, a 1-worker DFT on 2 CPUs left Ray Data 0.9 CPU and
+    # its read tasks (1 CPU each) never started (seen). Ray wants a non-empty bundle: 1 MiB.
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=base),
+                                    {"cpu": 0, "memory": 2**20})
     if restoring:
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True,
                                    resume_errored=True)

@@ -192,9 +192,11 @@ def select_chain(pipeline: Pipeline, stage: str, select: str) -> list[Any]:
 
 
 def default_concurrency(pipeline: Pipeline, stage: str) -> int:
+    """Trials that fit at once: the cluster's CPUs over what one trial's stage occupies
+    (workers, plus a CPU for its data pipeline: ``runner.stage_cpus``)."""
     import ray
 
-    r = pipeline.stages[stage].resources
-    need = max(r.num_workers * r.cpus_per_worker, 0.1) + 0.1
-    return max(1, int(ray.cluster_resources().get("CPU", 1) // need))
+    from orchestrator.runner import stage_cpus
 
+    need = max(stage_cpus(pipeline.stages[stage]), 0.1)
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // need))

@@ -202,3 +202,49 @@ def test_tune_resume_after_the_driver_is_killed(ray_session, files):
                               f"tags.mlflow.parentRunId = '{before['parent_run_id']}'")
     assert sorted(r.data.tags["mmkd.trial"] for r in runs) == sorted(after["starts"])
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+TRAIN_PIPE = """
+name: tune_train
+stages:
+  fit:
+    workload: pretrain
+    resources: {num_workers: 1, cpus_per_worker: 3}
+    params:
+      model: {path: MODEL}
+      data: {format: webdataset, paths: [DATA]}
+      max_steps: 3
+      batch_size: 4
+      checkpoint_every: 0
+"""
+
+TRAIN_TUNE = """
+pipeline: pipe.yaml
+stage: fit
+space:
+  lr: {grid: [0.001, 0.003]}
+metric: loss
+mode: min
+num_samples: 1
+scheduler: {type: none}
+"""
+
+
+@pytest.mark.timeout(420)
+def test_tune_a_ray_train_stage_whose_worker_leaves_one_cpu_for_its_data(ray_session, files):
+    """Trials of a real training stage (Ray Train + DeepSpeed + Ray Data). The stage's worker
+    takes 3 of the session's 4 CPUs: its data pipeline needs the last one, so a trial must
+    hold no CPU itself (with 0.1 CPU per trial the reads never started and the tune hung)."""
+    from workloads.data.tiny import build_tiny_data
+    from workloads.models import build_model, save_model
+
+    data = build_tiny_data(files / "data", num_samples=32, vocab_size=320)
+    model, proc = build_model({"preset": "tiny-student"}, data["tokenizer"])
+    save_model(model, proc, str(files / "model"))
+    (files / "pipe.yaml").write_text(textwrap.dedent(TRAIN_PIPE).replace(
+        "MODEL", str(files / "model")).replace("DATA", data["captions"]))
+    (files / "tune.yaml").write_text(textwrap.dedent(TRAIN_TUNE))
+    spec, pipeline = load_tune(str(files / "tune.yaml"))
+    out = run_tune(spec, pipeline, str(files / "tune.yaml"))
+    assert sorted(t["params"]["lr"] for t in out.trials) == [0.001, 0.003]
+    assert all(t["completed"] and not t["error"] and t["steps"] == 3 for t in out.trials), out.trials
