@@ -11,25 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
-
-
-@pytest.fixture
-def cli_env(ray_session, tmp_path):
-    import ray
-
-    env = {**os.environ, "MMKD_HOME": str(tmp_path / "home"),
-           "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
-def mmkd(args, env, cwd, timeout=300, check=False):
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"mmkd {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+from cli_helpers import mmkd
 
 
 def test_validate_plan_and_bad_file_exit_codes(tmp_path, cli_env):

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import mmkd
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,15 +25,9 @@ def reduced() -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
 
-def test_default_pipeline_end_to_end(ray_session, tmp_path):
-    import ray
-
-    env = {**os.environ, "MMKD_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1",
-           "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(PIPE), "--plain", *reduced()]
-    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1500)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+def test_default_pipeline_end_to_end(cli_env, tmp_path):
+    args = ["run", str(PIPE), "--plain", *reduced()]
+    out = mmkd(args, cli_env, tmp_path, timeout=1500, check=True)
     assert "| teacher |" in out.stdout and "| kd_dpt_sft_dft |" in out.stdout  # table printed
 
     home = tmp_path / "home"
@@ -70,5 +62,5 @@ def test_default_pipeline_end_to_end(ray_session, tmp_path):
     logged = {a.path for a in client.list_artifacts(eval_run.info.run_id, "results")}
     assert {"results/results.md", "results/results.png", "results/results.csv"} <= logged
 
-    again = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "10 cached" in again.stdout
+    again = mmkd(args, cli_env, tmp_path, timeout=600, check=True)
+    assert "10 cached" in again.stdout

@@ -4,12 +4,10 @@ experts ∥ centralized → every merge + the JAM fine-tunes → one ablation ta
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import mmkd
 
 from orchestrator.spec import load_pipeline
 
@@ -35,15 +33,9 @@ def reduced() -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
 
-def test_merge_ablation_end_to_end(ray_session, tmp_path):
-    import ray
-
-    env = {**os.environ, "MMKD_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1",
-           "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(PIPE), "--plain", *reduced()]
-    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1500)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+def test_merge_ablation_end_to_end(cli_env, tmp_path):
+    args = ["run", str(PIPE), "--plain", *reduced()]
+    out = mmkd(args, cli_env, tmp_path, timeout=1500, check=True)
     assert "| jam_cross_ft |" in out.stdout and "| centralized |" in out.stdout  # table printed
 
     (record_file,) = (tmp_path / "home").glob("runs/*/run.json")
