@@ -104,7 +104,19 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, configure_logging=False)
     else:
-        ray.init(include_dashboard=False, configure_logging=False)
+        # With its dashboard (the state API): Ray Train's PlacementGroupCleaner asks it whether
+        # a run's controller is still alive, and without it never frees the placement group of
+        # a run whose owner was killed — a Tune trial stopped by ASHA, say — so the next trial
+        # waits forever for CPUs (seen). A free port: another local Ray may hold 8265.
+        ray.init(include_dashboard=True, dashboard_port=free_port(), configure_logging=False)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def progress_hub_class():

@@ -226,7 +226,9 @@ def run_tune(spec: TuneSpec, pipeline: Pipeline, tune_file: str, *, resume: bool
         tuner._local_tuner.get_run_config().callbacks = [callback]
     else:
         if spec.scheduler.type == "asha":
-            scheduler = ASHAScheduler(time_attr="mmkd_step", max_t=max(budget, 1),
+            # max_t one past the budget: ASHA stops any trial that reaches max_t, and a trial at
+            # its last step must still report completion (and run its `select` evaluation).
+            scheduler = ASHAScheduler(time_attr="mmkd_step", max_t=max(budget, 1) + 1,
                                       grace_period=spec.scheduler.grace_period,
                                       reduction_factor=spec.scheduler.reduction_factor)
         else:

@@ -28,7 +28,10 @@ def ray_session():
         return
     # Short path: Ray's socket paths must stay under ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="mmkdray-", dir="/tmp")
-    ray.init(num_cpus=4, _temp_dir=temp_dir, include_dashboard=False,
+    from orchestrator.runner import free_port
+
+    # with the dashboard, as `mmkd` starts Ray: Ray Train's placement-group cleaner needs it
+    ray.init(num_cpus=4, _temp_dir=temp_dir, include_dashboard=True, dashboard_port=free_port(),
              log_to_driver=False, configure_logging=False)
     try:
         yield ray

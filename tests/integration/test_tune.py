@@ -248,3 +248,54 @@ def test_tune_a_ray_train_stage_whose_worker_leaves_one_cpu_for_its_data(ray_ses
     out = run_tune(spec, pipeline, str(files / "tune.yaml"))
     assert sorted(t["params"]["lr"] for t in out.trials) == [0.001, 0.003]
     assert all(t["completed"] and not t["error"] and t["steps"] == 3 for t in out.trials), out.trials
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_trial_gives_its_training_resources_back(ray_session, files):
+    """When ASHA stops a trial, Tune kills the trial actor and with it the stage task that owns
+    the Ray Train run. Ray Train's placement-group cleaner must then free the run's CPUs (it
+    needs Ray's dashboard to see the controller die: without it the group leaked and the next
+    trial waited for CPUs forever)."""
+    import time
+
+    import ray
+    from ray.util import placement_group_table
+
+    from orchestrator.cache import compute_keys
+    from orchestrator.runner import fingerprints, stage_payload, stage_task, store_for
+    from orchestrator.spec import load_pipeline
+    from workloads.data.tiny import build_tiny_data
+    from workloads.models import build_model, save_model
+
+    data = build_tiny_data(files / "data", num_samples=32, vocab_size=320)
+    model, proc = build_model({"preset": "tiny-student"}, data["tokenizer"])
+    save_model(model, proc, str(files / "model"))
+    (files / "pipe.yaml").write_text(textwrap.dedent(TRAIN_PIPE).replace(
+        "MODEL", str(files / "model")).replace("DATA", data["captions"]).replace(
+        "max_steps: 3", "max_steps: 100000"))
+    pipeline = load_pipeline(files / "pipe.yaml")
+    stage = pipeline.stages["fit"]
+    payload = stage_payload(pipeline, stage, compute_keys(pipeline.stages, fingerprints(pipeline)),
+                            store_for(pipeline))
+
+    def train_groups():  # live placement groups holding the stage's 3-CPU worker bundle
+        return [pg for pg in placement_group_table().values() if pg["state"] == "CREATED"
+                and any(b.get("CPU") == 3.0 for b in pg["bundles"].values())]
+
+    @ray.remote(num_cpus=0)
+    class Trial:  # stands in for a Tune trial actor: it owns the stage task
+        def start(self, payload):
+            self.ref = stage_task(stage).remote(payload, None)
+
+    trial = Trial.remote()
+    ray.get(trial.start.remote(payload))
+    deadline = time.monotonic() + 120
+    while not train_groups():
+        assert time.monotonic() < deadline, "the training stage never started its workers"
+        time.sleep(0.5)
+    ray.kill(trial)
+    deadline = time.monotonic() + 90
+    while train_groups():
+        assert time.monotonic() < deadline, "the killed run's placement group was never freed"
+        time.sleep(1.0)
+    assert ray.available_resources().get("CPU", 0) >= 3
