@@ -51,23 +51,25 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
     store = ArtifactStore(base["store_root"], base["local_cache"])
     payload = stage_payload(base["pipeline"], stage, keys, store)
     metric = base["metric"]
-    if store.is_complete(stage.workload, keys[stage.name]):  # same params seen before
-        final = store.read_json(stage.workload, keys[stage.name], "metrics.json") or {}
-        tune.report({**_numeric(final), "mmkd_completed": 1, "mmkd_step": final.get("steps", 0)})
-        return
-    hub = progress_hub_class().remote()
-    ref = stage_task(stage).remote(payload, hub)
     last: dict[str, float] = {}
-    while True:
-        ready, _ = ray.wait([ref], timeout=0.5)
-        for kind, event in ray.get(hub.drain.remote()):
-            if kind == "metrics" and metric in event["metrics"]:
-                last = event["metrics"]
-                tune.report({**last, "mmkd_step": event["step"] or 0})
-        if ready:
-            break
-    result = ray.get(ref)  # raises if the stage failed: Tune marks the trial errored
-    final = {**last, **_numeric(result["metrics"])}
+    if store.is_complete(stage.workload, keys[stage.name]):  # same params seen before
+        final = _numeric(store.read_json(stage.workload, keys[stage.name], "metrics.json") or {})
+    else:
+        hub = progress_hub_class().remote()
+        ref = stage_task(stage).remote(payload, hub)
+        while True:
+            ready, _ = ray.wait([ref], timeout=0.5)
+            for kind, event in ray.get(hub.drain.remote()):
+                if kind == "metrics" and metric in event["metrics"]:
+                    last = event["metrics"]
+                    tune.report({**last, "mmkd_step": event["step"] or 0})
+            if ready:
+                break
+        result = ray.get(ref)  # raises if the stage failed: Tune marks the trial errored
+        final = {**last, **_numeric(result["metrics"])}
+    # Tune rejects a result without its metric; a stage cached before it reported the metric in
+    # its final metrics (only per step) has no value for it: NaN, and it ranks by `select`.
+    final.setdefault(metric, float("nan"))
     # select: run the stages from this one to the evaluation stage on this trial's output
     # (e.g. SFT → DFT → evaluate after a tuned DPT); the last one's metrics rank the trials.
     for down in base["chain"]:
@@ -282,7 +284,8 @@ def _summarise(spec, pipeline, grid, callback, tracker, out_dir, name, budget, t
                        rank_metric: metrics.get(rank_metric),  # None for a stopped select trial
                        "steps": steps, "completed": bool(metrics.get("mmkd_completed")),
                        "error": str(result.error) if result.error else ""})
-    ok = [t for t in trials if t[rank_metric] is not None and not t["error"]]
+    ok = [t for t in trials if t[rank_metric] is not None and t[rank_metric] == t[rank_metric]
+          and not t["error"]]  # (x == x: not NaN)
     ok.sort(key=lambda t: t[rank_metric], reverse=rank_mode == "max")
     if not ok:
         tracker.end_pipeline("FAILED")

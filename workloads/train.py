@@ -214,7 +214,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                f"give more samples than workers × batch_size")
         epoch += 1
 
-    final = {"loss": history[-1]["loss"], "steps": step, "total_steps": total_steps,
+    # the last step's own metrics (ce, l_res, ... of a distill stage) plus the run's totals
+    final = {**{k: v for k, v in history[-1].items() if k not in ("step", "epoch")},
+             "loss": history[-1]["loss"], "steps": step, "total_steps": total_steps,
              "samples": sum(h["samples"] for h in history),
              "tokens": sum(h["tokens"] for h in history),
              "mean_tokens_per_s": sum(h["tokens_per_s"] for h in history) / len(history),

@@ -118,6 +118,10 @@ def test_select_picks_the_best_trial_by_a_downstream_evaluation(ray_session, fil
     assert by_loss == 0.06
     assert out.best_params == {"lr": 0.02}
     assert json.loads(out.best_params_file.read_text())["metric"] == "closeness"
+    # the same sweep again: every trial's stage is cached, and each is still judged by `select`
+    again = run_tune(spec, pipeline, str(tune_file))
+    assert again.best_params == {"lr": 0.02}
+    assert sorted(t["closeness"] for t in again.trials) == sorted(t["closeness"] for t in out.trials)
     bad = files / "bad_select.yaml"
     bad.write_text(tune_file.read_text().replace("stage: judge", "stage: prep"))
     with pytest.raises(TuneError, match="'prep' does not depend on 'fit'"):
