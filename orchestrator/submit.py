@@ -47,6 +47,9 @@ def client(address: str):
 
     token = read_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
+    # Ray lets RAY_API_SERVER_ADDRESS override the address it is given; here the address the
+    # user named wins (mmkd sets that variable for its own local Ray's workers).
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)
     try:
         return JobSubmissionClient(address, headers=headers)
     except AuthenticationError as e:

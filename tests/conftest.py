@@ -31,7 +31,10 @@ def ray_session():
     from orchestrator.runner import free_port
 
     # with the dashboard, as `mmkd` starts Ray: Ray Train's placement-group cleaner needs it
-    ray.init(num_cpus=4, _temp_dir=temp_dir, include_dashboard=True, dashboard_port=free_port(),
+    # (and its state API found by workers even beside another Ray on this host: see ensure_ray)
+    port = free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(num_cpus=4, _temp_dir=temp_dir, include_dashboard=True, dashboard_port=port,
              log_to_driver=False, configure_logging=False)
     try:
         yield ray

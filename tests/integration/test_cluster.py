@@ -73,6 +73,7 @@ def cluster(tmp_path_factory):
     temp_dir = tempfile.mkdtemp(prefix="mmkdc-", dir="/tmp")
     gcs, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    env.pop("RAY_API_SERVER_ADDRESS", None)  # the test session's Ray, not this cluster
     env.pop("RAY_ADDRESS", None)
     logs = tmp_path_factory.mktemp("cluster_logs")
     common = ["--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}"]
