@@ -28,10 +28,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "data_throughput.json"
 
 
 def plain_loop(data: str, processor: str, batch_size: int, max_length: int) -> dict:
-    import numpy as np
-
     from workloads.data.collate import collate
-    from workloads.data.preprocess import Preprocessor
+    from workloads.data.preprocess import Preprocessor, rows_to_columns
     from workloads.data.readers import iter_rows
     from workloads.data.source import DataSource
 
@@ -40,8 +38,7 @@ def plain_loop(data: str, processor: str, batch_size: int, max_length: int) -> d
     n, rows = 0, []
 
     def flush() -> int:
-        batch = {k: np.array([r[k] for r in rows] + [None], dtype=object)[:-1] for k in rows[0]}
-        return collate(pre(batch), pre.spec.pad_token_id)["input_ids"].shape[0]
+        return collate(pre(rows_to_columns(rows)), pre.spec.pad_token_id)["input_ids"].shape[0]
 
     first = None
     for row in iter_rows(DataSource(format="webdataset", paths=data)):

@@ -104,15 +104,21 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, configure_logging=False)
     else:
-        # With its dashboard (the state API): Ray Train's PlacementGroupCleaner asks it whether
-        # a run's controller is still alive, and without it never frees the placement group of
-        # a run whose owner was killed — a Tune trial stopped by ASHA, say — so the next trial
-        # waits forever for CPUs (seen). A free port: another local Ray may hold 8265.
-        # RAY_API_SERVER_ADDRESS, set before Ray starts so its workers inherit it, points that
-        # state-API client at this instance even when the host runs another Ray.
-        port = free_port()
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        ray.init(include_dashboard=True, dashboard_port=port, configure_logging=False)
+        start_local_ray(configure_logging=False)
+
+
+def start_local_ray(**init_kwargs: Any) -> None:
+    """``ray.init`` of a new local instance, with its dashboard (the state API): Ray Train's
+    PlacementGroupCleaner asks it whether a run's controller is still alive, and without it
+    never frees the placement group of a run whose owner was killed — a Tune trial stopped by
+    ASHA, say — so the next trial waits forever for CPUs (seen). A free port: another local
+    Ray may hold 8265. RAY_API_SERVER_ADDRESS, set before Ray starts so its workers inherit it,
+    points that state-API client at this instance even when the host runs another Ray."""
+    import ray
+
+    port = free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(include_dashboard=True, dashboard_port=port, **init_kwargs)
 
 
 def free_port() -> int:

@@ -28,14 +28,10 @@ def ray_session():
         return
     # Short path: Ray's socket paths must stay under ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="mmkdray-", dir="/tmp")
-    from orchestrator.runner import free_port
+    from orchestrator.runner import start_local_ray
 
-    # with the dashboard, as `mmkd` starts Ray: Ray Train's placement-group cleaner needs it
-    # (and its state API found by workers even beside another Ray on this host: see ensure_ray)
-    port = free_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=4, _temp_dir=temp_dir, include_dashboard=True, dashboard_port=port,
-             log_to_driver=False, configure_logging=False)
+    # as `mmkd` starts Ray: with the dashboard Ray Train's placement-group cleaner needs
+    start_local_ray(num_cpus=4, _temp_dir=temp_dir, log_to_driver=False, configure_logging=False)
     try:
         yield ray
     finally:

@@ -208,10 +208,8 @@ def _caption_ppl(model: Any, model_dir: str, captions: Any, config: EvalConfig, 
     model's own processor (a few dozen rows: no Ray Dataset to start per model)."""
     from itertools import islice
 
-    import numpy as np
-
     from workloads.data.collate import collate
-    from workloads.data.preprocess import Preprocessor
+    from workloads.data.preprocess import Preprocessor, rows_to_columns
     from workloads.data.readers import iter_rows
 
     pad = model.generation_config.pad_token_id or 0
@@ -220,9 +218,6 @@ def _caption_ppl(model: Any, model_dir: str, captions: Any, config: EvalConfig, 
 
     def batches():
         for i in range(0, len(rows), 16):
-            chunk = rows[i:i + 16]
-            cols = {k: np.array([r[k] for r in chunk] + [None], dtype=object)[:-1]
-                    for k in chunk[0]}
-            yield collate(pre(cols), pad)
+            yield collate(pre(rows_to_columns(rows[i:i + 16])), pad)
 
     return caption_perplexity(model, batches())

@@ -219,17 +219,14 @@ def load_model(path: str, tokenizer_dir: str | None = None) -> tuple[Any, Any]:
     """Load a LLaVA-format checkpoint dir and its processor (saved beside it by ``save_model``)."""
     from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
+    from workloads.merging.io import MERGED_META, load_merged, merged_kind
+
     if not os.path.exists(os.path.join(path, "config.json")) and \
-            not os.path.exists(os.path.join(path, "mmkd_merged.json")):
+            not os.path.exists(os.path.join(path, MERGED_META)):
         raise ModelCompatError(f"model path {path!r} has no config.json; point `model.path` (or the "
                                f"stage input `init`) at a directory written by save_pretrained")
-    from workloads.merging.io import MERGED_META, is_wrapper, load_merged
-
-    if is_wrapper(path):
-        import json
-
-        with open(os.path.join(path, MERGED_META)) as f:
-            kind = json.load(f)["kind"]
+    kind = merged_kind(path)
+    if kind is not None:
         if kind != "cross":
             raise ModelCompatError(f"model path {path!r} is a {kind!r} merge, which has no "
                                    f"weights of its own to train; fine-tune its experts before "

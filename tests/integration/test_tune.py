@@ -128,17 +128,10 @@ def test_select_picks_the_best_trial_by_a_downstream_evaluation(ray_session, fil
         load_tune(str(bad))
 
 
-RESUME_TUNE = """
-pipeline: pipe.yaml
-stage: fit
-space:
-  lr: {grid: [0.0005, 0.001, 0.3, 0.45]}
-metric: loss
-mode: min
-num_samples: 1
-scheduler: {type: none}
-max_concurrent_trials: 1
-"""
+# the ASHA sweep, one trial at a time and run to the end (so some finish before the kill)
+RESUME_TUNE = TUNE.replace("scheduler: {type: asha, grace_period: 2, reduction_factor: 2}",
+                           "scheduler: {type: none}").replace("max_concurrent_trials: 4",
+                                                              "max_concurrent_trials: 1")
 
 
 def test_tune_resume_after_the_driver_is_killed(ray_session, files):

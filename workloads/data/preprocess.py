@@ -214,6 +214,12 @@ def _cached_preprocessor(processor_dir: str, max_length: int, keep_keys: bool) -
     return Preprocessor(processor_dir, max_length, quality=None, keep_keys=keep_keys)
 
 
+def rows_to_columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Reader rows (dicts) → the numpy column batch ``Preprocessor`` takes (object arrays, so
+    ragged values such as image bytes and conversations stay one entry per row)."""
+    return {k: np.array([r[k] for r in rows] + [None], dtype=object)[:-1] for k in rows[0]}
+
+
 def preprocess_batch(batch: dict[str, np.ndarray], processor_dir: str, max_length: int,
                      quality: SampleQuality | None, keep_keys: bool = False) -> dict[str, Any]:
     """``map_batches`` function form of ``Preprocessor``, for Ray *tasks*.

@@ -8,7 +8,7 @@ import json
 import os
 from typing import Any
 
-__all__ = ["MERGED_META", "is_wrapper", "load_merged", "load_any_model"]
+__all__ = ["MERGED_META", "is_wrapper", "merged_kind", "load_merged", "load_any_model"]
 
 MERGED_META = "mmkd_merged.json"
 
@@ -17,11 +17,19 @@ def is_wrapper(path: str) -> bool:
     return os.path.exists(os.path.join(path, MERGED_META))
 
 
+def merged_kind(path: str) -> str | None:
+    """``"cross"`` / ``"ensemble"`` for a wrapper dir, None for a plain checkpoint."""
+    if not is_wrapper(path):
+        return None
+    with open(os.path.join(path, MERGED_META)) as f:
+        return json.load(f)["kind"]
+
+
 def load_merged(path: str) -> Any:
     """The model in ``path`` in eval mode: ``LlavaForConditionalGeneration``,
     ``CrossMergedModel`` or ``EnsembleModel`` (all have ``__call__`` → ``.logits`` and a greedy
     ``.generate(**processor_outputs, max_new_tokens=, do_sample=False)``)."""
-    if not is_wrapper(path):
+    if merged_kind(path) is None:
         from transformers import LlavaForConditionalGeneration
 
         return LlavaForConditionalGeneration.from_pretrained(path).eval()
