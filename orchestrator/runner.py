@@ -21,6 +21,7 @@ from typing import Any
 
 from orchestrator.cache import ArtifactStore, compute_keys, mmkd_home
 from orchestrator.dag import ready_stages
+from orchestrator.placement import Reaper
 from orchestrator.runs import RunRecord, StageRecord, list_runs
 from orchestrator.spec import Pipeline, Stage
 from orchestrator.tracking import Tracker, default_tracking_uri, driver_tag
@@ -336,6 +337,7 @@ class PipelineRunner:
         started = set(done)
         inflight: dict[Any, str] = {}
         hub = None
+        reaper = Reaper()  # frees the groups of Ray Train runs whose stage task died
         while True:
             running_keys = {self.keys[n] for n in inflight.values()}
             for name in ready_stages(stages, done, started, failed):
@@ -373,6 +375,7 @@ class PipelineRunner:
 
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
             self._drain(hub)
+            reaper.maybe_reap()
             for ref in ready:
                 name = inflight.pop(ref)
                 try:

@@ -3,7 +3,8 @@
 Trials execute the stage with the same task as `mmkd run` (artifact store, key, checkpoints), and
 a small loop in the trial forwards the stage's per-step metrics to `tune.report`, so schedulers
 such as ASHA can stop a trial between steps. When Tune stops a trial, its stage task (and any Ray
-Train run inside it) dies with the trial actor that owns it.
+Train run inside it) dies with the trial actor that owns it; the driver frees the placement group
+that run leaves behind (orchestrator/placement.py).
 
 MLflow: one parent run per tune, a child per trial, written only by the driver (a Tune callback).
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.cache import compute_keys, mmkd_home
+from orchestrator.placement import Reaper
 from orchestrator.runner import (PipelineRunner, ensure_ray, fingerprints, progress_hub_class,
                                  stage_payload,
                                  stage_task, store_for)
@@ -115,6 +117,12 @@ class MlflowTrials:
             def __init__(self):
                 self.completed: set[str] = set()
                 self.results: dict[str, list[dict]] = {}
+                # A stopped trial's Ray Train run leaves its placement group behind; free it,
+                # or the next trial waits for those CPUs forever (orchestrator/placement.py).
+                self.reaper = Reaper()
+
+            def on_step_begin(self, iteration, trials, **info):
+                self.reaper.maybe_reap()
 
             def on_trial_start(self, iteration, trials, trial, **info):
                 tid = trial.trial_id

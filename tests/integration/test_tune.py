@@ -250,17 +250,18 @@ def test_tune_a_ray_train_stage_whose_worker_leaves_one_cpu_for_its_data(ray_ses
 @pytest.mark.timeout(300)
 def test_a_killed_trial_gives_its_training_resources_back(ray_session, files):
     """When ASHA stops a trial, Tune kills the trial actor and with it the stage task that owns
-    the Ray Train run. Ray Train's placement-group cleaner must then free the run's group (it
-    needs Ray's dashboard to see the controller die: without it the group leaked and the next
-    trial waited for CPUs forever). Still open (issue #7): a new group sometimes appears after
-    that one is freed (seen in CI; likely the dying controller restarting its workers) and then
-    leaks — so this test checks the killed run's first group only."""
+    the Ray Train run and its controller. Ray keeps the run's placement group while the driver's
+    job lives, and Ray Train's own cleaner misses a run killed while starting its workers (this
+    test kills it then; in CI the group leaked and the next trial would have waited forever).
+    The tune driver frees such groups (`Reaper`, called from its loop, as here): every CPU of
+    the session that was free before the run must come back."""
     import time
 
     import ray
     from ray.util import placement_group_table
 
     from orchestrator.cache import compute_keys
+    from orchestrator.placement import Reaper
     from orchestrator.runner import fingerprints, stage_payload, stage_task, store_for
     from orchestrator.spec import load_pipeline
     from workloads.data.tiny import build_tiny_data
@@ -276,15 +277,11 @@ def test_a_killed_trial_gives_its_training_resources_back(ray_session, files):
     stage = pipeline.stages["fit"]
     payload = stage_payload(pipeline, stage, compute_keys(pipeline.stages, fingerprints(pipeline)),
                             store_for(pipeline))
+    free = ray.available_resources().get("CPU", 0)  # before the run
 
-    first: list[str] = []
-
-    def train_groups():  # the run's first live placement group (its 3-CPU worker bundle)
-        live = [pid for pid, pg in placement_group_table().items() if pg["state"] == "CREATED"
+    def train_groups():  # live groups holding the run's 3-CPU worker bundle
+        return [pid for pid, pg in placement_group_table().items() if pg["state"] != "REMOVED"
                 and any(b.get("CPU") == 3.0 for b in pg["bundles"].values())]
-        if not first and live:
-            first.append(live[0])
-        return [pid for pid in live if pid in first]
 
     @ray.remote(num_cpus=0)
     class Trial:  # stands in for a Tune trial actor: it owns the stage task
@@ -295,10 +292,14 @@ def test_a_killed_trial_gives_its_training_resources_back(ray_session, files):
     ray.get(trial.start.remote(payload))
     deadline = time.monotonic() + 120
     while not train_groups():
-        assert time.monotonic() < deadline, "the training stage never started its workers"
+        assert time.monotonic() < deadline, "the training stage never reserved its workers"
+        time.sleep(0.2)
+    ray.kill(trial)  # as early as possible: before Ray Train's cleaner knows the group
+    reaper = Reaper(every_s=1.0)
+    deadline = time.monotonic() + 60
+    while train_groups() or ray.available_resources().get("CPU", 0) < free:
+        assert time.monotonic() < deadline, (
+            f"the killed run kept its resources: groups {train_groups()}, "
+            f"{ray.available_resources().get('CPU', 0)} CPUs free, {free} before it")
+        reaper.maybe_reap()
         time.sleep(0.5)
-    ray.kill(trial)
-    deadline = time.monotonic() + 90
-    while train_groups():
-        assert time.monotonic() < deadline, "the killed run's placement group was never freed"
-        time.sleep(1.0)
