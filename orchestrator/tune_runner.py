@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
     payload = stage_payload(base["pipeline"], stage, keys, store)
     metric = base["metric"]
     last: dict[str, float] = {}
+    recent: deque[float] = deque(maxlen=base["smooth"])  # the metric's last N per-step values
     if store.is_complete(stage.workload, keys[stage.name]):  # same params seen before
         final = _numeric(store.read_json(stage.workload, keys[stage.name], "metrics.json") or {})
     else:
@@ -63,12 +65,14 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
             ready, _ = ray.wait([ref], timeout=0.5)
             for kind, event in ray.get(hub.drain.remote()):
                 if kind == "metrics" and metric in event["metrics"]:
-                    last = event["metrics"]
+                    recent.append(float(event["metrics"][metric]))
+                    last = {**event["metrics"], f"{metric}_step": recent[-1],
+                            metric: sum(recent) / len(recent)}
                     tune.report({**last, "mmkd_step": event["step"] or 0})
             if ready:
                 break
         result = ray.get(ref)  # raises if the stage failed: Tune marks the trial errored
-        final = {**last, **_numeric(result["metrics"])}
+        final = {**_numeric(result["metrics"]), **last} if recent else _numeric(result["metrics"])
     # Tune rejects a result without its metric; a stage cached before it reported the metric in
     # its final metrics (only per step) has no value for it: NaN, and it ranks by `select`.
     final.setdefault(metric, float("nan"))
@@ -196,7 +200,7 @@ def run_tune(spec: TuneSpec, pipeline: Pipeline, tune_file: str, *, resume: bool
     base = {"stage": stage, "keys": compute_keys(pipeline.stages, prints),
             "fingerprint": prints.get(spec.stage, ""), "pipeline": pipeline,
             "store_root": store.root if not store.is_local else store.base,
-            "local_cache": str(store.local_cache), "metric": spec.metric,
+            "local_cache": str(store.local_cache), "metric": spec.metric, "smooth": spec.smooth,
             "chain": select_chain(pipeline, spec.stage, spec.select.stage)
             if spec.select else [], "fingerprints": prints}
     budget = spec.scheduler.max_t or _stage_steps(stage)

@@ -60,6 +60,9 @@ class TuneSpec(BaseModel):
     space: dict[str, dict[str, Any]] = Field(min_length=1)
     metric: str = "loss"
     mode: Literal["min", "max"] = "min"
+    smooth: int = Field(10, ge=1, description=(
+        "trials report the mean of `metric` over their last N steps (one batch's loss is too "
+        "noisy for ASHA to compare trials by); 1 = the raw per-step value"))
     num_samples: int = Field(8, ge=1)
     search: Literal["random", "optuna"] = "random"
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)

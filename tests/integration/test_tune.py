@@ -31,6 +31,7 @@ mode: min
 num_samples: 1
 scheduler: {type: asha, grace_period: 2, reduction_factor: 2}
 max_concurrent_trials: 4
+smooth: 3
 """
 
 
@@ -64,6 +65,14 @@ def test_asha_tune_logs_trials_and_saves_best_params(ray_session, files):
     stopped = [r for r in runs if r.data.tags.get("mmkd.stopped_early") == "true"]
     assert len(stopped) == out.stopped_early
     assert all(len(client.get_metric_history(r.info.run_id, "loss")) >= 2 for r in runs)
+    for r in runs:  # ASHA saw the mean of the last 3 steps; MLflow keeps the raw curve too
+        raw = {m.step: m.value for m in client.get_metric_history(r.info.run_id, "loss_step")}
+        seen = {m.step: m.value for m in client.get_metric_history(r.info.run_id, "loss")}
+        steps = sorted(raw)
+        assert steps and set(seen) == set(raw)
+        for i, step in enumerate(steps):
+            window = [raw[s] for s in steps[max(0, i - 2):i + 1]]
+            assert seen[step] == pytest.approx(sum(window) / len(window)), (step, raw, seen)
     parent = client.get_run(out.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["mmkd.best_trial"] == best["trial"]
 
