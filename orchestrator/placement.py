@@ -10,7 +10,11 @@ dashboard whether the controller lives and stops after one cleanup, so a run kil
 starting its workers, or restarting them, left its group behind: the next trial or stage waited
 for those CPUs forever (seen in the tune benchmark and in CI).
 
-mmkd itself therefore removes its job's groups whose creating actor is dead. Nothing can use
+A controller killed while it is creating a group can even register one *after* GCS declared it
+dead, and GCS never flags that group as orphaned (the tune benchmark's next trial hung on one).
+
+mmkd itself therefore removes its job's groups whose creating actor is dead, by the group's
+flag or by the actor table. Nothing can use
 such a group any more: only the dead actor knew its handle, and the tasks it placed there were
 owned by that actor and die with it. Groups created by the driver (Tune's trial groups) have no
 creating actor and are never touched; neither are detached groups or other jobs' groups.
@@ -33,16 +37,31 @@ def orphaned_placement_groups() -> list[str]:
     from ray.core.generated import gcs_pb2
 
     # The public ``placement_group_table`` leaves out the creator fields; GCS has them.
+    accessor = state._connect_and_get_accessor()
     job = ray.get_runtime_context().get_job_id()
     out = []
-    for raw in state._connect_and_get_accessor().get_placement_group_table():
+    for raw in accessor.get_placement_group_table():
         pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
         state_name = gcs_pb2.PlacementGroupTableData.PlacementGroupState.Name(pg.state)
         creator = ray.ActorID(pg.creator_actor_id)
-        if (state_name in _LIVE and not pg.is_detached and not creator.is_nil()
-                and pg.creator_actor_dead and pg.creator_job_id.hex() == job):
+        if (state_name not in _LIVE or pg.is_detached or creator.is_nil()
+                or pg.creator_job_id.hex() != job):
+            continue
+        # GCS flags a group when its creator dies, but a dying controller can still create one
+        # after that (seen: an ASHA-stopped trial's controller, already DEAD with "owner died",
+        # left a new group flagged alive): ask the actor table as well.
+        if pg.creator_actor_dead or _actor_dead(accessor, creator):
             out.append(pg.placement_group_id.hex())
     return out
+
+
+def _actor_dead(accessor, actor_id) -> bool:
+    from ray.core.generated import gcs_pb2
+
+    info = accessor.get_actor_info(actor_id)
+    if info is None:
+        return False  # not registered yet: a group is created only by a running actor
+    return gcs_pb2.ActorTableData.FromString(info).state == gcs_pb2.ActorTableData.DEAD
 
 
 def reap_orphaned_placement_groups() -> list[str]:
