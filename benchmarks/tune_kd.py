@@ -56,6 +56,7 @@ def main() -> None:
         "trial_steps_run": out.steps_run, "trial_steps_budget": out.steps_budget,
         "compute_fraction": out.steps_run / out.steps_budget,
         "stopped_early": out.stopped_early,
+        "placement_groups_freed": out.freed_groups,
         "best": {"params": best["params"], metric: best[metric]},
         "paper_defaults": {"params": {"alpha": 1.0, "beta": 1.0, "gamma": 0.5,
                                       "temperature": 1.0}, metric: defaults},

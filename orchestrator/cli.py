@@ -243,6 +243,9 @@ def cmd_tune(args) -> int:
     console.print(table)
     console.print(f"{outcome.stopped_early} trial(s) stopped early; {outcome.steps_run} of "
                   f"{outcome.steps_budget} trial-steps run. Best params: {outcome.best_params_file}")
+    if outcome.freed_groups:
+        console.print(f"freed {outcome.freed_groups} placement group(s) that stopped trials' Ray "
+                      f"Train runs left behind")
     console.print(f"apply them with:\n  {outcome.run_line}", highlight=False)
     return 0
 

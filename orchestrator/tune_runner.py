@@ -177,6 +177,7 @@ class TuneOutcome:
     steps_run: int
     steps_budget: int
     parent_run_id: str | None
+    freed_groups: int = 0  # placement groups of stopped trials' Ray Train runs mmkd removed
 
 
 def run_tune(spec: TuneSpec, pipeline: Pipeline, tune_file: str, *, resume: bool = False,
@@ -321,5 +322,6 @@ def _summarise(spec, pipeline, grid, callback, tracker, out_dir, name, budget, t
                        best_params=best["params"], best_params_file=best_file, run_line=run_line,
                        stopped_early=sum(not t["completed"] and not t["error"] for t in trials),
                        steps_run=steps_run, steps_budget=budget * len(trials),
-                       parent_run_id=tracker.run_id())
+                       parent_run_id=tracker.run_id(),
+                       freed_groups=len(callback.reaper.removed))
 
