@@ -56,6 +56,7 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
     metric = base["metric"]
     last: dict[str, float] = {}
     recent: deque[float] = deque(maxlen=base["smooth"])  # the metric's last N per-step values
+    last_step = 0
     if store.is_complete(stage.workload, keys[stage.name]):  # same params seen before
         final = _numeric(store.read_json(stage.workload, keys[stage.name], "metrics.json") or {})
     else:
@@ -68,7 +69,8 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
                     recent.append(float(event["metrics"][metric]))
                     last = {**event["metrics"], f"{metric}_step": recent[-1],
                             metric: sum(recent) / len(recent)}
-                    tune.report({**last, "mmkd_step": event["step"] or 0})
+                    last_step = event["step"] or last_step
+                    tune.report({**last, "mmkd_step": last_step})
             if ready:
                 break
         result = ray.get(ref)  # raises if the stage failed: Tune marks the trial errored
@@ -87,7 +89,8 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
                 stage_payload(base["pipeline"], down, keys, store)))["metrics"]
         if down is base["chain"][-1]:
             final.update(_numeric(done))
-    tune.report({**final, "mmkd_completed": 1, "mmkd_step": final.get("steps", 0),
+    # the final result belongs to the stage's last step (not one past it in the MLflow curve)
+    tune.report({**final, "mmkd_completed": 1, "mmkd_step": int(final.get("steps") or last_step),
                  "mmkd_key": keys[stage.name]})
 
 
