@@ -14,8 +14,7 @@ A controller killed while it is creating a group can even register one *after* G
 dead, and GCS never flags that group as orphaned (the tune benchmark's next trial hung on one).
 
 mmkd itself therefore removes its job's groups whose creating actor is dead, by the group's
-flag or by the actor table. Nothing can use
-such a group any more: only the dead actor knew its handle, and the tasks it placed there were
+flag or by the actor table. Nothing can use such a group any more: only the dead actor knew its handle, and the tasks it placed there were
 owned by that actor and die with it. Groups created by the driver (Tune's trial groups) have no
 creating actor and are never touched; neither are detached groups or other jobs' groups.
 """
@@ -24,28 +23,34 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any, Iterator
 
 logger = logging.getLogger("mmkd")
 
-_LIVE = ("PENDING", "PREPARED", "CREATED", "RESCHEDULING")
+
+def live_placement_groups() -> Iterator[Any]:
+    """GCS's records (``PlacementGroupTableData``) of the cluster's groups not yet removed; unlike
+    the public ``placement_group_table`` they carry the creator fields."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if pg.state != gcs_pb2.PlacementGroupTableData.REMOVED:
+            yield pg
 
 
 def orphaned_placement_groups() -> list[str]:
     """Ids (hex) of this job's live, non-detached groups whose creating actor has died."""
     import ray
     from ray._private.state import state
-    from ray.core.generated import gcs_pb2
 
-    # The public ``placement_group_table`` leaves out the creator fields; GCS has them.
     accessor = state._connect_and_get_accessor()
     job = ray.get_runtime_context().get_job_id()
     out = []
-    for raw in accessor.get_placement_group_table():
-        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        state_name = gcs_pb2.PlacementGroupTableData.PlacementGroupState.Name(pg.state)
+    for pg in live_placement_groups():
         creator = ray.ActorID(pg.creator_actor_id)
-        if (state_name not in _LIVE or pg.is_detached or creator.is_nil()
-                or pg.creator_job_id.hex() != job):
+        if pg.is_detached or creator.is_nil() or pg.creator_job_id.hex() != job:
             continue
         # GCS flags a group when its creator dies, but a dying controller can still create one
         # after that (seen: an ASHA-stopped trial's controller, already DEAD with "owner died",

@@ -49,11 +49,9 @@ def test_reaper_frees_groups_created_while_their_actor_died(ray_session):
     import threading
 
     import ray
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
     from ray.util import placement_group
 
-    from orchestrator.placement import reap_orphaned_placement_groups
+    from orchestrator.placement import live_placement_groups, reap_orphaned_placement_groups
 
     @ray.remote(num_cpus=0)
     class Controller:
@@ -94,13 +92,7 @@ def test_reaper_frees_groups_created_while_their_actor_died(ray_session):
     ray.cancel(ref, force=True)  # the owner dies; the controller dies with it
 
     def live_groups():
-        out = []
-        for raw in state._connect_and_get_accessor().get_placement_group_table():
-            pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-            if (pg.state != gcs_pb2.PlacementGroupTableData.REMOVED
-                    and pg.creator_actor_id.hex() == controller_id):
-                out.append(pg)
-        return out
+        return [pg for pg in live_placement_groups() if pg.creator_actor_id.hex() == controller_id]
 
     time.sleep(3.0)  # the controller is gone and creates no more groups
     assert live_groups(), "the controller created no groups"
