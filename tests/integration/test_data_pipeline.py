@@ -13,9 +13,9 @@ import pytest
 
 from workloads.data.dataset import build_train_dataset, iter_train_batches
 from workloads.data.quality import DataQualityError, SampleQuality
-from workloads.data.readers import read_source
+from workloads.data.datasource import read_source
 from workloads.data.source import DataSource
-from workloads.data.tiny import build_tiny_data
+from mmkd_test_plugins.data_tiny import build_tiny_data
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from workloads.data.collate import collate
 from workloads.data.preprocess import IGNORE_INDEX, Preprocessor, SampleError, encode_conversation
 from workloads.data.processor import load_processor
 from workloads.data.quality import SampleQuality
-from workloads.data.tiny import build_tiny_data
+from mmkd_test_plugins.data_tiny import build_tiny_data
 
 
 @pytest.fixture(scope="module")

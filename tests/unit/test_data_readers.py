@@ -10,7 +10,8 @@ import pytest
 
 from workloads.data.eval_examples import iter_eval_examples
 from workloads.data.readers import CAPTION_PROMPT, iter_rows
-from workloads.data.source import DataSource, fingerprint_source, resolve_files, validate_source
+from workloads.data.preflight import validate_source
+from workloads.data.source import DataSource, fingerprint_source, resolve_files
 
 
 def _png() -> bytes:
@@ -159,8 +160,9 @@ def test_fingerprint_changes_with_the_data(wds):
 
 
 def test_registry_hooks_for_configs_with_sources(tmp_path, wds):
-    from workloads.data.source import fingerprint_config_sources, validate_config_sources
-    from workloads.registry import WorkloadConfig
+    from workloads.data.preflight import validate_config_sources
+    from workloads.data.source import fingerprint_config_sources
+    from orchestrator.plugin import WorkloadConfig
 
     class Cfg(WorkloadConfig):
         train: DataSource

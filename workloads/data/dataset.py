@@ -14,7 +14,7 @@ from typing import Any, Iterator
 from workloads.data.collate import make_collate_fn
 from workloads.data.preprocess import preprocess_batch
 from workloads.data.quality import SampleQuality
-from workloads.data.readers import read_source
+from workloads.data.datasource import read_source
 from workloads.data.source import DataSource
 
 __all__ = ["build_train_dataset", "iter_train_batches"]

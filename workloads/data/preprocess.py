@@ -29,7 +29,9 @@ import numpy as np
 
 from workloads.data.processor import ProcessorSpec, load_processor
 from workloads.data.quality import (CORRUPT_IMAGE, IMAGE_TOKEN_MISMATCH, MALFORMED_JSON,
-                                    TOO_LONG, TRUNCATED, SampleQuality)
+                                    MAX_IMAGE_PIXELS, OVERSIZE_IMAGE, TOO_LONG, TRUNCATED,
+                                    SampleQuality)
+from workloads.data.readers import bad_detail
 
 IGNORE_INDEX = -100
 _ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -54,7 +56,7 @@ class Encoded:
     segments: list[tuple[str, bool]] = field(default_factory=list)
 
 
-def _messages(conversations: list[dict[str, str]], has_image: bool,
+def conversation_messages(conversations: list[dict[str, str]], has_image: bool,
               image_token: str) -> list[dict[str, str]]:
     n_in_human = sum(t["value"].count(image_token) for t in conversations if t["from"] == "human")
     n_total = sum(t["value"].count(image_token) for t in conversations)
@@ -106,7 +108,7 @@ def _segments(messages: list[dict[str, str]], tokenizer: Any) -> list[tuple[str,
 def encode_conversation(conversations: list[dict[str, str]], has_image: bool,
                         spec: ProcessorSpec, max_length: int) -> Encoded:
     """Token ids and labels of one conversation; raises ``SampleError`` for a bad sample."""
-    segments = _segments(_messages(conversations, has_image, spec.image_token), spec.tokenizer)
+    segments = _segments(conversation_messages(conversations, has_image, spec.image_token), spec.tokenizer)
     encoded = spec.tokenizer([t for t, _ in segments], add_special_tokens=False)["input_ids"]
     ids: list[int] = []
     labels: list[int] = []
@@ -133,15 +135,25 @@ def encode_conversation(conversations: list[dict[str, str]], has_image: bool,
     return Encoded(np.asarray(ids, np.int64), np.asarray(labels, np.int64), truncated, segments)
 
 
-def decode_image(data: bytes) -> Any:
-    """PIL RGB image from encoded bytes; raises ``SampleError(corrupt_image)``."""
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
+    """PIL RGB image from encoded bytes; raises ``SampleError(corrupt_image)``, or
+    ``SampleError(oversize_image)`` when the header declares more than ``max_pixels`` (checked
+    before the pixels are decoded, so a decompression bomb costs nothing)."""
     from PIL import Image
 
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as e:
+        raise SampleError(OVERSIZE_IMAGE, str(e))
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
+        raise SampleError(CORRUPT_IMAGE, f"cannot decode image ({type(e).__name__}: {e})")
+    w, h = img.size
+    if w * h > max_pixels:
+        raise SampleError(OVERSIZE_IMAGE, f"{w}x{h} pixels, over MAX_IMAGE_PIXELS={max_pixels}")
+    try:
         img.load()  # force the full decode: truncated files fail here, not later
         return img.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
+    except Exception as e:  # noqa: BLE001
         raise SampleError(CORRUPT_IMAGE, f"cannot decode image ({type(e).__name__}: {e})")
 
 
@@ -170,7 +182,8 @@ class Preprocessor:
 
         for i in range(len(batch["key"])):
             if batch["bad"][i]:
-                skip(str(batch["bad"][i]), i, "flagged by the reader")
+                detail = bad_detail(batch["extra"][i]) if "extra" in batch else ""
+                skip(str(batch["bad"][i]), i, detail or "flagged by the reader")
                 continue
             try:
                 raw = batch["image"][i]

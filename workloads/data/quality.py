@@ -20,17 +20,28 @@ from typing import Any
 
 logger = logging.getLogger("mmkd.data")
 
-MALFORMED_JSON = "malformed_json"
-MISSING_IMAGE = "missing_image"
-CORRUPT_IMAGE = "corrupt_image"
+MALFORMED_JSON = "malformed_json"        # not JSON, nested too deeply, or no usable conversation
+MISSING_IMAGE = "missing_image"          # `image` names a file that is not there
+CORRUPT_IMAGE = "corrupt_image"          # the image bytes do not decode
 IMAGE_TOKEN_MISMATCH = "image_token_mismatch"
 TOO_LONG = "too_long"
-BAD_KINDS = (MALFORMED_JSON, MISSING_IMAGE, CORRUPT_IMAGE, IMAGE_TOKEN_MISMATCH, TOO_LONG)
+TRUNCATED_SHARD = "truncated_shard"      # a shard ends mid-member: that sample and the rest lost
+NON_UTF8 = "non_utf8"                    # a record (JSON line/element, .json/.txt member) not UTF-8
+WRONG_FIELD_TYPE = "wrong_field_type"    # e.g. a list-valued `image`, a dict-valued `conversations`
+UNSAFE_PATH = "unsafe_path"              # `image` is absolute or climbs out of image_root (../)
+OVERSIZE_IMAGE = "oversize_image"        # over MAX_IMAGE_BYTES or MAX_IMAGE_PIXELS (not decoded)
+BAD_KINDS = (MALFORMED_JSON, MISSING_IMAGE, CORRUPT_IMAGE, IMAGE_TOKEN_MISMATCH, TOO_LONG,
+             TRUNCATED_SHARD, NON_UTF8, WRONG_FIELD_TYPE, UNSAFE_PATH, OVERSIZE_IMAGE)
+# Caps checked before decoding, so one hostile or broken file cannot exhaust a worker's memory:
+# bytes from the file size / tar header (the image is then not read), pixels from the header.
+MAX_IMAGE_BYTES = 32 << 20
+MAX_IMAGE_PIXELS = 8192 * 8192
 # Kept, not skipped: counted for visibility but not part of the error budget.
 TRUNCATED = "truncated"
 MAX_EXAMPLES_PER_KIND = 5
 
-__all__ = ["BAD_KINDS", "TRUNCATED", "DataQualityError", "SampleQuality", "QualityState"]
+__all__ = ["BAD_KINDS", "TRUNCATED", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "DataQualityError",
+           "SampleQuality", "QualityState"]
 
 
 class DataQualityError(RuntimeError):

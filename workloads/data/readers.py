@@ -8,25 +8,40 @@ Row schema (one sample each):
     extra          str    JSON dict of every other metadata field (answer, question_type, ...)
     bad            str    "" when fine, else a bad-sample kind (see ``quality.py``)
 
-Readers never raise for a bad sample: they flag it in ``bad`` so preprocessing can count it
-(a counted skip, not a dead dataset). One parser per format works on an open file, shared by
-the Ray ``Datasource`` (parallel, streaming) and the plain iterator used by eval/tokenizer code.
+Readers never raise for a bad input: they flag it in ``bad`` (and say what was wrong in
+``extra["bad_detail"]``) so preprocessing can count it — a counted skip, not a dead dataset.
+That covers a shard cut short (``truncated_shard``: the samples before the cut still come out),
+a record that is not UTF-8, JSON that is malformed or nested too deeply, fields of the wrong
+type, ``image`` paths that would leave ``image_root`` (refused, never opened) and images over
+``MAX_IMAGE_BYTES`` (never read). Files are streams: a tar shard member by member, LLaVA
+JSON/JSONL record by record (``json_records.py``), so memory does not grow with the file.
+
+One parser per format works on an open file, shared by the Ray datasource (``datasource.py``:
+parallel, streaming, several tasks for one large LLaVA file) and the plain iterator used by
+eval/tokenizer code.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
+import random
 import tarfile
+import zlib
 from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from workloads.data.quality import MALFORMED_JSON, MISSING_IMAGE
-from workloads.data.source import FORMAT_EXTENSIONS, DataSource, _filesystem, resolve_files
+from workloads.data import json_records
+from workloads.data.json_records import ByteRange, Record
+from workloads.data.quality import (MALFORMED_JSON, MAX_IMAGE_BYTES, MISSING_IMAGE, NON_UTF8,
+                                    OVERSIZE_IMAGE, TRUNCATED_SHARD, UNSAFE_PATH,
+                                    WRONG_FIELD_TYPE)
+from workloads.data.source import DataSource, filesystem, resolve_files
 
-__all__ = ["ROW_SCHEMA", "iter_file_rows", "iter_rows", "read_source", "CAPTION_PROMPT"]
+__all__ = ["ROW_SCHEMA", "iter_file_rows", "iter_rows", "sample_file_rows",
+           "CAPTION_PROMPT", "SPLIT_BYTES", "bad_detail"]
 
 ROW_SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("image", pa.binary()),
@@ -37,7 +52,10 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 CAPTION_PROMPT = "<image>\nDescribe the image."
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt",
           "system": "system"}
-_BLOCK_ROWS = 128
+BLOCK_ROWS = 128
+# LLaVA JSON/JSONL files larger than this are read by several tasks, one byte range each.
+SPLIT_BYTES = 64 << 20
+_DETAIL = "bad_detail"  # key in a bad row's `extra`: what exactly was wrong
 
 
 def _row(key: str, source: str, image: bytes | None, conversations: list | None,
@@ -47,24 +65,39 @@ def _row(key: str, source: str, image: bytes | None, conversations: list | None,
             "extra": json.dumps(extra or {}, sort_keys=True), "bad": bad}
 
 
-def _normalize_conversations(conv: Any) -> list[dict[str, str]] | None:
-    """LLaVA's conversation list with roles normalized, or None when it is not one."""
+def _bad(key: str, source: str, kind: str, detail: str, **extra: Any) -> dict[str, Any]:
+    return _row(key, source, None, None, {_DETAIL: detail, **extra}, kind)
+
+
+def bad_detail(extra: str) -> str:
+    """What a reader said about a bad row ("" when it said nothing)."""
+    try:
+        value = json.loads(extra).get(_DETAIL, "")
+    except (ValueError, AttributeError, RecursionError):
+        return ""
+    return value if isinstance(value, str) else ""
+
+
+def _normalize_conversations(conv: Any) -> tuple[list[dict[str, str]] | None, str]:
+    """LLaVA's conversation list with roles normalized, or (None, bad kind) when it is not one."""
     if isinstance(conv, str):
         try:
             conv = json.loads(conv)
-        except json.JSONDecodeError:
-            return None
-    if not isinstance(conv, list) or not conv:
-        return None
+        except (ValueError, RecursionError):
+            return None, MALFORMED_JSON
+    if conv is None or (isinstance(conv, list) and not conv):
+        return None, MALFORMED_JSON
+    if not isinstance(conv, list):
+        return None, WRONG_FIELD_TYPE
     out = []
     for turn in conv:
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            return None
+            return None, WRONG_FIELD_TYPE
         role = _ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
         if role is None:
-            return None
+            return None, MALFORMED_JSON
         out.append({"from": role, "value": turn["value"]})
-    return out
+    return out, ""
 
 
 def _from_metadata(key: str, source: str, image: bytes | None, meta: Any,
@@ -74,16 +107,23 @@ def _from_metadata(key: str, source: str, image: bytes | None, meta: Any,
         conv = [{"from": "human", "value": CAPTION_PROMPT}, {"from": "gpt", "value": caption}]
         return _row(key, source, image, conv, {})
     if not isinstance(meta, dict):
-        return _row(key, source, image, None, None, MALFORMED_JSON)
+        return _bad(key, source, MALFORMED_JSON, "the metadata is not a JSON object")
     extra = {k: v for k, v in meta.items() if k not in ("conversations", "caption")}
+    kind = ""
     if "conversations" in meta:
-        conv = _normalize_conversations(meta["conversations"])
+        conv, kind = _normalize_conversations(meta["conversations"])
     elif isinstance(meta.get("caption", caption), str):
         conv = [{"from": "human", "value": CAPTION_PROMPT},
                 {"from": "gpt", "value": meta.get("caption", caption)}]
     else:
-        conv = None
-    return _row(key, source, image, conv, extra, "" if conv else MALFORMED_JSON)
+        conv, kind = None, MALFORMED_JSON
+    if conv is None:
+        what = "of the wrong type" if kind == WRONG_FIELD_TYPE else "missing or unusable"
+        return _bad(key, source, kind, f"`conversations` {what}")
+    try:
+        return _row(key, source, image, conv, extra)
+    except (RecursionError, TypeError, ValueError):  # e.g. a metadata value nested too deeply
+        return _bad(key, source, MALFORMED_JSON, "metadata nested too deeply to re-encode")
 
 
 # ---- webdataset ---------------------------------------------------------------------------
@@ -95,83 +135,171 @@ def _split_member(name: str) -> tuple[str, str]:
     return posixpath.join(dirname, stem), ext.lower()
 
 
-def _webdataset_sample(key: str, source: str, files: dict[str, bytes]) -> dict[str, Any]:
+def _webdataset_sample(key: str, source: str, files: dict[str, bytes],
+                       oversize: str = "") -> dict[str, Any]:
+    if oversize:
+        return _bad(key, source, OVERSIZE_IMAGE, oversize)
     image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
-    caption = files["txt"].decode("utf-8", "replace").strip() if "txt" in files else None
+    try:
+        caption = files["txt"].decode("utf-8").strip() if "txt" in files else None
+        text = files["json"].decode("utf-8-sig") if "json" in files else None
+    except UnicodeDecodeError as e:
+        return _bad(key, source, NON_UTF8, f"not UTF-8 ({e})")
     meta = None
-    if "json" in files:
+    if text is not None:
         try:
-            meta = json.loads(files["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _row(key, source, image, None, None, MALFORMED_JSON)
+            meta = json.loads(text)
+        except RecursionError:
+            return _bad(key, source, MALFORMED_JSON, "JSON nested too deeply")
+        except ValueError as e:
+            return _bad(key, source, MALFORMED_JSON, f"not valid JSON ({e})")
     elif caption is None:
-        return _row(key, source, image, None, None, MALFORMED_JSON)
+        return _bad(key, source, MALFORMED_JSON, "no .json or .txt member")
     return _from_metadata(key, source, image, meta, caption)
+
+
+def _tar_ended_cleanly(tar: tarfile.TarFile) -> bool:
+    # The stream stops at the first header it cannot read. A real end reads a whole zero
+    # block there; a shard cut off at (or inside) a header reads less, and tarfile says nothing.
+    try:
+        return tar.fileobj.tell() - tar.offset >= tarfile.BLOCKSIZE
+    except (AttributeError, OSError):
+        return True
 
 
 def _read_webdataset(f: Any, path: str, source: DataSource) -> Iterator[dict[str, Any]]:
     name = posixpath.basename(path)
-    # "r|*": a forward-only stream, so a shard is never loaded whole.
-    with tarfile.open(fileobj=f, mode="r|*") as tar:
-        key, files = None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            k, ext = _split_member(member.name)
-            if k != key and key is not None:
-                yield _webdataset_sample(key, name, files)
-                files = {}
-            key = k
-            files[ext] = tar.extractfile(member).read()
+    # A truncated shard (a copy cut short) fails mid-stream: the samples before it still come
+    # out, the one in progress and everything after is one counted `truncated_shard` row.
+    tar_errors = (tarfile.TarError, EOFError, zlib.error)
+    try:
+        # "r|*": a forward-only stream, so a shard is never loaded whole.
+        tar = tarfile.open(fileobj=f, mode="r|*")
+    except tar_errors as e:
+        yield _bad("", name, TRUNCATED_SHARD, f"not a readable tar archive ({e})")
+        return
+    key, files, oversize, member_name, in_member = None, {}, "", None, False
+    with tar:
+        try:
+            for member in tar:
+                tar.members = []  # a stream keeps every header otherwise
+                if not member.isfile():
+                    continue
+                member_name = member.name
+                k, ext = _split_member(member.name)
+                if k != key and key is not None:
+                    yield _webdataset_sample(key, name, files, oversize)
+                    files, oversize = {}, ""
+                key = k
+                if ext in IMAGE_EXTENSIONS and member.size > MAX_IMAGE_BYTES:
+                    oversize = (f"{member.name}: {member.size} bytes, over MAX_IMAGE_BYTES="
+                                f"{MAX_IMAGE_BYTES} (not read)")
+                    continue
+                in_member = True
+                files[ext] = tar.extractfile(member).read()
+                in_member = False
+            if not _tar_ended_cleanly(tar):
+                raise tarfile.ReadError("the archive ends inside a header")
+        except tar_errors as e:
+            if in_member:  # cut inside this sample's data: the sample is lost with the rest
+                where, lost, row_key = f"inside member {member_name}", f"sample {key!r} and ", key
+            else:  # cut at a header: every member read so far is whole
+                if key is not None:
+                    yield _webdataset_sample(key, name, files, oversize)
+                where = f"after member {member_name}" if member_name else "at its start"
+                lost, row_key = "", ""
+            yield _bad(row_key or "", name, TRUNCATED_SHARD,
+                       f"shard {name} is truncated {where} ({e}); {lost}the rest of the shard "
+                       f"is lost")
+            return
         if key is not None:
-            yield _webdataset_sample(key, name, files)
+            yield _webdataset_sample(key, name, files, oversize)
 
 
 # ---- LLaVA JSON / JSONL -------------------------------------------------------------------
 
-def _read_llava_json(f: Any, path: str, source: DataSource) -> Iterator[dict[str, Any]]:
-    name = posixpath.basename(path)
-    text = f.read().decode("utf-8")
+def _safe_image_path(root: str, rel: str) -> str | None:
+    """``root/rel``, or None when ``rel`` could leave ``root`` (absolute, URI, ``..``)."""
+    if "\0" in rel or rel.startswith(("/", "\\")) or "://" in rel:
+        return None
+    norm = posixpath.normpath(rel)
+    if norm == ".." or norm.startswith("../"):
+        return None
+    return posixpath.join(root, norm)
+
+
+def _read_image(fs: pafs.FileSystem, path: str) -> tuple[bytes | None, str, str]:
+    """(bytes, bad kind, detail): at most MAX_IMAGE_BYTES + 1 bytes are ever read."""
+    try:
+        with fs.open_input_stream(path) as img:
+            data = img.read(MAX_IMAGE_BYTES + 1)
+    except (FileNotFoundError, OSError) as e:
+        return None, MISSING_IMAGE, f"cannot open {path} ({type(e).__name__})"
+    if len(data) > MAX_IMAGE_BYTES:
+        return None, OVERSIZE_IMAGE, f"{path}: over MAX_IMAGE_BYTES={MAX_IMAGE_BYTES}"
+    return data, "", ""
+
+
+def _image_root(source: DataSource, path: str) -> str:
+    return source.image_root if source.image_root is not None else posixpath.dirname(path)
+
+
+def _llava_row(rec: Record, name: str, jsonl: bool, fs: pafs.FileSystem, root: str,
+               key: str | None = None) -> dict[str, Any]:
+    """One normalized row of a LLaVA record; never raises for bad data."""
+    if key is None:
+        key = f"line{rec.index + 1}" if jsonl else str(rec.index)
+    if rec.non_utf8:
+        return _bad(key, name, NON_UTF8, "invalid UTF-8 bytes in the record")
+    if rec.error:
+        return _bad(key, name, MALFORMED_JSON, rec.error)
+    try:
+        entry = json.loads(rec.text[1:] if rec.text.startswith("\ufeff") else rec.text)
+    except RecursionError:
+        return _bad(key, name, MALFORMED_JSON, "JSON nested too deeply")
+    except ValueError as e:
+        return _bad(key, name, MALFORMED_JSON, f"not valid JSON ({e})")
+    if not isinstance(entry, dict):
+        return _bad(key, name, MALFORMED_JSON, f"a {type(entry).__name__}, not a JSON object")
+    if isinstance(entry.get("id"), (str, int)):
+        key = str(entry["id"])
+    elif key.startswith("line"):
+        key = str(rec.index)
+    image, bad, detail = None, "", ""
+    field = entry.get("image")
+    if field is not None and field != "":
+        if not isinstance(field, str):
+            bad, detail = WRONG_FIELD_TYPE, f"`image` is a {type(field).__name__}, not a path"
+        else:
+            full = _safe_image_path(root, field)
+            if full is None:
+                bad, detail = UNSAFE_PATH, f"`image` {field!r} is outside image_root (refused)"
+            else:
+                image, bad, detail = _read_image(fs, full)
+    meta = {k: v for k, v in entry.items() if k != "id"}
+    row = _from_metadata(key, name, image, meta, None)
+    if bad and not row["bad"]:
+        row = _bad(key, name, bad, detail, image=field)  # the path, for validate's hints
+    return row
+
+
+def _llava_records(read: Any, path: str, part: ByteRange | None) -> Iterator[Record]:
+    if part is None:
+        part = ByteRange(0, None, 0, True)
+    limit = None if part.end is None else part.end - part.start
     if path.endswith(".jsonl"):
-        entries: list[Any] = []
-        for i, line in enumerate(text.splitlines()):
-            if not line.strip():
-                continue
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                entries.append(("__bad__", f"line{i + 1}"))
-    else:
-        try:
-            entries = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); LLaVA data is one JSON list of "
-                             f"samples (use .jsonl for one sample per line)") from None
-        if not isinstance(entries, list):
-            raise ValueError(f"{path}: expected a JSON list of samples, got "
-                             f"{type(entries).__name__}")
-    image_root = source.image_root if source.image_root is not None else posixpath.dirname(path)
-    fs, root = _filesystem(image_root)
-    for i, entry in enumerate(entries):
-        if isinstance(entry, tuple):
-            yield _row(entry[1], name, None, None, None, MALFORMED_JSON)
-            continue
-        key = str(entry.get("id", i)) if isinstance(entry, dict) else str(i)
-        if not isinstance(entry, dict):
-            yield _row(key, name, None, None, None, MALFORMED_JSON)
-            continue
-        image, bad = None, ""
-        if entry.get("image"):
-            try:
-                with fs.open_input_stream(posixpath.join(root, entry["image"])) as img:
-                    image = img.read()
-            except (FileNotFoundError, OSError):
-                bad = MISSING_IMAGE
-        meta = {k: v for k, v in entry.items() if k != "id"}
-        row = _from_metadata(key, name, image, meta, None)
-        if bad and not row["bad"]:
-            row["bad"] = bad
-        yield row
+        return json_records.iter_jsonl(read, part.first_index, limit)
+    return json_records.iter_json_array(read, part.first_index, limit, opening=part.first)
+
+
+def read_llava_json(f: Any, path: str, source: DataSource,
+                     part: ByteRange | None = None) -> Iterator[dict[str, Any]]:
+    """Rows of a LLaVA JSON/JSONL file, or of one byte range of it, as a stream."""
+    name = posixpath.basename(path)
+    fs, root = filesystem(_image_root(source, path))
+    jsonl = path.endswith(".jsonl")
+    for rec in _llava_records(f.read, path, part):
+        yield _llava_row(rec, name, jsonl, fs, root)
 
 
 # ---- parquet ------------------------------------------------------------------------------
@@ -179,7 +307,25 @@ def _read_llava_json(f: Any, path: str, source: DataSource) -> Iterator[dict[str
 def _image_bytes(value: Any) -> bytes | None:
     if isinstance(value, dict):  # HF datasets' Image feature: {"bytes": ..., "path": ...}
         value = value.get("bytes")
+    if value and not isinstance(value, (bytes, bytearray, memoryview)):
+        raise TypeError(f"image column holds a {type(value).__name__}, not bytes")
     return bytes(value) if value else None
+
+
+def _parquet_row(rec: dict, key: str, name: str, source: DataSource) -> dict[str, Any]:
+    try:
+        image = _image_bytes(rec.get(source.image_column))
+    except TypeError as e:
+        return _bad(key, name, WRONG_FIELD_TYPE, str(e))
+    if image is not None and len(image) > MAX_IMAGE_BYTES:
+        return _bad(key, name, OVERSIZE_IMAGE, f"{len(image)} bytes, over MAX_IMAGE_BYTES")
+    conv, kind = _normalize_conversations(rec.get(source.conversations_column))
+    if conv is None:
+        return _bad(key, name, kind, f"`{source.conversations_column}` unusable")
+    extra = {k: v for k, v in rec.items()
+             if k not in (source.image_column, source.conversations_column, "id", "key")
+             and not isinstance(v, (bytes, bytearray))}
+    return _row(key, name, image, conv, extra)
 
 
 def _read_parquet(f: Any, path: str, source: DataSource) -> Iterator[dict[str, Any]]:
@@ -192,28 +338,22 @@ def _read_parquet(f: Any, path: str, source: DataSource) -> Iterator[dict[str, A
         raise ValueError(f"{path}: no column {sorted(missing)[0]!r}; it has "
                          f"{pf.schema_arrow.names}. Set DataSource.conversations_column")
     index = 0
-    for batch in pf.iter_batches(batch_size=_BLOCK_ROWS):
+    for batch in pf.iter_batches(batch_size=BLOCK_ROWS):
         for rec in batch.to_pylist():
-            key = str(rec.get("id", rec.get("key", index)))
-            image = _image_bytes(rec.get(source.image_column))
-            conv = _normalize_conversations(rec.get(source.conversations_column))
-            extra = {k: v for k, v in rec.items()
-                     if k not in (source.image_column, source.conversations_column, "id", "key")
-                     and not isinstance(v, (bytes, bytearray))}
-            yield _row(key, name, image, conv, extra, "" if conv else MALFORMED_JSON)
+            yield _parquet_row(rec, str(rec.get("id", rec.get("key", index))), name, source)
             index += 1
 
 
-_PARSERS = {"webdataset": _read_webdataset, "llava_json": _read_llava_json,
+PARSERS = {"webdataset": _read_webdataset, "llava_json": read_llava_json,
             "parquet": _read_parquet}
 
 
 def iter_file_rows(source: DataSource, path: str) -> Iterator[dict[str, Any]]:
     """Normalized rows of one data file, read in this process."""
-    fs, local = _filesystem(path)
+    fs, local = filesystem(path)
     opener = fs.open_input_file if source.format == "parquet" else fs.open_input_stream
     with opener(local) as f:
-        yield from _PARSERS[source.format](f, path, source)
+        yield from PARSERS[source.format](f, path, source)
 
 
 def iter_rows(source: DataSource) -> Iterator[dict[str, Any]]:
@@ -228,47 +368,44 @@ def iter_rows(source: DataSource) -> Iterator[dict[str, Any]]:
             n += 1
 
 
-def read_source(source: DataSource, seed: int | None = None) -> "ray.data.Dataset":  # noqa: F821
-    """A lazy Ray dataset of normalized rows, one read task per file.
+def sample_file_rows(source: DataSource, path: str, k: int,
+                     rng: random.Random) -> Iterator[dict[str, Any]]:
+    """About ``k`` rows of one file without reading it whole, for ``mmkd validate``: the first
+    record, then (LLaVA JSON/JSONL) records at random byte offsets; webdataset shards and
+    parquet files are sequential or row-grouped, so their first ``k`` rows."""
+    if source.format != "llava_json":
+        for i, row in enumerate(iter_file_rows(source, path)):
+            if i >= k:
+                return
+            yield row
+        return
+    fs, local = filesystem(path)
+    name, jsonl = posixpath.basename(path), path.endswith(".jsonl")
+    ifs, root = filesystem(_image_root(source, path))
+    size = fs.get_file_info(local).size or 0
+    seen: set[str] = set()
+    with fs.open_input_file(local) as f:
+        first = next(iter(_llava_records(f.read, path, None)), None)
+        if first is None:
+            return
+        seen.add(first.text)
+        yield _llava_row(first, name, jsonl, ifs, root)
+        if first.error and not first.text:  # not a JSON list at all: nothing else will read
+            return
+        window = 4 << 20  # bytes read at each random offset
+        for offset in sorted(rng.randrange(size) for _ in range(max(k - 1, 0))):
+            f.seek(offset)
+            if jsonl:  # the first whole line after the offset
+                data = f.read(window)
+                a = data.find(b"\n")
+                b = data.find(b"\n", a + 1) if a >= 0 else -1
+                text = data[a + 1:b].decode("utf-8", "surrogateescape") if b >= 0 else None
+            else:
+                text = json_records.find_array_record(json_records._limited(f.read, window),
+                                                      max_record_bytes=window)
+            if text is None or not text.strip() or text in seen:
+                continue
+            seen.add(text)
+            yield _llava_row(Record(-1, text), name, jsonl, ifs, root, key=f"byte{offset}")
 
-    ``seed`` shuffles the file order deterministically and differently on every execution
-    (every epoch), through Ray's ``FileShuffleConfig(seed, reseed_after_execution=True)``;
-    ``None`` keeps the sorted file order.
-    """
-    import ray.data
-
-    shuffle = ray.data.FileShuffleConfig(seed=seed) if seed is not None else None
-    ds = ray.data.read_datasource(_SampleDatasource(source, resolve_files(source),
-                                                    shuffle=shuffle))
-    return ds.limit(source.max_samples) if source.max_samples is not None else ds
-
-
-def _datasource_base():
-    from ray.data.datasource import FileBasedDatasource
-
-    return FileBasedDatasource
-
-
-class _SampleDatasource(_datasource_base()):
-    """Ray file datasource around the parsers above: streams each file into row blocks."""
-
-    def __init__(self, source: DataSource, files: list[str], shuffle: Any = None):
-        exts = [e.lstrip(".") for e in FORMAT_EXTENSIONS[source.format]]
-        super().__init__(files, shuffle=shuffle, file_extensions=exts)
-        self._source = source
-
-    def _open_input_source(self, filesystem: pafs.FileSystem, path: str, **open_args: Any):
-        if self._source.format == "parquet":  # parquet needs random access
-            return filesystem.open_input_file(path)
-        return super()._open_input_source(filesystem, path, **open_args)
-
-    def _read_stream(self, f: Any, path: str) -> Iterator[pa.Table]:
-        rows: list[dict[str, Any]] = []
-        for row in _PARSERS[self._source.format](f, path, self._source):
-            rows.append(row)
-            if len(rows) >= _BLOCK_ROWS:
-                yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
-                rows = []
-        if rows:
-            yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os.path
 from typing import Literal
 
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["DataSource", "resolve_files", "validate_source", "fingerprint_source",
-           "validate_config_sources", "fingerprint_config_sources",
+__all__ = ["DataSource", "resolve_files", "fingerprint_source",
+           "fingerprint_config_sources",
            "FORMAT_EXTENSIONS"]
 
 # File extensions each format reads from a directory or glob.
@@ -69,8 +70,18 @@ class DataSource(BaseModel):
         name = f" split {self.split!r}" if self.split else ""
         return f"{self.format} source{name} {', '.join(self.paths)}"
 
+    def external_paths(self) -> list[str]:
+        """What the stage key fingerprints (``orchestrator.fingerprint``): the data files and,
+        for LLaVA JSON, the image folder (``image_root``, or each JSON file's own folder)."""
+        files = resolve_files(self)
+        if self.format != "llava_json":
+            return files
+        roots = [self.image_root] if self.image_root else sorted(
+            {os.path.dirname(f) for f in files})
+        return files + roots
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if "://" in path:
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), path
@@ -80,10 +91,10 @@ def _has_glob(path: str) -> bool:
     return any(c in path for c in "*?[")
 
 
-def _expand(path: str, extensions: tuple[str, ...]) -> list[str]:
+def expand_path(path: str, extensions: tuple[str, ...]) -> list[str]:
     """Files named by one entry of ``paths``, sorted; [] when nothing matches."""
     scheme = path.split("://", 1)[0] + "://" if "://" in path else ""
-    fs, local = _filesystem(path)
+    fs, local = filesystem(path)
     if _has_glob(local):
         # Globs: list from the longest wildcard-free prefix, then match the full pattern.
         base = local[: min(local.find(c) for c in "*?[" if c in local)].rsplit("/", 1)[0] or "/"
@@ -108,52 +119,20 @@ def resolve_files(source: DataSource) -> list[str]:
     first entry of ``paths`` that matches nothing."""
     files: list[str] = []
     for path in source.paths:
-        found = _expand(path, FORMAT_EXTENSIONS[source.format])
+        found = expand_path(path, FORMAT_EXTENSIONS[source.format])
         if not found:
-            raise FileNotFoundError(_no_files_message(source, path))
+            raise FileNotFoundError(no_files_message(source, path))
         files.extend(f for f in found if f not in files)
     return files
 
 
-def _no_files_message(source: DataSource, path: str) -> str:
+def no_files_message(source: DataSource, path: str) -> str:
     exts = "/".join(FORMAT_EXTENSIONS[source.format])
-    fs, local = _filesystem(path)
+    fs, local = filesystem(path)
     if not _has_glob(local) and fs.get_file_info(local).type == pafs.FileType.NotFound:
         return f"{source.format} data path {path!r} does not exist; fix DataSource.paths"
     return (f"no {exts} files found at {path!r} for format {source.format!r}; "
             f"check DataSource.paths and DataSource.format")
-
-
-def validate_source(source: DataSource, open_files: int = 2) -> list[str]:
-    """Human-readable problems with ``source`` (empty list = looks fine).
-
-    Cheap enough for ``mmkd validate``: lists the files and opens the first ``open_files`` of
-    them to check they are readable and hold at least one sample.
-    """
-    from workloads.data.readers import iter_file_rows
-
-    problems: list[str] = []
-    files: list[str] = []
-    for path in source.paths:
-        found = _expand(path, FORMAT_EXTENSIONS[source.format])
-        if not found:
-            problems.append(_no_files_message(source, path))
-        files.extend(found)
-    if source.image_root is not None:
-        fs, local = _filesystem(source.image_root)
-        if fs.get_file_info(local).type != pafs.FileType.Directory:
-            problems.append(f"image_root {source.image_root!r} is not a folder; "
-                            f"fix DataSource.image_root")
-    if problems:
-        return problems
-    for path in files[:open_files]:
-        try:
-            next(iter(iter_file_rows(source, path)))
-        except StopIteration:
-            problems.append(f"{path}: no samples in this file (empty dataset file)")
-        except Exception as e:  # noqa: BLE001 - any reader failure is reported, not raised
-            problems.append(f"{path}: unreadable {source.format} file ({type(e).__name__}: {e})")
-    return problems
 
 
 def fingerprint_source(source: DataSource) -> str:
@@ -161,13 +140,13 @@ def fingerprint_source(source: DataSource) -> str:
     without reading it. Used as a registry ``fingerprint=`` hook."""
     h = hashlib.sha256(json.dumps(source.model_dump(), sort_keys=True).encode())
     for path in resolve_files(source):
-        fs, local = _filesystem(path)
+        fs, local = filesystem(path)
         info = fs.get_file_info(local)
         h.update(f"{path}\0{info.size}\0{info.mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
-def _config_sources(config: BaseModel) -> list[tuple[str, DataSource]]:
+def config_sources(config: BaseModel) -> list[tuple[str, DataSource]]:
     found = []
     for name in type(config).model_fields:
         value = getattr(config, name)
@@ -176,14 +155,7 @@ def _config_sources(config: BaseModel) -> list[tuple[str, DataSource]]:
     return found
 
 
-def validate_config_sources(config: BaseModel, inputs: dict | None = None) -> list[str]:
-    """Registry ``validate=`` hook: ``validate_source`` on every ``DataSource`` field of a
-    workload config, each problem prefixed with the field name."""
-    return [f"{name}: {problem}" for name, src in _config_sources(config)
-            for problem in validate_source(src)]
-
-
 def fingerprint_config_sources(config: BaseModel) -> str:
     """Registry ``fingerprint=`` hook: one hash over every ``DataSource`` field's files."""
-    parts = [f"{name}={fingerprint_source(src)}" for name, src in _config_sources(config)]
+    parts = [f"{name}={fingerprint_source(src)}" for name, src in config_sources(config)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
