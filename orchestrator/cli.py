@@ -1,22 +1,30 @@
 """The `mmkd` command line.
 
-Exit codes: 0 success; 1 a stage failed; 2 the pipeline file or the command line is invalid;
-130 interrupted.
+Exit codes: 0 success; 1 a stage failed (or mmkd itself did: an internal error, whose traceback
+goes to a file under .mmkd/logs/); 2 the pipeline file, the command line or what it names (a
+path, a run, the cluster's address, the object store) is wrong; 130 interrupted. Every error is
+one paragraph on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from orchestrator.spec import PipelineError, load_pipeline
+from orchestrator.console import (QuietOutput, explain_store_error, first_uri, internal_error,
+                                  print_table)
+from orchestrator.loader import load_pipeline
+from orchestrator.spec import PipelineError
 
 console = Console()
 err = Console(stderr=True)
@@ -41,7 +49,7 @@ def cmd_validate(args) -> int:
     n = len(pipeline.stages)
     problems = [] if args.offline else _deep_validate(pipeline)
     for p in problems:
-        err.print(f"[red]problem[/]: {p}")
+        err.print(f"[red]problem[/]: {escape(p)}", highlight=False, soft_wrap=True)
     if problems:
         return 2
     console.print(f"[green]ok[/]: {args.pipeline}: pipeline {pipeline.name!r}, {n} stage(s)")
@@ -52,14 +60,25 @@ def cmd_validate(args) -> int:
 
 def _deep_validate(pipeline) -> list[str]:
     """Workload-specific checks (data paths exist and are readable, vocabularies fit)."""
-    from workloads.registry import get_workload
+    from orchestrator.plugin import get_workload
 
     problems = []
+    unreachable: dict[str, list[str]] = {}  # one sentence per store, not one per stage
     for name, stage in pipeline.stages.items():
         info = get_workload(stage.workload)
-        if info.validate is not None:
-            for p in info.validate(stage.config, stage.resolved_inputs) or []:
-                problems.append(f"{Path(pipeline.path).name}: stage {name!r}: {p}")
+        if info.validate is None:
+            continue
+        try:
+            found = info.validate(stage.config, stage.resolved_inputs) or []
+        except OSError as e:  # no network / no credentials for an s3:// or gs:// source
+            where = first_uri(json.dumps(stage.params, default=str))
+            unreachable.setdefault(explain_store_error(e, where) or f"{type(e).__name__}: {e}",
+                                   []).append(name)
+            continue
+        problems += [f"{Path(pipeline.path).name}: stage {name!r}: {p}" for p in found]
+    for text, stages in unreachable.items():
+        names = ", ".join(repr(n) for n in stages)
+        problems.append(f"{Path(pipeline.path).name}: stage(s) {names}: {text}")
     return problems
 
 
@@ -76,7 +95,12 @@ def cmd_plan(args) -> int:
     for r in rows:
         table.add_row(r.name, r.workload, f"[{style[r.status]}]{r.status}[/]",
                       ", ".join(r.upstream), r.resources, r.key[:12])
-    console.print(table)
+    print_table(table, console)
+    reasons = [(r.name, r.reason) for r in rows if r.status != "cached" and r.reason]
+    if reasons:
+        console.print("why they run (against each stage's last result in this store):")
+        for name, reason in reasons:
+            console.print(f"  {name}: {reason}", highlight=False, soft_wrap=True)
     todo = sum(r.status != "cached" for r in rows)
     console.print(f"{todo} stage(s) to run, {len(rows) - todo} cached")
     if args.offline:
@@ -97,15 +121,20 @@ def cmd_run(args) -> int:
     problems = _deep_validate(pipeline)
     if problems:
         for p in problems:
-            err.print(f"[red]problem[/]: {p}")
+            err.print(f"[red]problem[/]: {escape(p)}", highlight=False, soft_wrap=True)
         return 2
+    quiet = None if args.verbose else QuietOutput()
     try:
         runner = PipelineRunner(pipeline, force=args.force or [], resume=args.resume,
                                 store_root=args.store, overrides=args.set or [],
                                 view=LiveView(live=None if not args.plain else False))
     except ValueError as e:
-        err.print(f"[red]error[/]: {e}")
+        err.print(f"[red]error[/]: {e}", highlight=False)
         return 2
+    if quiet is not None:
+        output = quiet.to_file(runner.record.dir / "output.log")
+        err.print(f"Ray's and MLflow's own output: {output} (--verbose shows it here)",
+                  highlight=False, soft_wrap=True)
     try:
         record = runner.run()
     except KeyboardInterrupt:
@@ -130,13 +159,14 @@ def cmd_run(args) -> int:
 
 
 def _print_results(record) -> None:
-    """Print results tables (markdown) written by stages such as `evaluate`."""
-    for s in record.stages.values():
-        if s.status not in ("done", "cached") or not s.uri or "://" in s.uri:
-            continue
-        table = Path(s.uri) / "results" / "results.md"
-        if table.exists():
-            console.print(f"\n[bold]{s.name}[/] results ({table}):\n{table.read_text()}")
+    """Print the summaries (markdown results tables) stages wrote, e.g. `evaluate`'s."""
+    from orchestrator.api import RunResult
+
+    result = RunResult(record)
+    for name in record.stages:
+        text = result.summary(name)
+        if text:
+            console.print(f"\n[bold]{name}[/] ({result.path(name)}):\n{text}", highlight=False)
 
 
 def cmd_runs(args) -> int:
@@ -155,7 +185,7 @@ def cmd_runs(args) -> int:
         dur = format_duration((r.ended - r.started) if r.ended else None)
         table.add_row(r.run_id, r.pipeline, r.status,
                       " ".join(f"{v} {k}" for k, v in sorted(counts.items())), started, dur)
-    console.print(table)
+    print_table(table, console, keep=("run", "pipeline"))
     return 0
 
 
@@ -163,12 +193,8 @@ def cmd_show(args) -> int:
     from orchestrator.runs import RunRecord
     from orchestrator.view import stage_table
 
-    try:
-        record = RunRecord.load(args.run)
-    except FileNotFoundError as e:
-        err.print(f"[red]error[/]: {e}")
-        return 2
-    console.print(stage_table(record))
+    record = RunRecord.load(args.run)  # FileNotFoundError: exit 2 (main)
+    print_table(stage_table(record), console, keep=("stage", "key"))
     for s in record.stages.values():
         nums = {k: v for k, v in (s.metrics or {}).items() if isinstance(v, (int, float))}
         if nums:
@@ -184,15 +210,15 @@ def cmd_show(args) -> int:
 
 
 def cmd_workloads(args) -> int:
-    from workloads.registry import list_workloads
+    from orchestrator.plugin import list_workloads
 
-    table = Table(title="registered workloads")
-    for col in ("name", "version", "outputs", "distributed", "description"):
+    table = Table(title="registered workloads (entry-point group mmkd.workloads)")
+    for col in ("name", "from", "outputs", "distributed", "description"):
         table.add_column(col)
     for w in list_workloads():
-        table.add_row(w.name, w.version, ", ".join(w.outputs), "yes" if w.distributed else "",
+        table.add_row(w.name, w.source, ", ".join(w.outputs), "yes" if w.distributed else "",
                       w.description)
-    console.print(table)
+    print_table(table, console, keep=("name",))
     return 0
 
 
@@ -200,10 +226,75 @@ def cmd_ui(args) -> int:
     from orchestrator.tracking import default_tracking_uri
 
     uri = default_tracking_uri()
-    console.print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}")
+    console.print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}", highlight=False)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
            "--host", "127.0.0.1", "--port", str(args.port)]
-    return subprocess.call(cmd)
+    return run_in_own_group(cmd)
+
+
+def run_in_own_group(cmd: list[str], grace_s: float = 10.0) -> int:
+    """Run ``cmd`` in its own process group and end that group — the MLflow server, its web
+    workers and job runner — on SIGINT or SIGTERM, so that nothing outlives `mmkd ui`."""
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    stopping = []
+
+    def stop(signum, _frame):
+        stopping.append(signum)
+        _signal_group(proc.pid, signal.SIGTERM)
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        _end_group(proc.pid, grace_s)
+    if stopping:
+        return 130 if stopping[0] == signal.SIGINT else 128 + stopping[0]
+    return code
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _end_group(pgid: int, grace_s: float) -> None:
+    """SIGTERM what is left of the group, then SIGKILL it after ``grace_s``."""
+    import time
+
+    _signal_group(pgid, signal.SIGTERM)
+    deadline = time.time() + grace_s
+    while time.time() < deadline:
+        if not _group_alive(pgid):
+            return
+        time.sleep(0.1)
+    _signal_group(pgid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (non-zombie) process is left in the group; its orphans may wait to be
+    reaped by an init that never does, so `killpg(pgid, 0)` alone would not tell."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[-1].split()  # state ppid pgrp ...
+            if fields[2] == str(pgid) and fields[0] != "Z":
+                return True
+    return False
 
 
 def cmd_relog(args) -> int:
@@ -240,7 +331,7 @@ def cmd_tune(args) -> int:
         table.add_row(t["trial"], *(f"{t['params'][k]:.4g}" if isinstance(t["params"][k], float)
                                    else str(t["params"][k]) for k in spec.space),
                       *values, str(t["steps"]), status)
-    console.print(table)
+    print_table(table, console, keep=("trial",))
     console.print(f"{outcome.stopped_early} trial(s) stopped early; {outcome.steps_run} of "
                   f"{outcome.steps_budget} trial-steps run. Best params: {outcome.best_params_file}")
     if outcome.freed_groups:
@@ -252,7 +343,8 @@ def cmd_tune(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmkd", description=__doc__.splitlines()[0] if __doc__ else "")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's, Ray Data's and MLflow's own output too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run a pipeline (cached stages are skipped)")
@@ -313,36 +405,81 @@ def build_parser() -> argparse.ArgumentParser:
     from orchestrator.cli_cluster import add_cluster_commands
 
     add_cluster_commands(sub, _add_pipeline_args)
-    _add_data_commands(sub)
+    _add_plugin_commands(sub)
+    for p in [q for top in sub.choices.values() for q in [top, *_subparsers_of(top)]]:
+        # `mmkd run P --verbose` as well as `mmkd --verbose run P`; SUPPRESS keeps the
+        # subcommand's default from overwriting the top-level flag
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="show Ray's, Ray Data's and MLflow's own output too")
     return parser
 
 
-def _add_data_commands(sub) -> None:
-    data = sub.add_parser("data", help="data set tools")
-    dsub = data.add_subparsers(dest="data_command", required=True)
-    try:
-        from workloads.data.shapes import add_shapes_arguments, run_shapes_command
-    except ImportError:
-        return
-    p = dsub.add_parser("shapes", help="generate the shapes VQA benchmark as WebDataset shards")
-    add_shapes_arguments(p)
-    p.set_defaults(fn=lambda a: run_shapes_command(a) or 0)
+def _subparsers_of(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    return [p for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+            for p in a.choices.values()]
+
+
+def _add_plugin_commands(sub) -> None:
+    """Commands of plugin packages: each ``mmkd.commands`` entry point is a function that adds
+    its sub-commands to mmkd's (mmkd's own: ``mmkd data shapes``)."""
+    import importlib.metadata
+
+    for ep in importlib.metadata.entry_points(group="mmkd.commands"):
+        ep.load()(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # a bad command line: usage and exit 2 (argparse)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return int(args.fn(args) or 0)
-    except PipelineError as e:
-        err.print("[red]invalid pipeline[/]")
-        err.print(str(e), highlight=False, markup=False)
-        return 2
-    except ValueError as e:  # a bad --set / --force / --only
-        err.print(f"[red]error[/]: {e}", highlight=False)
-        return 2
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        return 130
+    except Exception as e:  # noqa: BLE001 - every error ends as one paragraph, never a traceback
+        code, text = explain(e)
+        err.print(text, highlight=False, markup=False, soft_wrap=True)  # paths stay whole
+        return code
+
+
+def explain(e: Exception) -> tuple[int, str]:
+    """Exit code and one paragraph for an error that reached `main`: the user's mistakes are
+    2 with what to do; anything else is an internal error (1) with its traceback in a file."""
+    from orchestrator.submit import SubmitError
+    from orchestrator.tuning import TuneError
+
+    if isinstance(e, PipelineError):
+        return 2, f"invalid pipeline: {e}"
+    if isinstance(e, TuneError):
+        return 2, f"invalid tune spec: {e}"
+    if isinstance(e, SubmitError):
+        return 2, f"error: {e}"
+    try:
+        from orchestrator.plugin import PluginError, UnknownWorkloadError
+    except ImportError:
+        PluginError = UnknownWorkloadError = ()  # noqa: N806
+    if isinstance(e, PluginError):  # an installed workload package is broken
+        return 2, f"error: {e}"
+    if isinstance(e, UnknownWorkloadError):
+        return 2, f"error: {e.args[0] if e.args else e}"
+    store = explain_store_error(e)
+    if store:
+        return 2, f"error: {store}"
+    if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+                      FileExistsError)):
+        return 2, f"error: {e}"
+    if isinstance(e, ConnectionError) or type(e).__name__ == "ConnectionError":
+        where = os.environ.get("RAY_ADDRESS")
+        hint = (f"check RAY_ADDRESS ({where}) and that the cluster is up, or unset it to run on "
+                f"a local Ray" if where else "check the address and that the service is up")
+        return 2, f"error: could not connect: {e}; {hint}"
+    if isinstance(e, ValueError):  # a bad --set / --force / --only / data-shapes argument
+        return 2, f"error: {e}"
+    from orchestrator.cache import mmkd_home
+
+    return 1, internal_error(e, mmkd_home() / "logs")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import os
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.spec import load_pipeline
+from orchestrator.console import print_table
+from orchestrator.loader import load_pipeline
 
 console = Console()
 err = Console(stderr=True)
@@ -21,7 +22,7 @@ def _cluster(fn):
         try:
             return fn(args)
         except SubmitError as e:
-            err.print(f"[red]error[/]: {e}", highlight=False)
+            err.print(f"[red]error[/]: {e}", highlight=False, soft_wrap=True)
             return 2
     return wrapped
 
@@ -33,7 +34,7 @@ def cmd_submit(args) -> int:
     pipeline = load_pipeline(args.pipeline, args.set or [])  # lint here, not after the upload
     if args.only:
         pipeline.only(args.only)
-    env = dict(kv.split("=", 1) for kv in (args.env or []))
+    env = job_env(args.env or [], args.allow_secret_env)
     if args.store:
         env["MMKD_STORE"] = args.store
     job = submit.submit(args.pipeline, args.address, args.set or [], args.working_dir, env,
@@ -52,6 +53,25 @@ def cmd_submit(args) -> int:
     return 0
 
 
+def job_env(pairs: list[str], allow_secrets: bool) -> dict[str, str]:
+    """``--env K=V`` pairs; names that look like secrets are refused (SubmitError) unless
+    ``allow_secrets``: the job's runtime_env is shown in plain text by the dashboard."""
+    from orchestrator.secret_env import looks_secret, refusal
+    from orchestrator.submit import SubmitError
+
+    env = {}
+    for kv in pairs:
+        name, eq, value = kv.partition("=")
+        if not eq or not name.strip():
+            raise SubmitError(f"--env {kv!r}: expected NAME=VALUE, e.g. --env "
+                              "MLFLOW_TRACKING_URI=http://127.0.0.1:5000")
+        env[name.strip()] = value
+    secret = [k for k in env if looks_secret(k)]
+    if secret and not allow_secrets:
+        raise SubmitError(refusal(secret))
+    return env
+
+
 @_cluster
 def cmd_jobs(args) -> int:
     from orchestrator import submit
@@ -61,7 +81,7 @@ def cmd_jobs(args) -> int:
         table.add_column(col)
     for j in submit.list_jobs(args.address):
         table.add_row(j.submission_id or j.job_id or "", str(j.status), j.entrypoint[:80])
-    console.print(table)
+    print_table(table, console, keep=("job",))
     return 0
 
 
@@ -101,7 +121,12 @@ def add_cluster_commands(sub, add_pipeline_args) -> None:
     add_pipeline_args(p)
     p.add_argument("--address", default=default, help="Ray dashboard, http://HEAD:8265")
     p.add_argument("--working-dir", default=".", help="folder uploaded with the job (the project)")
-    p.add_argument("--env", action="append", metavar="K=V", help="extra environment for the job")
+    p.add_argument("--env", action="append", metavar="K=V",
+                   help="extra environment for the job (shown by the Ray dashboard: names that "
+                        "look like secrets are refused)")
+    p.add_argument("--allow-secret-env", action="store_true",
+                   help="let --env pass names that look like secrets (AWS_SECRET_ACCESS_KEY, "
+                        "*_TOKEN, *_PASSWORD, ...) into the job's runtime_env anyway")
     p.add_argument("--job-id", help="submission id (default: Ray picks one)")
     p.add_argument("--wait", type=float, metavar="SECONDS", help="wait for the job to finish")
     p.add_argument("--only", action="append", metavar="STAGE",

@@ -3,6 +3,10 @@
 Ray 2.60 protects the job API with token authentication. The token is read from where Ray keeps
 it (``RAY_AUTH_TOKEN``, the file named by ``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token``) and
 sent as a bearer header; a missing or wrong token is reported as one clear sentence.
+
+No credentials travel with a job: its runtime_env and metadata are shown in plain text by the
+dashboard, `ray job list` and Ray's logs. The cluster's nodes reach the object store with their
+instance role (cluster.yaml); `--env` refuses secret-looking names (cli_cluster.job_env).
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-# Environment a submitted pipeline must see on the cluster.
+# Environment a submitted pipeline must see on the cluster: settings, never secrets.
 _FORWARD = ("MLFLOW_TRACKING_URI", "MMKD_STORE", "MMKD_HOME", "HF_HUB_OFFLINE", "HF_HOME",
-            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-            "AWS_ENDPOINT_URL", "MMKD_SKIP_RESOURCE_CHECK")
+            "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+            "MMKD_SKIP_RESOURCE_CHECK")
 _EXCLUDES = [".mmkd", ".git", "mlruns", "mlartifacts", "*.db", "__pycache__", ".pytest_cache",
              "*.egg-info", "benchmarks/results"]
 
@@ -47,9 +51,11 @@ def client(address: str):
 
     token = read_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    # Ray lets RAY_API_SERVER_ADDRESS override the address it is given; here the address the
-    # user named wins (mmkd sets that variable for its own local Ray's workers).
+    # Ray lets RAY_API_SERVER_ADDRESS, then RAY_ADDRESS override the address it is given; here
+    # the address the user named wins (mmkd sets the first for its own local Ray's workers, and
+    # the second may name a local Ray for `mmkd run`).
     os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+    os.environ.pop("RAY_ADDRESS", None)
     try:
         return JobSubmissionClient(address, headers=headers)
     except AuthenticationError as e:

@@ -7,6 +7,7 @@ import time
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.runs import RunRecord, format_duration
@@ -16,9 +17,13 @@ _STYLE = {"pending": "dim", "running": "bold cyan", "cached": "blue", "done": "g
 
 
 def stage_table(record: RunRecord, title: str | None = None) -> Table:
-    table = Table(title=title or f"{record.pipeline}  {record.run_id}  [{record.status}]")
+    table = Table(title=title or escape(f"{record.pipeline}  {record.run_id}  [{record.status}]"))
+    longest = max((len(name) for name in record.stages), default=5)
     for col in ("stage", "workload", "status", "step", "loss", "elapsed", "ETA", "key"):
-        table.add_column(col, no_wrap=col in ("stage", "key"))
+        # the stage name is never cut: it gets its full width, the other columns wrap
+        table.add_column(col, no_wrap=col in ("stage", "key"),
+                         min_width=max(longest, 5) if col == "stage" else None,
+                         overflow="ellipsis" if col in ("stage", "key") else "fold")
     now = time.time()
     for s in record.stages.values():
         step = f"{s.step}/{s.total_steps}" if s.step is not None and s.total_steps else (

@@ -7,6 +7,7 @@ killing exactly those groups (plus any process that carries our unique temp dir)
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -143,16 +144,31 @@ def test_cluster_yaml_passes_rays_schema_validation():
     validate_config(prepare_config(config))
     assert config["provider"]["type"] == "aws"
     assert any("mlflow server" in c for c in config["head_start_ray_commands"])
+    # nothing listens beyond the head: the dashboard and MLflow bind to 127.0.0.1 (SSH tunnels)
+    starts = " ".join(config["head_start_ray_commands"])
+    assert "0.0.0.0" not in starts
+    assert "--dashboard-host=127.0.0.1" in starts and "mlflow server --host 127.0.0.1" in starts
+    # the nodes reach the bucket with an instance role, not with keys in the environment
+    for node in config["available_node_types"].values():
+        assert "IamInstanceProfile" in node["node_config"]
+    assert "AWS_SECRET" not in (ROOT / "cluster.yaml").read_text()
 
 
-def test_submit_runs_pipeline_on_the_cluster_and_logs_to_mlflow_server(cluster, tmp_path):
+def test_submit_runs_pipeline_on_the_cluster_and_logs_to_mlflow_server(cluster, tmp_path,
+                                                                       monkeypatch):
     """The default pipeline, reduced and cut after the teacher's pre-training: data generation,
     tokenizer and a Ray Train + DeepSpeed stage run as a job on the two-node cluster."""
     sets = ["stages.shapes.params.num_captions=64", "stages.shapes.params.num_instruct=64",
             "stages.shapes.params.num_eval=16", "stages.tokenizer.params.vocab_size=320",
             "stages.teacher_pt.params.max_steps=2", "stages.teacher_pt.params.batch_size=4",
             "stages.teacher_pt.params.checkpoint_every=0"]
-    env = {**os.environ, "RAY_AUTH_TOKEN": cluster["token"], "HOME": str(tmp_path)}
+    # credentials in the submitting shell must not travel with the job (its runtime_env is shown
+    # in plain text by the dashboard); the job does not need them here
+    fake_secrets = {"AWS_ACCESS_KEY_ID": "AKIAMMKDTESTONLY0000",
+                    "AWS_SECRET_ACCESS_KEY": "mmkd-test-secret-access-key-0123456789",
+                    "AWS_SESSION_TOKEN": "mmkd-test-session-token-0123456789"}
+    env = {**os.environ, "RAY_AUTH_TOKEN": cluster["token"], "HOME": str(tmp_path),
+           **fake_secrets}
     env.pop("RAY_ADDRESS", None)
     args = ["submit", "pipelines/llava_kd.yaml", "--only", "teacher_pt", "--address",
             cluster["address"], "--wait", "600",
@@ -173,6 +189,21 @@ def test_submit_runs_pipeline_on_the_cluster_and_logs_to_mlflow_server(cluster, 
     assert out.returncode == 0 and "already finished" in out.stdout
     out = mmkd(["status", "no-such-job", "--address", cluster["address"]], env, ROOT)
     assert out.returncode == 2 and "mmkd jobs" in out.stderr and "Traceback" not in out.stderr
+
+    # the job's runtime_env and metadata, read back through Ray's job API, hold no secret
+    from ray.job_submission import JobSubmissionClient
+
+    from orchestrator.secret_env import looks_secret
+
+    for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # they would override the address
+        monkeypatch.delenv(var, raising=False)
+    jobs = JobSubmissionClient(cluster["address"],
+                               headers={"Authorization": f"Bearer {cluster['token']}"})
+    info = jobs.get_job_info("mmkd-test-job")
+    assert info.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == cluster["mlflow"]
+    shown = json.dumps([info.runtime_env, info.metadata, info.entrypoint])
+    assert not [k for k in fake_secrets if k in shown or fake_secrets[k] in shown], shown
+    assert not [k for k in info.runtime_env["env_vars"] if looks_secret(k)], shown
 
     from mlflow.tracking import MlflowClient
 
