@@ -150,7 +150,7 @@ def main() -> None:
         return
 
     from workloads.data.shapes import ShapesConfig, write_split
-    from workloads.data.tiny import build_tiny_data
+    from mmkd_test_plugins.data_tiny import build_tiny_data
 
     work = Path(tempfile.mkdtemp(prefix="mmkd-data-bench-"))
     info = machine_info()

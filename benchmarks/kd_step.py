@@ -38,7 +38,7 @@ def _batch(tok, n):
     import numpy as np
 
     from workloads.data.collate import collate
-    from workloads.train_fixtures import shapes_rows
+    from mmkd_test_plugins.train_fixtures import shapes_rows
 
     rows = shapes_rows(tok, n, seed=0)
     cols = {k: [r[k] for r in rows] for k in rows[0]}
@@ -60,12 +60,12 @@ def main() -> None:
 
     import torch
 
-    from workloads.context import StageContext
+    from orchestrator.plugin import StageContext
     from workloads.distill_loss import DistillLoss
     from workloads.distill_offline import INDEX, MANIFEST, _ShardWriter, row_digests, \
         teacher_entries
     from workloads.models import build_model, save_model
-    from workloads.train_fixtures import build_tiny_tokenizer
+    from mmkd_test_plugins.train_fixtures import build_tiny_tokenizer
     from workloads.train_setup import CausalLMLoss, StepContext, model_inputs
 
     torch.set_num_threads(args.threads)

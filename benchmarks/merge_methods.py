@@ -64,8 +64,7 @@ def bench_preset(preset: str, tok_dir: str, repeats: int) -> dict:
         experts.append(m.eval())
     batch = _batch(base)
     sds = [m.state_dict() for m in experts]
-    params = {"weights": None, "lambda_": 1.0, "density": 0.2, "cross_every": 2,
-              "router": "top1", "temperature": 0.1}
+    params = None  # every method's own defaults (MergeMethod.params)
     centroids = embed_images(base.model.vision_tower, batch["pixel_values"][:2]).numpy()
     merge_s, built = {}, {}
     for name, m in sorted(MERGE_METHODS.items()):
@@ -79,7 +78,7 @@ def bench_preset(preset: str, tok_dir: str, repeats: int) -> dict:
         with torch.no_grad():
             merge_s[name] = _median_time(fn, repeats)
             built[name] = fn()
-    soft = MERGE_METHODS["ensemble"].fn(experts, base, {**params, "router": "soft"},
+    soft = MERGE_METHODS["ensemble"].fn(experts, base, {"router": "soft"},
                                         centroids=centroids)
     forward = {}
     models = {"single": experts[0], "width": built["width"].eval(), "cross": built["cross"].eval(),
@@ -100,7 +99,7 @@ def bench_preset(preset: str, tok_dir: str, repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     import transformers
 
-    from workloads.train_fixtures import build_tiny_tokenizer
+    from mmkd_test_plugins.train_fixtures import build_tiny_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--presets", nargs="+", default=["tiny-student", "tiny-teacher"])

@@ -43,7 +43,7 @@ def fan_yaml(n: int, seconds: float) -> str:
 
 def run_pipeline(path: Path) -> tuple[float, object]:
     from orchestrator.runner import PipelineRunner
-    from orchestrator.spec import load_pipeline
+    from orchestrator.loader import load_pipeline
 
     t = time.perf_counter()
     runner = PipelineRunner(load_pipeline(path))

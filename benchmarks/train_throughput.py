@@ -67,7 +67,7 @@ def plain_loop(rows, tok_dir, args, pad_id) -> list[float]:
 def mmkd_loop(rows, tok_dir, args, pad_id, work) -> list[float]:
     import ray
 
-    from workloads.context import Resources, StageContext
+    from orchestrator.plugin import Resources, StageContext
     from workloads.train import run_training
     from workloads.train_setup import TrainParams
 
@@ -98,7 +98,7 @@ def main() -> None:
     import transformers
     from transformers import AutoTokenizer
 
-    from workloads.train_fixtures import build_tiny_tokenizer, shapes_rows
+    from mmkd_test_plugins.train_fixtures import build_tiny_tokenizer, shapes_rows
 
     work = tempfile.mkdtemp(prefix="mmkd-bench-")
     tok_dir = build_tiny_tokenizer(f"{work}/tok")

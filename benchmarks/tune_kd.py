@@ -31,7 +31,7 @@ def main() -> None:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
     from orchestrator.runner import PipelineRunner
-    from orchestrator.spec import load_pipeline
+    from orchestrator.loader import load_pipeline
     from orchestrator.tune_runner import run_tune
     from orchestrator.tuning import load_tune
 

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from orchestrator.spec import (
     DeepSpeedSpec, PipelineSpec, ResourcesSpec, Stage, StageSpec, stage_name_ok,
 )
-from workloads.registry import UnknownWorkloadError, get_workload
+from orchestrator.plugin import UnknownWorkloadError, get_workload
 
 _MATRIX_SECTIONS = ("params", "inputs", "resources", "deepspeed")
 

@@ -19,13 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cache import ArtifactStore, compute_keys, mmkd_home
+from orchestrator.cache import ArtifactStore, compute_key_parts, mmkd_home
+from orchestrator.keys import code_fingerprint, explain_change
+from orchestrator.lease import Lease
 from orchestrator.dag import ready_stages
 from orchestrator.placement import Reaper
 from orchestrator.runs import RunRecord, StageRecord, list_runs
 from orchestrator.spec import Pipeline, Stage
 from orchestrator.tracking import Tracker, default_tracking_uri, driver_tag
-from workloads.registry import get_workload
+from orchestrator.fingerprint import config_fingerprint
+from orchestrator.plugin import get_workload, missing_outputs
 
 logger = logging.getLogger("mmkd")
 
@@ -48,14 +51,33 @@ class PlanRow:
     upstream: list[str]
     resources: str
     uri: str
+    reason: str = ""  # why it runs: which key part changed since this stage's last result
 
 
-def fingerprints(pipeline: Pipeline) -> dict[str, str]:
+def fingerprints(pipeline: Pipeline) -> dict[str, dict[str, str]]:
+    """Per stage, the fingerprint of the external files it reads (the workload's hook)."""
     out = {}
     for name, stage in pipeline.stages.items():
-        info = get_workload(stage.workload)
-        out[name] = info.fingerprint(stage.config) if info.fingerprint else ""
+        hook = get_workload(stage.workload).fingerprint or config_fingerprint
+        found = hook(stage.config)
+        out[name] = found if isinstance(found, dict) else {"data": str(found)}
     return out
+
+
+def code_fingerprints(pipeline: Pipeline) -> dict[str, dict[str, str]]:
+    """Per stage, the hashes of the workload's module and the project modules it imports."""
+    by_workload: dict[str, dict[str, str]] = {}
+    for stage in pipeline.stages.values():
+        if stage.workload not in by_workload:
+            by_workload[stage.workload] = code_fingerprint(get_workload(stage.workload).fn.__module__)
+    return {name: by_workload[s.workload] for name, s in pipeline.stages.items()}
+
+
+def pipeline_keys(pipeline: Pipeline, offline: bool = False
+                  ) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """Keys and key parts of every stage; ``offline`` leaves out the external files."""
+    return compute_key_parts(pipeline.stages, {} if offline else fingerprints(pipeline),
+                             code_fingerprints(pipeline))
 
 
 def store_for(pipeline: Pipeline, root: str | None = None) -> ArtifactStore:
@@ -72,7 +94,7 @@ def resolve_force(pipeline: Pipeline, force: list[str]) -> set[str]:
 def make_plan(pipeline: Pipeline, store: ArtifactStore | None, force: list[str] = (),
               offline: bool = False) -> list[PlanRow]:
     """The stages in order with their keys; ``store=None`` (offline) means cache unknown."""
-    keys = compute_keys(pipeline.stages, {} if offline else fingerprints(pipeline))
+    keys, parts = pipeline_keys(pipeline, offline)
     forced = resolve_force(pipeline, list(force))
     rows = []
     for name, s in pipeline.stages.items():
@@ -82,15 +104,39 @@ def make_plan(pipeline: Pipeline, store: ArtifactStore | None, force: list[str] 
         res = (f"{r.num_workers}x({r.cpus_per_worker:g} cpu, {r.gpus_per_worker:g} gpu)"
                + (f" zero{s.deepspeed.zero_stage} {s.deepspeed.precision}" if s.distributed else ""))
         rows.append(PlanRow(name, s.workload, keys[name], status, list(s.upstream), res,
-                            store.uri(s.workload, keys[name]) if store else ""))
+                            store.uri(s.workload, keys[name]) if store else "",
+                            _reason(pipeline, s, status, keys[name], parts[name], store)))
     return rows
 
 
+def _reason(pipeline: Pipeline, stage: Stage, status: str, key: str, parts: dict[str, Any],
+            store: ArtifactStore | None) -> str:
+    if status == "forced":
+        return "--force"
+    if status == "cached" or store is None:
+        return ""
+    previous = store.read_index(pipeline.name, stage.name)
+    if previous is None:
+        return "no earlier result of this stage"
+    if previous.get("key") == key:
+        return "its earlier result was removed or never completed"
+    inputs = {n: [s for s, _ in refs] for n, refs in stage.resolved_inputs.items()}
+    return explain_change(previous.get("parts") or {}, parts, inputs)
+
+
 def forwarded_env() -> dict[str, str]:
-    """The driver's settings a stage process must see (credentials for the store included)."""
+    """The driver's settings a stage process must see — never its secrets: a task's runtime_env
+    is shown in plain text by Ray's dashboard and logs. Stage tasks read the store's credentials
+    on their node (the raylet's environment, ~/.aws, an instance role: secret_env.py)."""
+    from orchestrator.console import RAY_OUTPUT_ENV
+    from orchestrator.secret_env import looks_secret
+
     env = {k: v for k, v in os.environ.items()
-           if k in _FORWARD_ENV or k.startswith(("AWS_", "MMKD_"))}
+           if (k in _FORWARD_ENV or k.startswith(("AWS_", "MMKD_"))) and not looks_secret(k)
+           and k != RAY_OUTPUT_ENV}
     env.setdefault("MMKD_HOME", str(mmkd_home()))
+    if os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS"):  # `mmkd run` without --verbose
+        env["RAY_DATA_DISABLE_PROGRESS_BARS"] = os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"]
     return env
 
 
@@ -106,6 +152,9 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address, configure_logging=False)
     else:
         start_local_ray(configure_logging=False)
+    from orchestrator.console import divert_worker_output
+
+    divert_worker_output()  # workers' output to the run's output.log unless `--verbose`
 
 
 def start_local_ray(**init_kwargs: Any) -> None:
@@ -153,7 +202,7 @@ def progress_hub_class():
 
 def execute_stage(payload: dict[str, Any], reporter: Any = None) -> dict[str, Any]:
     """Run one stage (inside a Ray task): inputs from the store, outputs published under its key."""
-    from workloads.context import Resources, StageContext
+    from orchestrator.plugin import Resources, StageContext
 
     info = get_workload(payload["workload"])
     config = info.config.model_validate(payload["params"])
@@ -164,9 +213,11 @@ def execute_stage(payload: dict[str, Any], reporter: Any = None) -> dict[str, An
         inputs[name] = paths if payload["input_is_list"][name] else paths[0]
     manifest = {"stage": payload["stage"], "pipeline": payload["pipeline"],
                 "params": payload["params"], "source_run": payload.get("mlflow_run_id"),
-                "inputs": payload["inputs"]}
+                "inputs": payload["inputs"], "key_parts": payload.get("key_parts")}
     started = time.time()
-    with store.writer(payload["workload"], payload["key"], manifest) as out_dir:
+    with store.writer(payload["workload"], payload["key"], manifest,
+                      lease_token=payload.get("lease_token"),
+                      replace=bool(payload.get("replace"))) as out_dir:
         ctx = StageContext(
             pipeline=payload["pipeline"], stage=payload["stage"], key=payload["key"],
             output_dir=out_dir, inputs=inputs, resources=Resources(**payload["resources"]),
@@ -174,8 +225,19 @@ def execute_stage(payload: dict[str, Any], reporter: Any = None) -> dict[str, An
             run_name=payload["run_name"], seed=int(payload["params"].get("seed", 0) or 0),
             reporter=reporter)
         metrics = info.fn(config, ctx) or {}
+        missing = missing_outputs(info, out_dir)
+        if missing:
+            raise RuntimeError(
+                f"workload {info.name!r} ({info.source}) declares output(s) "
+                f"{', '.join(missing)} but did not write them into its output folder; nothing "
+                f"was published. Fix the workload or its `outputs=` declaration")
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
         metrics["stage/wall_seconds"] = time.time() - started
+        # A stage that continued from an in-stage checkpoint says so, in its manifest and
+        # (through the driver) its MLflow tags: never indistinguishable from a clean run.
+        resumed = metrics.get("resumed_from_step", -1)
+        if isinstance(resumed, (int, float)) and resumed >= 0:
+            manifest["resumed_from_step"] = int(resumed)
         Path(out_dir, "metrics.json").write_text(json.dumps(metrics, indent=2))
         Path(out_dir, "stage.json").write_text(json.dumps(
             {k: payload[k] for k in ("stage", "workload", "params", "resources", "deepspeed",
@@ -196,12 +258,13 @@ def stage_cpus(stage: Stage) -> float:
 
 
 def stage_payload(pipeline: Pipeline, stage: Stage, keys: dict[str, str], store: ArtifactStore,
-                  mlflow_run_id: str | None = None) -> dict[str, Any]:
-    """Everything a stage task needs, as plain data (it may run on another node)."""
+                  mlflow_run_id: str | None = None, **extra: Any) -> dict[str, Any]:
+    """Everything a stage task needs, as plain data (it may run on another node). ``extra``:
+    ``run_name`` (default: from the key), ``lease_token``, ``replace``, ``key_parts``."""
     key = keys[stage.name]
     return {
         "pipeline": pipeline.name, "stage": stage.name, "workload": stage.workload,
-        "key": key, "params": stage.params, "run_name": run_name_for(stage, key),
+        "key": key, "params": stage.params, "run_name": run_name_for(stage, key), **extra,
         "resources": stage.resources.model_dump(), "deepspeed": stage.deepspeed.model_dump(),
         "store_root": store.root if not store.is_local else store.base,
         "local_cache": str(store.local_cache), "mlflow_run_id": mlflow_run_id,
@@ -243,7 +306,7 @@ class PipelineRunner:
         self.pipeline = pipeline
         self.store = store_for(pipeline, store_root)
         self.forced = resolve_force(pipeline, list(force))
-        self.keys = compute_keys(pipeline.stages, fingerprints(pipeline))
+        self.keys, self.key_parts = pipeline_keys(pipeline)
         self.view = view
         self.record = self._open_record(resume, list(overrides), tracking_uri)
         self.tracker = Tracker(pipeline.name, self.record.journal,
@@ -254,6 +317,7 @@ class PipelineRunner:
         self.record.tracking_uri = self.tracker.uri
         self._last_save = 0.0
         self.ray_started = False  # a fully cached pipeline never needs Ray
+        self.leases: dict[str, Lease] = {}  # stage name -> the key lease this driver holds
 
     # -- setup ----------------------------------------------------------------------------
     def _open_record(self, resume: bool, overrides: list[str], uri: str | None) -> RunRecord:
@@ -277,6 +341,8 @@ class PipelineRunner:
                 stages[name] = old
             else:
                 stages[name] = StageRecord(name=name, workload=s.workload, key=self.keys[name])
+                if old is not None and old.key == self.keys[name]:
+                    stages[name].run_name = old.run_name  # a resumed forced run: its checkpoints
         record.stages = stages
         return record
 
@@ -294,7 +360,11 @@ class PipelineRunner:
                 n: s.mlflow_run_id for n, s in self.record.stages.items() if s.mlflow_run_id})
         if self.tracker.run_id() is None:
             self._start_parent()
-        self._run_stages()
+        try:
+            self._run_stages()
+        finally:
+            for lease in self.leases.values():
+                lease.release()
         return self.record
 
     def _start_parent(self) -> None:
@@ -308,14 +378,17 @@ class PipelineRunner:
         if self.tracker.online:
             self.tracker.log_artifact("__pipeline__", p.path, "pipeline")
 
+    def _cached(self, name: str) -> bool:
+        """The key's result exists and this run is not forcing it to be recomputed."""
+        stage = self.pipeline.stages[name]
+        return name not in self.forced and self.store.is_complete(stage.workload, self.keys[name])
+
     def _run_stages(self) -> None:
         p = self.pipeline
         done: set[str] = set()
         for name, stage in p.stages.items():
             rec = self.record.stages[name]
-            if name in self.forced:
-                self._forget(stage, self.keys[name])
-            elif rec.status in ("done", "cached") or self.store.is_complete(stage.workload, self.keys[name]):
+            if name not in self.forced and (rec.status in ("done", "cached") or self._cached(name)):
                 self._mark_cached(stage, rec)
                 done.add(name)
         self._save(force=True)
@@ -331,25 +404,54 @@ class PipelineRunner:
             if self.view is not None:
                 self.view.stop(self.record)
 
+    def _take_lease(self, name: str) -> bool:
+        """Hold the stage key's lease, or record which driver does (the stage then waits)."""
+        stage, key = self.pipeline.stages[name], self.keys[name]
+        lease = self.leases.get(name) or self.store.lease(
+            stage.workload, key, {"run_id": self.record.run_id, "stage": name,
+                                  "pipeline": self.pipeline.name})
+        rec = self.record.stages[name]
+        if lease.try_acquire():
+            self.leases[name] = lease
+            rec.waiting_for = ""
+            return True
+        if not rec.waiting_for:
+            rec.status, rec.waiting_for = "waiting", lease.describe_holder()
+            logger.info("stage %s waits: its key is being computed by %s", name, rec.waiting_for)
+        return False
+
+    def _release(self, name: str) -> None:
+        lease = self.leases.pop(name, None)
+        if lease is not None:
+            lease.release()
+
     def _loop(self, done: set[str]) -> None:
         stages = self.pipeline.stages
         failed: set[str] = set()
         started = set(done)
         inflight: dict[Any, str] = {}
+        waiting: set[str] = set()
         hub = None
         reaper = Reaper()  # frees the groups of Ray Train runs whose stage task died
         while True:
             running_keys = {self.keys[n] for n in inflight.values()}
+            waiting.clear()
             for name in ready_stages(stages, done, started, failed):
                 stage, key = stages[name], self.keys[name]
                 if key in running_keys:
                     continue  # an identical stage is running: reuse its result when it lands
                 if inflight and not self._fits(stage, [stages[n] for n in inflight.values()]):
                     continue  # wait: starting it now would starve a running stage
-                if self.store.is_complete(stage.workload, key):
+                if self._cached(name):
                     started.add(name)
+                    self._release(name)
                     self._mark_cached(stage, self.record.stages[name])
                     done.add(name)
+                    continue
+                if not self._take_lease(name):
+                    waiting.add(name)  # another driver computes this key: look again soon
+                    continue
+                if self._cached(name):  # published between our check and the lease
                     continue
                 if hub is None:
                     ensure_ray()
@@ -367,7 +469,12 @@ class PipelineRunner:
                     started.add(name)
                     self.record.stages[name].status = "skipped"
                     failed.add(name)
+            self._heartbeat(inflight)
             if not inflight:
+                if waiting:
+                    self._save()
+                    time.sleep(0.5)
+                    continue
                 if ready_stages(stages, done, started, failed):
                     continue  # twins of stages that just finished: now cached
                 break
@@ -388,12 +495,19 @@ class PipelineRunner:
                     self._drain(hub)
                     self._stage_done(name, result)
                     done.add(name)
+                self._release(name)
             self._save()
         if failed:
             first = next(n for n in stages if n in failed and self.record.stages[n].error)
             self._finish("failed", f"stage {first!r} failed: {self.record.stages[first].error}")
         else:
             self._finish("success", "")
+
+    def _heartbeat(self, inflight: dict[Any, str]) -> None:
+        for name in list(self.leases):
+            if not self.leases[name].heartbeat() and name in inflight.values():
+                # its stage task will refuse to publish (the token check in the store)
+                logger.warning("stage %s: lost its key's lease to another driver", name)
 
     def _submit(self, stage: Stage, hub: Any):
         key = self.keys[stage.name]
@@ -402,11 +516,21 @@ class PipelineRunner:
         self.tracker.start_stage(stage.name, params=stage.params, tags={
             "mmkd.stage": stage.name, "mmkd.workload": stage.workload, "mmkd.key": key,
             "mmkd.cached": "false", "mmkd.pipeline": self.pipeline.name,
+            "mmkd.forced": str(stage.name in self.forced).lower(),
             **{f"mmkd.matrix.{k}": str(v) for k, v in stage.matrix_values.items()}})
         self.tracker.log_metrics(stage.name, {}, 0)
         rec.mlflow_run_id = self.tracker.run_id(stage.name)
         rec.status, rec.started, rec.error = "running", time.time(), ""
-        payload = stage_payload(self.pipeline, stage, self.keys, self.store, rec.mlflow_run_id)
+        if not rec.run_name:
+            # A forced rerun trains from scratch in a folder of its own: the previous run's
+            # checkpoints (and result) stay until the new result replaces them.
+            rec.run_name = run_name_for(stage, key) + (
+                f"-force-{self.record.run_id.removeprefix('run-')}" if stage.name in self.forced
+                else "")
+        payload = stage_payload(self.pipeline, stage, self.keys, self.store, rec.mlflow_run_id,
+                                run_name=rec.run_name, lease_token=self.leases[stage.name].token,
+                                replace=stage.name in self.forced,
+                                key_parts=self.key_parts[stage.name])
         self._save(force=True)
         return stage_task(stage).remote(payload, hub)
 
@@ -471,7 +595,8 @@ class PipelineRunner:
             self.tracker.start_stage(stage.name, params=stage.params, tags={
                 "mmkd.stage": stage.name, "mmkd.workload": stage.workload, "mmkd.key": key,
                 "mmkd.cached": "true", "mmkd.pipeline": self.pipeline.name,
-                "mmkd.source_run": str(manifest.get("source_run"))})
+                "mmkd.source_run": str(manifest.get("source_run")),
+                **_resume_tags(manifest.get("resumed_from_step"))})
             self.tracker.log_metrics(stage.name, _numeric(metrics))
             self.tracker.end_stage(stage.name, "FINISHED")
             rec.mlflow_run_id = self.tracker.run_id(stage.name)
@@ -479,21 +604,23 @@ class PipelineRunner:
         rec.source_run = manifest.get("source_run")
         rec.metrics = metrics
         rec.uri = self.store.uri(stage.workload, key)
+        self._index(stage.name)
 
-    def _forget(self, stage: Stage, key: str) -> None:
-        """--force: drop the cached result and in-stage checkpoints (else training resumes)."""
-        self.store.invalidate(stage.workload, key)
-        ck = f"{self.store.checkpoint_storage()}/{run_name_for(stage, key)}"
-        fs, path = self.store.fs, ck.split("://", 1)[-1]
-        import pyarrow.fs as pafs
-
-        if fs.get_file_info(path).type != pafs.FileType.NotFound:
-            fs.delete_dir(path)
+    def _index(self, name: str) -> None:
+        """Remember the key parts this pipeline's stage used: `mmkd plan` diffs against them."""
+        try:
+            self.store.write_index(self.pipeline.name, name, self.keys[name], self.key_parts[name])
+        except OSError as e:  # an explanation aid only: never fail a run over it
+            logger.warning("could not write the key index of stage %s: %s", name, e)
 
     def _stage_done(self, name: str, result: dict[str, Any]) -> None:
         rec = self.record.stages[name]
         rec.status, rec.ended, rec.metrics, rec.uri = "done", time.time(), result["metrics"], result["uri"]
         self.tracker.log_metrics(name, _numeric(result["metrics"]), rec.step)
+        tags = _resume_tags(result["metrics"].get("resumed_from_step"))
+        if tags:
+            self.tracker.set_tags(name, tags)
+        self._index(name)
         if self.store.is_local:
             self._log_small_artifacts(name, self.store.local_dir(rec.workload, rec.key))
         self.tracker.end_stage(name, "FINISHED")
@@ -529,6 +656,13 @@ class PipelineRunner:
         mlflow_status = {"success": "FINISHED", "failed": "FAILED"}.get(status, "KILLED")
         self.tracker.end_pipeline(mlflow_status)
         self._save(force=True)
+
+
+def _resume_tags(resumed_from_step: Any) -> dict[str, str]:
+    """MLflow tags of a stage that continued from an in-stage checkpoint (none otherwise)."""
+    if isinstance(resumed_from_step, (int, float)) and resumed_from_step >= 0:
+        return {"mmkd.resumed": "true", "mmkd.resumed_from_step": str(int(resumed_from_step))}
+    return {}
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:

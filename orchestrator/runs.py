@@ -18,7 +18,7 @@ from typing import Any
 
 from orchestrator.cache import mmkd_home
 
-STATUSES = ("pending", "running", "cached", "done", "failed", "skipped")
+STATUSES = ("pending", "waiting", "running", "cached", "done", "failed", "skipped")
 
 
 @dataclass
@@ -37,6 +37,8 @@ class StageRecord:
     error: str = ""
     mlflow_run_id: str | None = None
     source_run: str | None = None
+    run_name: str = ""  # the Ray Train run (checkpoint folder) this stage uses
+    waiting_for: str = ""  # another driver holding this key's lease
 
 
 @dataclass

@@ -25,13 +25,12 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from orchestrator.yaml_lines import LineIndex, YamlError, load_yaml_with_lines
+from orchestrator.yaml_lines import LineIndex
 
 _NAME = r"^[A-Za-z][A-Za-z0-9_\-]*$"
 
@@ -200,7 +199,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return data
 
 
-def _format_pydantic(e: ValidationError, prefix: tuple, where) -> list[str]:
+def format_pydantic(e: ValidationError, prefix: tuple, where) -> list[str]:
     msgs = []
     for err in e.errors():
         loc = prefix + tuple(err["loc"])
@@ -217,43 +216,11 @@ def _format_pydantic(e: ValidationError, prefix: tuple, where) -> list[str]:
     return msgs
 
 
-def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
-    """Load, override, validate and expand a pipeline file. Raises PipelineError."""
-    from orchestrator.dag import expand_and_lint  # dag depends on the models above
-
-    path = str(path)
-    try:
-        raw, lines = load_yaml_with_lines(path)
-    except YamlError as e:
-        raise PipelineError(path, [str(e)]) from None
-    if not isinstance(raw, dict):
-        raise PipelineError(path, ["the file must be a mapping with `name:` and `stages:`"])
-    try:
-        raw = apply_overrides(raw, overrides or [])
-    except ValueError as e:
-        raise PipelineError(path, [str(e)]) from None
-
-    def where(loc: tuple) -> str:
-        line = lines.line(tuple(loc))
-        stage = f"stage {loc[1]!r}, " if len(loc) > 1 and loc[0] == "stages" else ""
-        return f"{Path(path).name}:{line}: {stage}" if line else f"{Path(path).name}: {stage}"
-
-    try:
-        spec = PipelineSpec.model_validate(raw)
-    except ValidationError as e:
-        raise PipelineError(path, _format_pydantic(e, (), where)) from None
-
-    stages, errors = expand_and_lint(spec, where, _format_pydantic)
-    if errors:
-        raise PipelineError(path, errors)
-    return Pipeline(path=path, spec=spec, stages=stages, raw=raw)
-
-
 def stage_name_ok(name: str) -> bool:
     return re.match(_NAME, name) is not None
 
 
 __all__ = [
     "DeepSpeedSpec", "ResourcesSpec", "StageSpec", "PipelineSpec", "Stage", "Pipeline",
-    "PipelineError", "load_pipeline", "apply_overrides", "parse_override", "LineIndex",
+    "PipelineError", "apply_overrides", "parse_override", "format_pydantic", "LineIndex",
 ]

@@ -21,8 +21,8 @@ from typing import Any
 
 from orchestrator.cache import compute_keys, mmkd_home
 from orchestrator.placement import Reaper
-from orchestrator.runner import (PipelineRunner, ensure_ray, fingerprints, progress_hub_class,
-                                 stage_payload, stage_task, store_for)
+from orchestrator.runner import (PipelineRunner, code_fingerprints, ensure_ray, fingerprints,
+                                 progress_hub_class, stage_payload, stage_task, store_for)
 from orchestrator.spec import Pipeline
 from orchestrator.tracking import Tracker, default_tracking_uri, driver_tag
 from orchestrator.tuning import (TuneSpec, default_concurrency, param_space, select_chain,
@@ -49,7 +49,7 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
     params = {**stage.params, **config}
     stage = Stage(**{**stage.__dict__, "config": type(stage.config).model_validate(params)})
     keys = dict(base["keys"])
-    keys[stage.name] = stage_key(stage, keys, base["fingerprint"])
+    keys[stage.name] = stage_key(stage, keys, base["fingerprint"], base["codes"][stage.name])
     store = ArtifactStore(base["store_root"], base["local_cache"])
     payload = stage_payload(base["pipeline"], stage, keys, store)
     metric = base["metric"]
@@ -80,7 +80,8 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
     # select: run the stages from this one to the evaluation stage on this trial's output
     # (e.g. SFT → DFT → evaluate after a tuned DPT); the last one's metrics rank the trials.
     for down in base["chain"]:
-        keys[down.name] = stage_key(down, keys, base["fingerprints"].get(down.name, ""))
+        keys[down.name] = stage_key(down, keys, base["fingerprints"].get(down.name),
+                                    base["codes"][down.name])
         if store.is_complete(down.workload, keys[down.name]):
             done = store.read_json(down.workload, keys[down.name], "metrics.json") or {}
         else:
@@ -199,9 +200,9 @@ def run_tune(spec: TuneSpec, pipeline: Pipeline, tune_file: str, *, resume: bool
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = pipeline.stages[spec.stage]
     store = store_for(pipeline)
-    prints = fingerprints(pipeline)
-    base = {"stage": stage, "keys": compute_keys(pipeline.stages, prints),
-            "fingerprint": prints.get(spec.stage, ""), "pipeline": pipeline,
+    prints, codes = fingerprints(pipeline), code_fingerprints(pipeline)
+    base = {"stage": stage, "keys": compute_keys(pipeline.stages, prints, codes),
+            "fingerprint": prints.get(spec.stage), "codes": codes, "pipeline": pipeline,
             "store_root": store.root if not store.is_local else store.base,
             "local_cache": str(store.local_cache), "metric": spec.metric, "smooth": spec.smooth,
             "chain": select_chain(pipeline, spec.stage, spec.select.stage)

@@ -31,7 +31,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.cache import compute_keys
-from orchestrator.spec import Pipeline, load_pipeline
+from orchestrator.loader import load_pipeline
+from orchestrator.spec import Pipeline
 from orchestrator.yaml_lines import YamlError, load_yaml_with_lines
 
 _KINDS = ("uniform", "loguniform", "choice", "grid", "randint")

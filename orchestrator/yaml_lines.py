@@ -1,7 +1,12 @@
-"""YAML loading that remembers line numbers and rejects duplicate keys.
+"""YAML loading that remembers line numbers, rejects duplicate keys and un-shares aliases.
 
 PyYAML silently keeps the last of two equal keys; in a pipeline file that hides a typo'd stage
 that was meant to be a second one. Line numbers let every spec error cite where to look.
+
+PyYAML also returns one shared object for an anchor and all its aliases (`<<: *sft`), so a
+`--set` on one stage would write through to every stage that shares the anchor. After loading,
+every alias becomes its own copy; the expansion is bounded (a "billion laughs" file or a
+recursive alias is an error, not a hang).
 """
 
 from __future__ import annotations
@@ -14,6 +19,11 @@ import yaml
 
 class YamlError(ValueError):
     pass
+
+
+# Values (mappings, lists, scalars) the file may expand to through aliases. A pipeline has a few
+# hundred; a "billion laughs" file has 10^9.
+MAX_EXPANDED_NODES = 200_000
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -65,7 +75,41 @@ def load_yaml_with_lines(path: str | Path) -> tuple[Any, "LineIndex"]:
         raise YamlError(f"{path}{where}: invalid YAML: {problem}") from None
     finally:
         loader.dispose()
+    data = unshare(data, loader.lines, path)
     return data, LineIndex(data, loader.lines)
+
+
+def unshare(data: Any, lines: dict[int, dict[Any, int]], path: Any = "<yaml>",
+            limit: int = MAX_EXPANDED_NODES) -> Any:
+    """A tree copy of ``data`` in which no two places share a mapping or list (YAML aliases
+    become copies), keeping the line index of every copied mapping. Raises YamlError for a
+    recursive alias or an expansion beyond ``limit`` values."""
+    count = 0
+    stack: set[int] = set()
+
+    def copy(node: Any) -> Any:
+        nonlocal count
+        count += 1
+        if count > limit:
+            raise YamlError(f"{path}: the file expands to more than {limit:,} values through "
+                            f"YAML aliases (`*name`), as nested aliases of aliases do; write "
+                            f"the values out or nest fewer aliases")
+        if not isinstance(node, (dict, list)):
+            return node
+        if id(node) in stack:
+            raise YamlError(f"{path}: a YAML alias refers to a mapping or list that contains "
+                            f"it (a recursive alias); replace the `*name` inside its own anchor")
+        stack.add(id(node))
+        if isinstance(node, dict):
+            out: Any = {k: copy(v) for k, v in node.items()}
+            if id(node) in lines:
+                lines[id(out)] = lines[id(node)]
+        else:
+            out = [copy(v) for v in node]
+        stack.discard(id(node))
+        return out
+
+    return copy(data)
 
 
 class LineIndex:

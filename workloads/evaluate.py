@@ -26,10 +26,10 @@ from typing import Any, Iterable
 
 from pydantic import Field
 
-from workloads.context import StageContext
-from workloads.data.source import (DataSource, fingerprint_config_sources,
-                                   validate_config_sources)
-from workloads.registry import WorkloadConfig, workload
+from orchestrator.plugin import SUMMARY_FILE, StageContext
+from workloads.data.preflight import validate_config_sources
+from workloads.data.source import DataSource
+from orchestrator.plugin import WorkloadConfig, workload
 from workloads.report import accuracy_chart
 
 __all__ = ["EvalConfig", "evaluate", "normalize_answer", "exact_match", "accuracy_by_type",
@@ -105,7 +105,7 @@ class EvalConfig(WorkloadConfig):
                           "omit to use input `data` (WebDataset shards such as shapes.eval)")
 
 
-def _messages(conv: list[dict[str, str]]) -> list[dict[str, str]]:
+def conversation_messages(conv: list[dict[str, str]]) -> list[dict[str, str]]:
     role = {"human": "user", "gpt": "assistant", "system": "system"}
     return [{"role": role[t["from"]], "content": t["value"]} for t in conv]
 
@@ -119,7 +119,7 @@ def generate_answer(model: Any, processor: Any, example: Any, max_new_tokens: in
     if example.image is not None and not any(tok in t["value"] for t in conv):
         first = next(t for t in conv if t["from"] == "human")
         first["value"] = f"{tok}\n{first['value']}"
-    text = processor.tokenizer.apply_chat_template(_messages(conv), tokenize=False,
+    text = processor.tokenizer.apply_chat_template(conversation_messages(conv), tokenize=False,
                                                    add_generation_prompt=True)
     images = [example.image] if example.image is not None else None
     enc = processor(images=images, text=text, return_tensors="pt")
@@ -154,7 +154,7 @@ def _source(path: Any) -> Any:
 
 
 @workload("evaluate", config=EvalConfig, version="2", outputs=("results",), distributed=False,
-          validate=validate_config_sources, fingerprint=fingerprint_config_sources)
+          validate=validate_config_sources)
 def evaluate(config: EvalConfig, ctx: StageContext) -> dict[str, float]:
     """Score models on held-out VQA (exact match) and caption perplexity; write tables."""
     from itertools import islice
@@ -194,6 +194,8 @@ def evaluate(config: EvalConfig, ctx: StageContext) -> dict[str, float]:
         ctx.log(f"{name}: accuracy {res['accuracy']:.3f} on {len(records)} questions")
     md, table_csv = results_table(results)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(ctx.output_dir, SUMMARY_FILE), "w") as f:  # printed by mmkd run/show
         f.write(md)
     with open(os.path.join(out_dir, "results.csv"), "w") as f:
         f.write(table_csv)

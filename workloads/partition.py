@@ -25,8 +25,8 @@ from typing import Any, Iterator, Literal
 import numpy as np
 from pydantic import Field
 
-from workloads.context import StageContext
-from workloads.registry import WorkloadConfig, workload
+from orchestrator.plugin import StageContext
+from orchestrator.plugin import WorkloadConfig, workload
 
 __all__ = ["PartitionConfig", "partition", "spherical_kmeans", "balanced_assign",
            "random_partition", "centroids_of", "write_partitions", "run_partition"]

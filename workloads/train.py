@@ -22,7 +22,8 @@ import tempfile
 import time
 from typing import Any
 
-from workloads.context import StageContext
+from orchestrator.plugin import StageContext
+from workloads.errors import NonFiniteLossError, StageError, no_retry_failure_policy, root_stage_error
 from workloads.lineage import write_lineage
 from workloads.train_setup import (CausalLMLoss, LossFn, StepContext, TrainParams, build_optimizer,
                                    check_resources, deepspeed_config)
@@ -30,6 +31,7 @@ from workloads.train_setup import (CausalLMLoss, LossFn, StepContext, TrainParam
 __all__ = ["run_training", "train_loop_per_worker", "plan_total_steps", "CKPT_META"]
 
 CKPT_META = "mmkd_checkpoint.json"
+MAX_SKIPPED_IN_A_ROW = 20  # `nonfinite: skip_batch` gives up after this many NaN batches
 DS_TAG = "ds"
 
 
@@ -52,9 +54,12 @@ def plan_total_steps(p: TrainParams, num_rows: int | None, world_size: int) -> i
 
 def run_training(ctx: StageContext, *, model_spec: dict[str, Any], tokenizer_dir: str | None,
                  dataset: Any, params: TrainParams, loss_fn: LossFn | None = None,
-                 num_rows: int | None = None) -> dict[str, Any]:
+                 num_rows: int | None = None, quality: Any = None) -> dict[str, Any]:
     """Train on ``dataset`` (a Ray Dataset in the data row contract) and write
-    ``ctx.output_dir/model``. Returns final metrics (loss, steps, samples, ...)."""
+    ``ctx.output_dir/model``. Returns final metrics (loss, steps, samples, ...).
+
+    ``quality`` (the data's SampleQuality): a worker whose shard yields nothing reports the
+    data error behind it (every sample bad) rather than an empty shard."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -72,11 +77,17 @@ def run_training(ctx: StageContext, *, model_spec: dict[str, Any], tokenizer_dir
         resources["GPU"] = res.gpus_per_worker
     storage = ctx.checkpoint_storage or os.path.join(ctx.output_dir, "_checkpoints")
     run_name = ctx.run_name or f"{ctx.stage}-{ctx.key[:12]}"
-    trainer = TorchTrainer(
+    class Trainer(TorchTrainer):
+        def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
+            # deterministic stage errors (bad data, NaN loss) are raised, not retried
+            kwargs["failure_policy"] = no_retry_failure_policy(self.run_config.failure_config)
+            return super()._initialize_and_run_controller(**kwargs)
+
+    trainer = Trainer(
         train_loop_per_worker,
         train_loop_config={"ctx": ctx, "params": params, "model_spec": model_spec,
                            "tokenizer_dir": tokenizer_dir, "total_steps": total_steps,
-                           "loss_fn": loss_fn or CausalLMLoss(),
+                           "loss_fn": loss_fn or CausalLMLoss(), "quality": quality,
                            "pid_dir": _pid_dir(storage, run_name)},
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
@@ -87,9 +98,12 @@ def run_training(ctx: StageContext, *, model_spec: dict[str, Any], tokenizer_dir
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": dataset},
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - re-raised: the stage's own error, unwrapped
+        raise (root_stage_error(e) or e) from None
     if result.error:
-        raise result.error
+        raise root_stage_error(result.error) or result.error
     if result.checkpoint is None:
         raise RuntimeError(f"stage {ctx.stage!r}: training ended without a final checkpoint")
     with result.checkpoint.as_directory() as d:
@@ -178,6 +192,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     window = {"loss": 0.0, "tokens": 0, "samples": 0, "micro": 0}
     extra: dict[str, float] = {}
+    skipped = int(history[-1].get("nonfinite/skipped_batches", 0)) if history else 0
+    in_a_row = 0
     t_window = time.perf_counter()
     epoch = 0
     while step < total_steps:
@@ -188,6 +204,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
             sctx.step = step
             loss, extra = loss_fn(engine, batch, sctx)
+            bad = _nonfinite_terms(loss, extra, agree=p.nonfinite == "skip_batch" and world > 1,
+                                   device=device)
+            if bad:
+                if p.nonfinite != "skip_batch":
+                    raise NonFiniteLossError(
+                        f"stage {ctx.stage!r}: the loss is not finite at step {step + 1} "
+                        f"({', '.join(bad)}); the stage stops and nothing is published. Lower "
+                        f"`lr`, check the data, or set `nonfinite: skip_batch` to skip such "
+                        f"batches")
+                skipped += 1  # every rank skips it together: no backward, no update
+                in_a_row += 1
+                if in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                    raise NonFiniteLossError(
+                        f"stage {ctx.stage!r}: the loss was not finite for {in_a_row} batches in "
+                        f"a row at step {step + 1} ({', '.join(bad)}); skipping cannot help. "
+                        f"Lower `lr` or check the data")
+                continue
+            in_a_row = 0
             engine.backward(loss)
             engine.step()  # DeepSpeed only steps the optimizer on accumulation boundaries
             window["loss"] += float(loss.detach())
@@ -197,8 +231,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if window["micro"] < p.grad_accum:
                 continue
             step += 1
+            _check_grad_norm(engine, ctx.stage, step)
             metrics = _step_metrics(window, t_window, scheduler, extra, device)
             metrics["epoch"] = epoch
+            metrics["nonfinite/skipped_batches"] = skipped
             history.append({"step": step, **metrics})
             if rank == 0:
                 ctx.report(metrics, step=step, total_steps=total_steps)
@@ -210,8 +246,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _save_checkpoint(engine, step, history, metrics, rank)
                 t_window = time.perf_counter()
         if n_batches == 0:
-            raise RuntimeError(f"stage {ctx.stage!r}: worker {rank} got an empty data shard; "
-                               f"give more samples than workers × batch_size")
+            if config.get("quality") is not None:
+                config["quality"].check()  # every sample bad: that is the error to report
+            raise StageError(f"stage {ctx.stage!r}: worker {rank} got an empty data shard; "
+                             f"give more samples than workers × batch_size")
         epoch += 1
 
     # the last step's own metrics (ce, l_res, ... of a distill stage) plus the run's totals
@@ -228,6 +266,43 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                               config["model_spec"])
         meta = {"kind": "final", "step": step, "history": history, "final": final}
         _report_final(d, meta, rank)
+
+
+def _nonfinite_terms(loss: Any, extra: dict[str, float], agree: bool, device: Any) -> list[str]:
+    """Names of the loss terms that are NaN/Inf in this micro-batch (``agree``: on any rank,
+    so that all ranks skip the same batch and no collective is left waiting)."""
+    import torch
+
+    bad = [k for k, v in extra.items() if k in _LOSS_TERMS and not math.isfinite(v)]
+    if not bool(torch.isfinite(loss.detach()).all()) and not bad:
+        bad = ["loss"]
+    if agree:
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if bad else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not bad:
+            bad = ["loss (on another rank)"]
+    return bad
+
+
+_LOSS_TERMS = ("loss", "ce", "l_res", "l_vis", "l_rel")
+
+
+def _check_grad_norm(engine: Any, stage: str, step: int) -> None:
+    """A non-finite gradient norm has already reached the weights: the run cannot go on."""
+    try:
+        norm = engine.get_global_grad_norm()
+    except (AttributeError, RuntimeError):
+        return
+    if norm is None:
+        return
+    value = float(norm)
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"stage {stage!r}: the gradient norm is not finite ({value}) at step {step}; the "
+            f"weights are no longer usable, the stage stops and nothing is published. Lower "
+            f"`lr` or `max_grad_norm`, or check the data")
 
 
 def _step_metrics(window: dict, t0: float, scheduler: Any, extra: dict, device: Any) -> dict:

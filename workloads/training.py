@@ -13,10 +13,11 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from workloads.context import StageContext
-from workloads.data.source import DataSource, fingerprint_config_sources, validate_config_sources
+from orchestrator.plugin import StageContext
+from workloads.data.preflight import validate_config_sources
+from workloads.data.source import DataSource
 from workloads.models import ModelSpec, save_processor
-from workloads.registry import WorkloadConfig, workload
+from orchestrator.plugin import WorkloadConfig, workload
 from workloads.train import run_training
 from workloads.train_setup import TrainParams
 
@@ -48,6 +49,10 @@ class TrainConfig(WorkloadConfig):
     checkpoint_every: int = Field(50, ge=0, description="optimizer steps between checkpoints (0: none)")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
     seed: int | None = Field(None, description="defaults to the pipeline seed")
+    nonfinite: Literal["fail", "skip_batch"] = Field(
+        "fail", description="a NaN/Inf loss term: `fail` the stage at that step (nothing is "
+                            "published) or `skip_batch` (no update from that batch; counted "
+                            "as nonfinite/skipped_batches). A non-finite gradient norm always fails")
     max_bad_fraction: float = Field(
         0.01, ge=0, le=1, description="error budget: the stage fails if more than this fraction "
                                       "of samples is unusable (corrupt image, bad JSON, ...)")
@@ -107,7 +112,7 @@ def train_params(config: TrainConfig, ctx: StageContext, pad_token_id: int) -> T
         grad_accum=config.grad_accum, max_steps=config.max_steps, epochs=config.epochs,
         warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm, checkpoint_every=config.checkpoint_every,
-        max_failures=config.max_failures,
+        max_failures=config.max_failures, nonfinite=config.nonfinite,
         seed=ctx.seed if config.seed is None else config.seed, pad_token_id=pad_token_id)
 
 
@@ -132,21 +137,16 @@ def run_train_stage(config: TrainConfig, ctx: StageContext, loss_fn: Any = None)
     num_rows = None
     if config.max_steps is None:  # plan the steps from an epoch's usable rows
         num_rows = dataset.count()
+        quality.check()  # every sample bad: the data error, not "no steps" or an empty shard
         quality.reset()  # that pass only counted; the training pass reports what it skipped
     metrics = run_training(ctx, model_spec=spec, tokenizer_dir=tokenizer_dir, dataset=dataset,
                            params=train_params(config, ctx, pad), loss_fn=loss_fn,
-                           num_rows=num_rows)
+                           num_rows=num_rows, quality=quality)
     for line in quality.warnings():
         ctx.log(line, level="warning")
     quality.check()  # raises DataQualityError naming the dominant cause and an example
     metrics.update(quality.metrics())
     return metrics
-
-
-def data_fingerprint(config: Any) -> str:
-    """Registry hook: hash of the files a `data:` param names ("" when data comes from inputs,
-    whose keys already say what they hold)."""
-    return fingerprint_config_sources(config) if getattr(config, "data", None) else ""
 
 
 def data_problems(config: Any, inputs: dict | None = None) -> list[str]:
@@ -155,14 +155,14 @@ def data_problems(config: Any, inputs: dict | None = None) -> list[str]:
 
 
 @workload("pretrain", config=PretrainConfig, version="1", outputs=("model",), distributed=True,
-          validate=data_problems, fingerprint=data_fingerprint)
+          validate=data_problems)
 def pretrain(config: PretrainConfig, ctx: StageContext) -> dict[str, Any]:
     """Align vision and language: train the projector on image-caption data."""
     return run_train_stage(config, ctx)
 
 
 @workload("sft", config=SFTConfig, version="1", outputs=("model",), distributed=True,
-          validate=data_problems, fingerprint=data_fingerprint)
+          validate=data_problems)
 def sft(config: SFTConfig, ctx: StageContext) -> dict[str, Any]:
     """Instruction-tune projector + LLM on conversations."""
     return run_train_stage(config, ctx)

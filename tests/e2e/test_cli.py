@@ -95,6 +95,13 @@ def test_killed_driver_resumes_without_redoing_finished_stages(tmp_path, cli_env
         == ["long", "prep"]
     assert not [r for r in children if r.info.status == "RUNNING"]
     assert [r.info.status for r in children if r.data.tags["mmkd.stage"] == "long"].count("KILLED") == 1
+    # the resumed stage says so: MLflow tags and the published manifest
+    [finished] = [r for r in children
+                  if r.data.tags["mmkd.stage"] == "long" and r.info.status == "FINISHED"]
+    assert finished.data.tags["mmkd.resumed"] == "true"
+    assert int(finished.data.tags["mmkd.resumed_from_step"]) == long["resumed_from"]
+    [manifest] = (home / "artifacts" / "stages").glob("count-*/_mmkd.json")
+    assert json.loads(manifest.read_text())["resumed_from_step"] == long["resumed_from"]
 
     out = mmkd(["show", record["run_id"]], cli_env, tmp_path, check=True)
     assert "long" in out.stdout and "done" in out.stdout

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import mmkd
 
-from orchestrator.spec import load_pipeline
+from orchestrator.loader import load_pipeline
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

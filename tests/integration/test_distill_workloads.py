@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from workloads.context import Resources, StageContext
+from orchestrator.plugin import Resources, StageContext
 from workloads.distill import DistillConfig, distill
 from workloads.distill_offline import TeacherLogitsConfig, read_manifest, teacher_logits
 
@@ -44,7 +44,7 @@ def _series(ctx, name):
 
 @pytest.fixture(scope="module")
 def setup(ray_session, tmp_path_factory):
-    from workloads.data.tiny import build_tiny_data
+    from mmkd_test_plugins.data_tiny import build_tiny_data
     from workloads.models import build_model, save_model
 
     root = tmp_path_factory.mktemp("distill")

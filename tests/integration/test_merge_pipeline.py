@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from workloads.context import StageContext
+from orchestrator.plugin import StageContext
 from workloads.merge import MergeConfig, merge
 from workloads.merging import MergeInputError, load_any_model
 from workloads.partition import PartitionConfig, partition
@@ -19,7 +19,7 @@ from workloads.partition import PartitionConfig, partition
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from workloads.data.tiny import build_tiny_data
+    from mmkd_test_plugins.data_tiny import build_tiny_data
     from workloads.models import build_model, save_model
 
     root = tmp_path_factory.mktemp("mergepipe")
@@ -114,7 +114,7 @@ def test_merge_workload_refuses_incompatible_inputs(setup):
         merge(MergeConfig(method="ensemble"), _ctx(root, "bad3", {"models": three[:2]}))
     with pytest.raises(ValueError, match="unknown merge method 'soup'"):
         MergeConfig(method="soup")
-    from workloads.registry import get_workload
+    from orchestrator.plugin import get_workload
 
     info = get_workload("merge")
     probs = info.validate(MergeConfig(method="width"),

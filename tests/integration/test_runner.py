@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.runner import PipelineRunner
-from orchestrator.spec import load_pipeline
+from orchestrator.loader import load_pipeline
 
 
 @pytest.fixture

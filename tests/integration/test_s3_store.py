@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator.cache import ArtifactStore
 from orchestrator.runner import PipelineRunner
-from orchestrator.spec import load_pipeline
+from orchestrator.loader import load_pipeline
 
 
 def free_port() -> int:
@@ -79,3 +79,28 @@ def test_pipeline_with_s3_store_passes_outputs_downstream(ray_session, s3_uri, t
     assert rec.stages["b"].uri.startswith("s3://")
     again = PipelineRunner(load_pipeline(path), store_root=s3_uri).run()
     assert {s.status for s in again.stages.values()} == {"cached"}
+
+
+def test_leases_on_an_object_store(s3_uri, tmp_path):
+    """A lease object with an expiry: exclusive while fresh, taken over once stale, and a
+    holder that lost it cannot publish."""
+    store = ArtifactStore(s3_uri, local_cache=tmp_path / "cache")
+    key = "ab" * 32
+    first = store.lease("noop", key, {"run_id": "first"})
+    first.settle_s = second_settle = 0.2
+    assert first.try_acquire()
+    second = store.lease("noop", key, {"run_id": "second"})
+    second.settle_s = second_settle
+    assert not second.try_acquire() and "run first" in second.describe_holder()
+    second.ttl = 0.5  # as if the first driver had stopped its heartbeats long ago
+    time.sleep(0.6)
+    assert second.try_acquire() and not first.still_held()
+    with pytest.raises(RuntimeError, match="no longer holds the key's lease"):
+        with store.writer("noop", key, {"stage": "x"}, lease_token=first.token) as out:
+            open(f"{out}/a.txt", "w").write("late")
+    assert not store.is_complete("noop", key)
+    with store.writer("noop", key, {"stage": "x"}, lease_token=second.token) as out:
+        open(f"{out}/a.txt", "w").write("on time")
+    assert store.is_complete("noop", key)
+    second.release()
+    assert store.lease("noop", key, {}).holder() is None

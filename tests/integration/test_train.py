@@ -12,9 +12,9 @@ import os
 import pytest
 import torch
 
-from workloads.context import Resources, StageContext
+from orchestrator.plugin import Resources, StageContext
 from workloads.train import run_training
-from workloads.train_fixtures import build_tiny_tokenizer, shapes_rows
+from mmkd_test_plugins.train_fixtures import build_tiny_tokenizer, shapes_rows
 from workloads.train_setup import ResourceError, TrainParams
 
 

@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from workloads.context import Resources, StageContext
+from orchestrator.plugin import Resources, StageContext
 from workloads.data.quality import DataQualityError
 from workloads.training import PretrainConfig, pretrain
 
@@ -42,7 +42,7 @@ def corrupt_images(src_dir: str, dst_dir: str, every: int) -> int:
 
 @pytest.fixture(scope="module")
 def data(ray_session, tmp_path_factory):
-    from workloads.data.tiny import build_tiny_data
+    from mmkd_test_plugins.data_tiny import build_tiny_data
 
     root = tmp_path_factory.mktemp("quality")
     tiny = build_tiny_data(root / "data", num_samples=48, vocab_size=320)

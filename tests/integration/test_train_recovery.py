@@ -9,9 +9,9 @@ import signal
 import threading
 import time
 
-from workloads.context import Resources, StageContext
+from orchestrator.plugin import Resources, StageContext
 from workloads.train import run_training
-from workloads.train_fixtures import SlowLoss, build_tiny_tokenizer, shapes_rows
+from mmkd_test_plugins.train_fixtures import SlowLoss, build_tiny_tokenizer, shapes_rows
 from workloads.train_setup import TrainParams
 
 

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from workloads.context import Resources, StageContext
+from orchestrator.plugin import Resources, StageContext
 from workloads.evaluate import EvalConfig, accuracy_by_type, evaluate
 from workloads.training import PretrainConfig, SFTConfig, pretrain, sft
 
@@ -31,7 +31,7 @@ def _state(path):
 
 @pytest.fixture(scope="module")
 def chain(ray_session, tmp_path_factory):
-    from workloads.data.tiny import build_tiny_data
+    from mmkd_test_plugins.data_tiny import build_tiny_data
 
     root = tmp_path_factory.mktemp("chain")
     data = build_tiny_data(root / "data", num_samples=64, vocab_size=320)

@@ -80,7 +80,7 @@ def test_asha_tune_logs_trials_and_saves_best_params(ray_session, files):
 
     # the best trial's stage output is cached: applying the best params reruns nothing
     from orchestrator.runner import PipelineRunner
-    from orchestrator.spec import load_pipeline
+    from orchestrator.loader import load_pipeline
 
     sets = [f"stages.fit.params.lr={best['params']['lr']}"]
     rec = PipelineRunner(load_pipeline(files / "pipe.yaml", sets)).run()
@@ -243,7 +243,7 @@ def test_tune_a_ray_train_stage_whose_worker_leaves_one_cpu_for_its_data(ray_ses
     """Trials of a real training stage (Ray Train + DeepSpeed + Ray Data). The stage's worker
     takes 3 of the session's 4 CPUs: its data pipeline needs the last one, so a trial must
     hold no CPU itself (with 0.1 CPU per trial the reads never started and the tune hung)."""
-    from workloads.data.tiny import build_tiny_data
+    from mmkd_test_plugins.data_tiny import build_tiny_data
     from workloads.models import build_model, save_model
 
     data = build_tiny_data(files / "data", num_samples=32, vocab_size=320)
@@ -274,8 +274,8 @@ def test_a_killed_trial_gives_its_training_resources_back(ray_session, files):
     from orchestrator.cache import compute_keys
     from orchestrator.placement import Reaper
     from orchestrator.runner import fingerprints, stage_payload, stage_task, store_for
-    from orchestrator.spec import load_pipeline
-    from workloads.data.tiny import build_tiny_data
+    from orchestrator.loader import load_pipeline
+    from mmkd_test_plugins.data_tiny import build_tiny_data
     from workloads.models import build_model, save_model
 
     data = build_tiny_data(files / "data", num_samples=32, vocab_size=320)

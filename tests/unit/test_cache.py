@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from orchestrator.cache import SUCCESS, ArtifactStore, compute_keys
-from orchestrator.spec import load_pipeline
+from orchestrator.loader import load_pipeline
 
 PIPE = """
 name: keys
@@ -36,7 +36,7 @@ def keys_for(path, overrides=()):
 def test_keys_are_stable_across_processes(pipe_path):
     here = keys_for(pipe_path)
     code = ("import json,sys; from orchestrator.cache import compute_keys; "
-            "from orchestrator.spec import load_pipeline; "
+            "from orchestrator.loader import load_pipeline; "
             f"print(json.dumps(compute_keys(load_pipeline({str(pipe_path)!r}).stages)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={**os.environ, "PYTHONHASHSEED": "123"})

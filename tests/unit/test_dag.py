@@ -38,7 +38,7 @@ def test_stages_that_stream_data_reserve_a_cpu_for_their_pipeline():
     from pathlib import Path
 
     from orchestrator.runner import stage_cpus
-    from orchestrator.spec import load_pipeline
+    from orchestrator.loader import load_pipeline
 
     pipe = load_pipeline(Path(__file__).resolve().parents[2] / "pipelines/kd_offline_teacher.yaml")
     st = pipe.stages

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from workloads.context import StageContext
-from workloads.registry import get_workload
+from orchestrator.plugin import StageContext
+from orchestrator.plugin import get_workload
 
 
 def test_shapes_then_tokenizer_workloads(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.spec import load_pipeline
+from orchestrator.loader import load_pipeline
 from orchestrator.tuning import load_tune
 
 PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"

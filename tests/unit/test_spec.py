@@ -6,7 +6,8 @@ import textwrap
 
 import pytest
 
-from orchestrator.spec import PipelineError, apply_overrides, load_pipeline
+from orchestrator.loader import load_pipeline
+from orchestrator.spec import PipelineError, apply_overrides
 
 
 def write(tmp_path, text: str, name: str = "p.yaml"):

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from pydantic import Field
 
-from workloads.registry import WorkloadConfig
+from orchestrator.plugin import WorkloadConfig
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
@@ -285,5 +285,15 @@ def shapes_cli(argv: list[str] | None = None) -> dict[str, float]:
     return run_shapes_command(add_shapes_arguments(argparse.ArgumentParser()).parse_args(argv))
 
 
+def add_commands(sub: Any) -> None:
+    """Entry point ``mmkd.commands``: ``mmkd data shapes --out DIR ...``."""
+    data = sub.add_parser("data", help="data set tools")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    p = dsub.add_parser("shapes", help="generate the shapes VQA benchmark as WebDataset shards")
+    add_shapes_arguments(p)
+    p.set_defaults(fn=lambda a: [run_shapes_command(a), 0][-1])  # it returns the data's metrics
+
+
 if __name__ == "__main__":
     shapes_cli()
+

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from pydantic import Field
 
-from workloads.context import StageContext
+from orchestrator.plugin import StageContext
 from workloads.data.shapes import ShapesConfig, generate_shapes
 from workloads.data.tokenizer import corpus_texts, train_tokenizer
-from workloads.registry import WorkloadConfig, workload
+from orchestrator.plugin import WorkloadConfig, workload
 
 __all__ = ["ShapesConfig", "TokenizerConfig", "shapes", "tokenizer"]
 

@@ -1,0 +1,241 @@
+"""The plugin contract: what a workload is, what it receives, and how mmkd finds it.
+
+A workload is a function ``fn(config, ctx) -> dict | None`` plus a typed config class::
+
+    from orchestrator.plugin import StageContext, WorkloadConfig, workload
+
+    class MyConfig(WorkloadConfig):
+        alpha: float = 1.0
+
+    @workload("my_stage", config=MyConfig, outputs=("model",), distributed=True)
+    def my_stage(config: MyConfig, ctx: StageContext) -> dict[str, float]:
+        ...  # write ctx.output_dir/model; return final metrics
+
+Pipeline files name workloads only by their registry key (``workload: my_stage``). mmkd finds
+them through the Python entry-point group ``mmkd.workloads``: each entry point names a module
+whose import registers workloads (mmkd's own are declared in its pyproject.toml exactly like a
+user's package declares its own). ``MMKD_PLUGINS=pkg.module,...`` imports further modules
+without packaging (a notebook, a benchmark); it reaches stage tasks with the driver's env.
+
+After a stage, the engine checks that every declared output exists in ``ctx.output_dir``; a
+``summary.md`` the stage writes there is printed by ``mmkd run`` and ``mmkd show``.
+Stage keys follow the workload's code, library versions and the external files its config
+names (``orchestrator/keys.py``); ``version`` is an optional salt.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = ["WorkloadConfig", "WorkloadInfo", "workload", "get_workload", "list_workloads",
+           "UnknownWorkloadError", "PluginError", "Resources", "StageContext", "ENTRY_POINTS",
+           "load_entry_points", "missing_outputs", "SUMMARY_FILE"]
+
+logger = logging.getLogger("mmkd")
+
+ENTRY_POINTS = "mmkd.workloads"
+SUMMARY_FILE = "summary.md"  # optional: a stage's markdown summary (a results table), printed
+
+
+class WorkloadConfig(BaseModel):
+    """Base class for workload configs: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+@dataclass(frozen=True)
+class WorkloadInfo:
+    name: str
+    fn: Callable[..., Any]
+    config: type[BaseModel]
+    version: str
+    outputs: tuple[str, ...]
+    # True: the workload starts its own Ray Train run (its workers hold the resources), so the
+    # stage task itself takes no CPU. False: the stage task does the work and holds the resources.
+    distributed: bool = False
+    # True: the stage runs a Ray Data pipeline beside its own work (a non-distributed stage that
+    # streams a data set); the runner then reserves a CPU for that pipeline, as for Ray Train.
+    streams_data: bool = False
+    description: str = ""
+    # fn(config) -> {field: hash} of the external files the stage reads; None: the engine's
+    # ``orchestrator.fingerprint.config_fingerprint`` (manifests of the paths the config names).
+    fingerprint: Callable[[Any], dict[str, str]] | None = None
+    # Optional fn(config, inputs: dict[str, list[str] | str]) -> list[str] of problems, run by
+    # `mmkd validate` before Ray starts (paths exist, vocabularies match, ...).
+    validate: Callable[..., list[str]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def module(self) -> str:
+        return self.fn.__module__
+
+    @property
+    def source(self) -> str:
+        """The installed distribution (or module) the workload comes from."""
+        return _SOURCES.get(self.module) or f"module {self.module}"
+
+
+_REGISTRY: dict[str, WorkloadInfo] = {}
+_SOURCES: dict[str, str] = {}  # module -> distribution that declared it as an entry point
+_loaded = False
+
+
+class UnknownWorkloadError(KeyError):
+    def __init__(self, name: str, known: list[str]):
+        self.name = name
+        self.known = known
+        super().__init__(name)
+
+    def __str__(self) -> str:
+        return f"unknown workload {self.name!r}; registered workloads: {', '.join(self.known)}"
+
+
+class PluginError(ImportError):
+    """A plugin module named by an entry point (or MMKD_PLUGINS) failed to import."""
+
+
+def workload(
+    name: str,
+    *,
+    config: type[BaseModel],
+    version: str = "1",
+    outputs: tuple[str, ...] = (),
+    distributed: bool = False,
+    streams_data: bool = False,
+    fingerprint: Callable[[Any], dict[str, str]] | None = None,
+    validate: Callable[..., list[str]] | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn`` as the workload ``name`` (snake_case)."""
+    if not name.replace("_", "").isalnum() or name.lower() != name:
+        raise ValueError(f"workload names are snake_case, got {name!r}")
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
+            old = _REGISTRY[name]
+            raise PluginError(f"workload {name!r} is registered twice: by {old.module} "
+                              f"({old.source}) and by {fn.__module__}; rename one of them")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        _REGISTRY[name] = WorkloadInfo(
+            name=name, fn=fn, config=config, version=str(version), outputs=tuple(outputs),
+            distributed=distributed, streams_data=streams_data or distributed,
+            description=doc[0] if doc else "", fingerprint=fingerprint, validate=validate)
+        return fn
+
+    return register
+
+
+def load_entry_points(group: str, sources: dict[str, str] | None = None) -> list[str]:
+    """Import every module the entry-point ``group`` names (plus ``MMKD_PLUGINS`` for the
+    workload group); returns the module names. ``sources`` collects module -> distribution."""
+    found: list[tuple[str, str]] = []
+    for ep in importlib.metadata.entry_points(group=group):
+        found.append((ep.value.split(":")[0], ep.dist.name if ep.dist else "?"))
+    if group == ENTRY_POINTS:
+        found += [(m.strip(), "MMKD_PLUGINS") for m in
+                  os.environ.get("MMKD_PLUGINS", "").split(",") if m.strip()]
+    modules = []
+    for module, dist in found:
+        if sources is not None:
+            sources.setdefault(module, dist)
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # noqa: BLE001 - a broken plugin is named, not a traceback
+            raise PluginError(f"plugin module {module!r} (from {dist}, entry-point group "
+                              f"{group!r}) failed to import: {type(e).__name__}: {e}") from e
+        modules.append(module)
+    return modules
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    load_entry_points(ENTRY_POINTS, _SOURCES)
+
+
+def get_workload(name: str) -> WorkloadInfo:
+    _load_all()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownWorkloadError(name, sorted(_REGISTRY)) from None
+
+
+def list_workloads() -> list[WorkloadInfo]:
+    _load_all()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def missing_outputs(info: WorkloadInfo, output_dir: str) -> list[str]:
+    """Declared outputs the stage did not write."""
+    return [o for o in info.outputs if not os.path.exists(os.path.join(output_dir, o))]
+
+
+# -- what a workload receives ------------------------------------------------------------------
+# The context is a plain picklable dataclass: it travels into Ray tasks and into every Ray Train
+# worker inside the worker's config dict.
+
+
+@dataclass(frozen=True)
+class Resources:
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+
+@dataclass
+class StageContext:
+    pipeline: str
+    stage: str
+    key: str
+    # Local directory the workload writes its outputs into (``model/``, data files, ...).
+    # The runner moves it into the artifact store only after the workload returns.
+    output_dir: str
+    # Input name -> local path (or list of paths) of the referenced upstream outputs.
+    inputs: dict[str, Any] = field(default_factory=dict)
+    resources: Resources = field(default_factory=Resources)
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    # Persistent storage for in-stage checkpoints (a local path or a pyarrow.fs URI). Together
+    # with ``run_name`` (derived from the stage key) a restarted stage finds its checkpoints.
+    checkpoint_storage: str = ""
+    run_name: str = ""
+    seed: int = 0
+    # Ray actor handle of the driver's progress hub; None outside a pipeline run.
+    reporter: Any = None
+    # Metrics reported while running without a reporter (unit tests, local calls).
+    local_metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    def report(self, metrics: dict[str, float], step: int | None = None,
+               total_steps: int | None = None) -> None:
+        """Send per-step metrics to the driver (MLflow + live view). Call from one rank only."""
+        event = {"stage": self.stage, "step": step, "total_steps": total_steps,
+                 "metrics": {k: float(v) for k, v in metrics.items()}, "time": time.time()}
+        if self.reporter is None:
+            self.local_metrics.append(event)
+            return
+        self.reporter.report.remote(event)
+
+    def log(self, message: str, level: str = "info") -> None:
+        """A line for the driver's console (warnings about skipped samples, etc.)."""
+        getattr(logger, level)("[%s] %s", self.stage, message)
+        if self.reporter is not None:
+            self.reporter.log.remote({"stage": self.stage, "level": level, "message": message,
+                                      "time": time.time()})
+
+    def input(self, name: str) -> Any:
+        try:
+            return self.inputs[name]
+        except KeyError:
+            raise KeyError(
+                f"stage {self.stage!r} needs input {name!r}; it has {sorted(self.inputs)}. "
+                f"Add `inputs: {{{name}: <stage>.<output>}}` to the stage in the pipeline file."
+            ) from None

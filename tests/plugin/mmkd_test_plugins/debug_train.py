@@ -1,0 +1,70 @@
+"""`tiny_train`: the real training loop (Ray Train + DeepSpeed) on generated rows, without the
+data layer, for tests of what the loop guarantees; its loss can be made NaN at a chosen step.
+Kept apart from `debug.py` so the cheap debug workloads' keys do not follow the training code.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import Field
+
+from orchestrator.plugin import StageContext
+from orchestrator.plugin import WorkloadConfig, workload
+
+
+class TinyTrainConfig(WorkloadConfig):
+    steps: int = Field(5, ge=1, description="optimizer steps")
+    workers: int = Field(1, ge=1, description="unused: Ray Train workers come from resources")
+    nan_at_step: int | None = Field(None, ge=1, description="the first batch of this step has a NaN loss")
+    nonfinite: str = Field("fail", pattern="^(fail|skip_batch)$")
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+
+
+class _NanAtStep:
+    """CausalLMLoss whose value is NaN for the first batch of optimizer step ``step``."""
+
+    def __init__(self, step: int | None):
+        self.step = step
+        self.fired = False
+
+    def setup(self, model, sctx) -> None:
+        # one line per worker start: shows whether Ray Train restarted the worker group
+        ctx = sctx.stage
+        folder = os.path.join(ctx.checkpoint_storage or ctx.output_dir, ctx.run_name or "run")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "worker_starts.txt"), "a") as f:
+            f.write(f"{sctx.rank}\n")
+
+    def __call__(self, model, batch, sctx):
+        from workloads.train_setup import CausalLMLoss
+
+        loss, extra = CausalLMLoss()(model, batch, sctx)
+        if self.step is not None and sctx.step + 1 == self.step and not self.fired:
+            self.fired = True
+            loss = loss * float("nan")
+            extra = {"ce": float("nan")}
+        return loss, extra
+
+
+@workload("tiny_train", config=TinyTrainConfig, outputs=("model",), distributed=True)
+def tiny_train(config: TinyTrainConfig, ctx: StageContext) -> dict[str, float]:
+    """Trains a tiny student on generated rows (no data layer); optionally turns its loss NaN."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from workloads.train import run_training
+    from mmkd_test_plugins.train_fixtures import build_tiny_tokenizer, shapes_rows
+    from workloads.train_setup import TrainParams
+
+    tok_dir = build_tiny_tokenizer(os.path.join(ctx.output_dir, "_tokenizer"))
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    rows = shapes_rows(tok, 32, seed=config.seed)
+    return run_training(ctx, model_spec={"preset": "tiny-student"}, tokenizer_dir=tok_dir,
+                        dataset=ray.data.from_items(rows), loss_fn=_NanAtStep(config.nan_at_step),
+                        params=TrainParams(train=["projector", "llm"], lr=1e-3, batch_size=4,
+                                           max_steps=config.steps, seed=config.seed,
+                                           max_failures=config.max_failures,
+                                           nonfinite=config.nonfinite,
+                                           pad_token_id=tok.pad_token_id))

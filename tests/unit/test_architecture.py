@@ -1,0 +1,91 @@
+"""The dependency arrows of the layout: the engine never imports the science, no import cycles,
+no reaching into another module's private names, and engine files a reader can hold in mind."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("orchestrator", "workloads", "mmkd")
+
+
+def _modules() -> dict[str, tuple[Path, bool]]:
+    out = {}
+    for top in PACKAGES:
+        for f in sorted((ROOT / top).rglob("*.py")):
+            parts = list(f.relative_to(ROOT).with_suffix("").parts)
+            is_pkg = parts[-1] == "__init__"
+            out[".".join(parts[:-1] if is_pkg else parts)] = (f, is_pkg)
+    return out
+
+
+def _imports(name: str, path: Path, is_pkg: bool) -> list[tuple[str, list[str]]]:
+    """(imported module, names taken from it) for every import statement, nested ones too."""
+    package = name if is_pkg else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.append((module, [a.name for a in node.names]))
+    return found
+
+
+def test_the_engine_never_imports_the_science():
+    offenders = [f"{name} imports {mod}" for name, (path, pkg) in _modules().items()
+                 if name.startswith("orchestrator")
+                 for mod, _ in _imports(name, path, pkg) if mod.split(".")[0] == "workloads"]
+    assert offenders == []
+
+
+def test_no_import_cycles():
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, (path, pkg) in modules.items():
+        targets = set()
+        for mod, names in _imports(name, path, pkg):
+            for cand in [mod] + [f"{mod}.{n}" for n in names]:
+                # importing a.b.c runs a and a.b too; a module's own parents are not a cycle
+                parts = cand.split(".")
+                for i in range(1, len(parts) + 1):
+                    dep = ".".join(parts[:i])
+                    if dep in modules and dep != name and not name.startswith(dep + "."):
+                        targets.add(dep)
+        graph[name] = targets
+
+    cycles = []
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(trail[trail.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = 2
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])
+    assert cycles == []
+
+
+def test_no_private_names_imported_across_modules():
+    offenders = [f"{name}: from {mod} import {n}" for name, (path, pkg) in _modules().items()
+                 for mod, names in _imports(name, path, pkg)
+                 if mod.split(".")[0] in PACKAGES
+                 for n in names if n.startswith("_") and not n.startswith("__")]
+    assert offenders == []
+
+
+def test_engine_files_stay_readable():
+    long = {p.name: n for p in (ROOT / "orchestrator").glob("*.py")
+            if (n := len(p.read_text().splitlines())) > 420}
+    assert long == {}
