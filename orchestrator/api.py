@@ -52,15 +52,27 @@ def load(pipeline: str | os.PathLike | Pipeline, overrides: Sequence[str] = (),
 
 def store_problems(pipeline: Pipeline) -> list[str]:
     """The workloads' own checks: data paths exist and are readable, models fit each other.
-    An unreachable object store raises OSError (the CLI turns it into one sentence)."""
+    A store that cannot be reached (no network, no credentials) is one sentence per store."""
+    from orchestrator.console import explain_store_error, first_uri
     from orchestrator.plugin import get_workload
 
     problems = []
+    unreachable: dict[str, list[str]] = {}  # one sentence per store, not one per stage
     for name, stage in pipeline.stages.items():
         info = get_workload(stage.workload)
-        if info.validate is not None:
-            problems += [f"{Path(pipeline.path).name}: stage {name!r}: {p}"
-                         for p in info.validate(stage.config, stage.resolved_inputs) or []]
+        if info.validate is None:
+            continue
+        try:
+            found = info.validate(stage.config, stage.resolved_inputs) or []
+        except OSError as e:  # no network / no credentials for an s3:// or gs:// source
+            where = first_uri(json.dumps(stage.params, default=str))
+            unreachable.setdefault(explain_store_error(e, where) or f"{type(e).__name__}: {e}",
+                                   []).append(name)
+            continue
+        problems += [f"{Path(pipeline.path).name}: stage {name!r}: {p}" for p in found]
+    for text, stages in unreachable.items():
+        names = ", ".join(repr(n) for n in stages)
+        problems.append(f"{Path(pipeline.path).name}: stage(s) {names}: {text}")
     return problems
 
 
@@ -76,7 +88,7 @@ def plan(pipeline: str | os.PathLike | Pipeline, overrides: Sequence[str] = (),
          force: Sequence[str] = (), store: str | None = None, offline: bool = False,
          only: Sequence[str] = ()) -> list[Any]:
     """The stages in order: key, cached or not, and why each one would run."""
-    from orchestrator.runner import make_plan, store_for
+    from orchestrator.plan import make_plan, store_for
 
     loaded = load(pipeline, overrides, only)
     return make_plan(loaded, None if offline else store_for(loaded, store), list(force),

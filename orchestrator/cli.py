@@ -9,22 +9,17 @@ one paragraph on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import signal
-import subprocess
 import sys
-from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from orchestrator.console import (QuietOutput, explain_store_error, first_uri, internal_error,
-                                  print_table)
+from orchestrator.console import QuietOutput, print_table
+from orchestrator.errors import explain
 from orchestrator.loader import load_pipeline
-from orchestrator.spec import PipelineError
 
 console = Console()
 err = Console(stderr=True)
@@ -60,30 +55,13 @@ def cmd_validate(args) -> int:
 
 def _deep_validate(pipeline) -> list[str]:
     """Workload-specific checks (data paths exist and are readable, vocabularies fit)."""
-    from orchestrator.plugin import get_workload
+    from orchestrator.api import store_problems
 
-    problems = []
-    unreachable: dict[str, list[str]] = {}  # one sentence per store, not one per stage
-    for name, stage in pipeline.stages.items():
-        info = get_workload(stage.workload)
-        if info.validate is None:
-            continue
-        try:
-            found = info.validate(stage.config, stage.resolved_inputs) or []
-        except OSError as e:  # no network / no credentials for an s3:// or gs:// source
-            where = first_uri(json.dumps(stage.params, default=str))
-            unreachable.setdefault(explain_store_error(e, where) or f"{type(e).__name__}: {e}",
-                                   []).append(name)
-            continue
-        problems += [f"{Path(pipeline.path).name}: stage {name!r}: {p}" for p in found]
-    for text, stages in unreachable.items():
-        names = ", ".join(repr(n) for n in stages)
-        problems.append(f"{Path(pipeline.path).name}: stage(s) {names}: {text}")
-    return problems
+    return store_problems(pipeline)
 
 
 def cmd_plan(args) -> int:
-    from orchestrator.runner import make_plan, store_for
+    from orchestrator.plan import make_plan, store_for
 
     pipeline = _load(args)
     store = None if args.offline else store_for(pipeline, args.store)
@@ -229,72 +207,9 @@ def cmd_ui(args) -> int:
     console.print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}", highlight=False)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
            "--host", "127.0.0.1", "--port", str(args.port)]
+    from orchestrator.process_group import run_in_own_group
+
     return run_in_own_group(cmd)
-
-
-def run_in_own_group(cmd: list[str], grace_s: float = 10.0) -> int:
-    """Run ``cmd`` in its own process group and end that group — the MLflow server, its web
-    workers and job runner — on SIGINT or SIGTERM, so that nothing outlives `mmkd ui`."""
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    stopping = []
-
-    def stop(signum, _frame):
-        stopping.append(signum)
-        _signal_group(proc.pid, signal.SIGTERM)
-
-    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        code = proc.wait()
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        _end_group(proc.pid, grace_s)
-    if stopping:
-        return 130 if stopping[0] == signal.SIGINT else 128 + stopping[0]
-    return code
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _end_group(pgid: int, grace_s: float) -> None:
-    """SIGTERM what is left of the group, then SIGKILL it after ``grace_s``."""
-    import time
-
-    _signal_group(pgid, signal.SIGTERM)
-    deadline = time.time() + grace_s
-    while time.time() < deadline:
-        if not _group_alive(pgid):
-            return
-        time.sleep(0.1)
-    _signal_group(pgid, signal.SIGKILL)
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether a live (non-zombie) process is left in the group; its orphans may wait to be
-    reaped by an init that never does, so `killpg(pgid, 0)` alone would not tell."""
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
-    for entry in entries:
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[-1].split()  # state ppid pgrp ...
-            if fields[2] == str(pgid) and fields[0] != "Z":
-                return True
-    return False
 
 
 def cmd_relog(args) -> int:
@@ -442,44 +357,6 @@ def main(argv: list[str] | None = None) -> int:
         code, text = explain(e)
         err.print(text, highlight=False, markup=False, soft_wrap=True)  # paths stay whole
         return code
-
-
-def explain(e: Exception) -> tuple[int, str]:
-    """Exit code and one paragraph for an error that reached `main`: the user's mistakes are
-    2 with what to do; anything else is an internal error (1) with its traceback in a file."""
-    from orchestrator.submit import SubmitError
-    from orchestrator.tuning import TuneError
-
-    if isinstance(e, PipelineError):
-        return 2, f"invalid pipeline: {e}"
-    if isinstance(e, TuneError):
-        return 2, f"invalid tune spec: {e}"
-    if isinstance(e, SubmitError):
-        return 2, f"error: {e}"
-    try:
-        from orchestrator.plugin import PluginError, UnknownWorkloadError
-    except ImportError:
-        PluginError = UnknownWorkloadError = ()  # noqa: N806
-    if isinstance(e, PluginError):  # an installed workload package is broken
-        return 2, f"error: {e}"
-    if isinstance(e, UnknownWorkloadError):
-        return 2, f"error: {e.args[0] if e.args else e}"
-    store = explain_store_error(e)
-    if store:
-        return 2, f"error: {store}"
-    if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-                      FileExistsError)):
-        return 2, f"error: {e}"
-    if isinstance(e, ConnectionError) or type(e).__name__ == "ConnectionError":
-        where = os.environ.get("RAY_ADDRESS")
-        hint = (f"check RAY_ADDRESS ({where}) and that the cluster is up, or unset it to run on "
-                f"a local Ray" if where else "check the address and that the service is up")
-        return 2, f"error: could not connect: {e}; {hint}"
-    if isinstance(e, ValueError):  # a bad --set / --force / --only / data-shapes argument
-        return 2, f"error: {e}"
-    from orchestrator.cache import mmkd_home
-
-    return 1, internal_error(e, mmkd_home() / "logs")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
+
 # Set by `mmkd run` (not --verbose): the file that receives Ray's output. `ensure_ray` reads it.
 RAY_OUTPUT_ENV = "MMKD_RAY_OUTPUT"
 # Loggers whose records are Ray's or MLflow's business, not a stage event.

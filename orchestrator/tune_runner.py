@@ -21,8 +21,10 @@ from typing import Any
 
 from orchestrator.cache import compute_keys, mmkd_home
 from orchestrator.placement import Reaper
-from orchestrator.runner import (PipelineRunner, code_fingerprints, ensure_ray, fingerprints,
-                                 progress_hub_class, stage_payload, stage_task, store_for)
+from orchestrator.executor import progress_hub_class, stage_payload, stage_task
+from orchestrator.plan import code_fingerprints, fingerprints, store_for
+from orchestrator.ray_setup import ensure_ray
+from orchestrator.runner import PipelineRunner
 from orchestrator.spec import Pipeline
 from orchestrator.tracking import Tracker, default_tracking_uri, driver_tag
 from orchestrator.tuning import (TuneSpec, default_concurrency, param_space, select_chain,

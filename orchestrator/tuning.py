@@ -200,7 +200,7 @@ def default_concurrency(pipeline: Pipeline, stage: str) -> int:
     (workers, plus a CPU for its data pipeline: ``runner.stage_cpus``)."""
     import ray
 
-    from orchestrator.runner import stage_cpus
+    from orchestrator.executor import stage_cpus
 
     need = max(stage_cpus(pipeline.stages[stage]), 0.1)
     return max(1, int(ray.cluster_resources().get("CPU", 1) // need))

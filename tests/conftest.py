@@ -28,7 +28,7 @@ def ray_session():
         return
     # Short path: Ray's socket paths must stay under ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="mmkdray-", dir="/tmp")
-    from orchestrator.runner import start_local_ray
+    from orchestrator.ray_setup import start_local_ray
 
     # as `mmkd` starts Ray: with the dashboard Ray Train's placement-group cleaner needs
     start_local_ray(num_cpus=4, _temp_dir=temp_dir, log_to_driver=False, configure_logging=False)

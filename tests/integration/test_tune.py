@@ -273,7 +273,8 @@ def test_a_killed_trial_gives_its_training_resources_back(ray_session, files):
 
     from orchestrator.cache import compute_keys
     from orchestrator.placement import Reaper
-    from orchestrator.runner import fingerprints, stage_payload, stage_task, store_for
+    from orchestrator.executor import stage_payload, stage_task
+    from orchestrator.plan import fingerprints, store_for
     from orchestrator.loader import load_pipeline
     from mmkd_test_plugins.data_tiny import build_tiny_data
     from workloads.models import build_model, save_model

@@ -37,7 +37,7 @@ def test_stages_that_stream_data_reserve_a_cpu_for_their_pipeline():
     forever: the runner counts the pipeline's CPU for every stage that streams data."""
     from pathlib import Path
 
-    from orchestrator.runner import stage_cpus
+    from orchestrator.executor import stage_cpus
     from orchestrator.loader import load_pipeline
 
     pipe = load_pipeline(Path(__file__).resolve().parents[2] / "pipelines/kd_offline_teacher.yaml")

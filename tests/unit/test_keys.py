@@ -18,7 +18,7 @@ from PIL import Image
 
 from orchestrator.keys import code_fingerprint, explain_change
 from orchestrator.lease import Lease
-from orchestrator.runner import pipeline_keys
+from orchestrator.plan import pipeline_keys
 from orchestrator.loader import load_pipeline
 from orchestrator.spec import PipelineError
 
@@ -65,7 +65,7 @@ def test_code_fingerprint_follows_imports_within_the_package():
 
 def _keys_in_copy(copy: Path, pipeline: str, offline: bool = True, overrides=()) -> dict:
     """Keys (and key parts) as a new `mmkd` process computes them, in project folder ``copy``."""
-    code = ("import json; from orchestrator.runner import pipeline_keys; "
+    code = ("import json; from orchestrator.plan import pipeline_keys; "
             "from orchestrator.loader import load_pipeline; "
             f"k, p = pipeline_keys(load_pipeline({pipeline!r}, {list(overrides)!r}), {offline}); "
             "print(json.dumps(k if " + str(offline) + " else [k, p]))")

@@ -6,7 +6,7 @@ import pytest
 
 from orchestrator.cli_cluster import job_env
 from orchestrator.console import explain_store_error
-from orchestrator.runner import forwarded_env
+from orchestrator.ray_setup import forwarded_env
 from orchestrator.secret_env import looks_secret
 from orchestrator.submit import SubmitError
 
