@@ -26,9 +26,10 @@ from typing import Any, Literal
 from pydantic import Field
 
 from workloads import distill_offline  # noqa: F401  (registers `teacher_logits`)
-from workloads.context import StageContext
+from orchestrator.plugin import StageContext
 from workloads.distill_loss import DistillLoss
-from workloads.registry import workload
+from workloads.divergences import DivergenceSpec
+from orchestrator.plugin import workload
 from workloads.training import Part, TrainConfig, run_train_stage, resolve_model_spec
 
 __all__ = ["DistillConfig", "distill", "validate_distill", "check_teacher_student",
@@ -49,7 +50,11 @@ class DistillConfig(TrainConfig):
     beta: float = Field(1.0, ge=0, description="weight of L_vis (image-token KD); 0 skips it")
     gamma: float = Field(0.5, ge=0, description="weight of L_rel (visual relation); 0 skips it")
     temperature: float = Field(1.0, gt=0, description="softmax temperature tau of L_res/L_vis")
-    kind: Literal["fkl", "rkl", "jsd"] = Field("fkl", description="divergence of L_res / L_vis")
+    divergence: DivergenceSpec = Field(
+        default_factory=lambda: DivergenceSpec(name="fkl"),
+        description="divergence of L_res / L_vis: a name (fkl, rkl, jsd, skew_kl, skew_rkl, or any "
+                    "file in workloads/divergences/) or {name: skew_kl, alpha: 0.1} with its own "
+                    "parameters")
     teacher: Literal["online", "offline"] = Field(
         "online", description="online: run the teacher each step (input `teacher`); offline: read "
                               "stored top-k logits (input `teacher_logits`)")
@@ -156,7 +161,8 @@ def build_distill_loss(config: DistillConfig, ctx: StageContext) -> DistillLoss:
     tok = AutoTokenizer.from_pretrained(student_tok)
     common = dict(vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"),
                   alpha=config.alpha, beta=config.beta, gamma=config.gamma,
-                  temperature=config.temperature, kind=config.kind, chunk_size=config.chunk_size,
+                  temperature=config.temperature, divergence=config.divergence,
+                  chunk_size=config.chunk_size,
                   grad_accum=config.grad_accum)
     if config.teacher == "online":
         teacher_dir = _ref(ctx.input("teacher"))
@@ -187,14 +193,8 @@ def _validate(config: DistillConfig, inputs: dict | None = None) -> list[str]:
     return validate_distill(config, inputs) + data_problems(config, inputs)
 
 
-def _fingerprint(config: DistillConfig) -> str:
-    from workloads.training import data_fingerprint
-
-    return data_fingerprint(config)
-
-
 @workload("distill", config=DistillConfig, version="1", outputs=("model",), distributed=True,
-          validate=_validate, fingerprint=_fingerprint)
+          validate=_validate)
 def distill(config: DistillConfig, ctx: StageContext) -> dict[str, Any]:
     """LLaVA-KD distillation of a student from a teacher (online or stored logits)."""
     problems = validate_distill(config, {k: v for k, v in ctx.inputs.items() if v})

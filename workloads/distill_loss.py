@@ -31,7 +31,8 @@ class DistillLoss:
     beta: float = 1.0
     gamma: float = 0.5
     temperature: float = 1.0
-    kind: str = "fkl"
+    # a registered divergence: "fkl", {"name": "skew_kl", "alpha": 0.1} or a DivergenceSpec
+    divergence: Any = "fkl"
     chunk_size: int | None = 128
     grad_accum: int = 1
     # Hash the teacher's local parameters at setup and again on the last step, and log
@@ -84,11 +85,11 @@ class DistillLoss:
                     t_logits = state["teacher"](**inputs).logits
                 s, t = align_vocab(out.logits, t_logits, self.vocab_size)
                 if need["l_res"]:
-                    terms["l_res"] = response_kd_loss(s, t, batch["labels"], kind=self.kind,
+                    terms["l_res"] = response_kd_loss(s, t, batch["labels"], kind=self.divergence,
                                                       temperature=self.temperature,
                                                       chunk_size=self.chunk_size)
                 if need["l_vis"]:
-                    terms["l_vis"] = visual_kd_loss(s, t, image_mask, kind=self.kind,
+                    terms["l_vis"] = visual_kd_loss(s, t, image_mask, kind=self.divergence,
                                                     temperature=self.temperature,
                                                     chunk_size=self.chunk_size)
                 if need["l_rel"]:

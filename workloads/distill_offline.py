@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from workloads.context import StageContext
+from orchestrator.plugin import StageContext
 from workloads.data.source import DataSource
-from workloads.registry import WorkloadConfig, workload
+from orchestrator.plugin import WorkloadConfig, workload
 
 __all__ = ["TeacherLogitsConfig", "teacher_logits", "OfflineTeacher", "row_digests",
            "tokenization_fingerprint", "read_manifest", "FORMAT_VERSION"]
@@ -248,7 +248,7 @@ class OfflineTeacher:
         """L_res / L_vis (top-k divergence) and L_rel (against the stored matrices)."""
         import torch
 
-        from workloads.losses import _GroupGrams, _relation_from_grams, response_mask, \
+        from workloads.losses import GroupGrams, relation_from_grams, response_mask, \
             topk_kd_divergence
 
         s, _ = _align(student_logits, cfg.vocab_size)
@@ -273,17 +273,17 @@ class OfflineTeacher:
                              f"from the training batch's; the data was tokenized differently")
         out = {}
         if need["l_res"]:
-            out["l_res"] = topk_kd_divergence(s, vals, idx, resp, cfg.kind, cfg.temperature)
+            out["l_res"] = topk_kd_divergence(s, vals, idx, resp, cfg.divergence, cfg.temperature)
         if need["l_vis"]:
-            out["l_vis"] = topk_kd_divergence(s, vals, idx, img, cfg.kind, cfg.temperature)
+            out["l_vis"] = topk_kd_divergence(s, vals, idx, img, cfg.divergence, cfg.temperature)
         if need["l_rel"]:
             flat = s.reshape(B * T, -1)
             losses = []
             for b, gt in enumerate(grams):
                 rows = img[b].nonzero().squeeze(1) + b * T
                 if rows.numel():
-                    gs = _GroupGrams.apply(flat, 4096, rows)[0]
-                    losses.append(_relation_from_grams(gs, gt.to(gs.dtype)))
+                    gs = GroupGrams.apply(flat, 4096, rows)[0]
+                    losses.append(relation_from_grams(gs, gt.to(gs.dtype)))
             out["l_rel"] = torch.stack(losses).mean() if losses else flat[:0].sum().float()
         return out
 

@@ -7,16 +7,20 @@ Conventions used everywhere in this file:
 * Logits are ``(B, T, V)`` (or ``(N, V)``), masks ``(B, T)`` (or ``(N,)``) bool. Teacher and
   student see the same ``input_ids`` and share a tokenizer; padded vocabulary rows are cut
   off with :func:`align_vocab` first — shapes are never broadcast.
-* Divergences are between next-token distributions ``softmax(logits / tau)`` at one position;
-  every KD term is scaled by ``tau**2`` (Hinton et al.) so its gradient scale does not depend
-  on tau. ``reduction="mean"`` averages over *selected positions of the whole batch* (token
-  level, like HF's CE); ``"sum"`` lets the caller normalize across micro-batches. Nothing
-  selected gives exactly 0 with a graph (zero gradients), never NaN.
+* Divergences are between next-token distributions ``softmax(logits / tau)`` at one position,
+  named by ``kind``: a divergence of the registry in ``workloads/divergences/`` (``fkl``,
+  ``rkl``, ``jsd``, ``skew_kl``, ...; one file each), optionally with its parameters
+  (``{"name": "skew_kl", "alpha": 0.1}``); an unknown name is an error listing them. Every
+  KD term is scaled by ``tau**2`` (Hinton et al.) so its gradient scale does not depend on tau.
+  ``reduction="mean"`` averages over *selected positions of the whole batch* (token level, like
+  HF's CE); ``"sum"`` lets the caller normalize across micro-batches. Nothing selected gives
+  exactly 0 with a graph (zero gradients), never NaN.
 * Math runs in float32 for half-precision inputs (float64 stays float64); gradients come
   back in the input's dtype.
 * Chunked paths never materialize full ``(B, T, V)`` temporaries: a custom autograd Function
   gathers ``chunk_size`` selected rows at a time in forward and recomputes them in backward
-  (closed-form gradients), so the only full-size allocation is the logits' own gradient.
+  (the divergence's closed-form gradients; autograd on the chunk for a divergence that
+  registered none), so the only full-size allocation is the logits' own gradient.
   ``torch.utils.checkpoint`` per chunk was measured and rejected: each chunk's gather backward
   allocates a full-size zero gradient (about 3x the memory and 1.6x the time). See
   ``benchmarks/kd_loss_memory.py``. These Functions are once-differentiable (no double
@@ -27,11 +31,12 @@ Conventions used everywhere in this file:
 
 from __future__ import annotations
 
-import math
-from typing import Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+
+from workloads.divergences import Divergence, DivergenceSpec, resolve_divergence
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -47,9 +52,10 @@ __all__ = [
     "kd_objective",
 ]
 
-Kind = Literal["fkl", "rkl", "jsd"]
+# A registered divergence: its name ("fkl", "rkl", "jsd", "skew_kl", ...: see
+# workloads/divergences/), a mapping {"name": "skew_kl", "alpha": 0.1}, or a DivergenceSpec.
+KindLike = Union[str, Mapping[str, Any], DivergenceSpec]
 Reduction = Literal["mean", "sum"]
-_KINDS = ("fkl", "rkl", "jsd")
 # Rows per chunk: at V=32k one fp32 (C, V) temporary is 16 MB; at V=152k, 78 MB.
 DEFAULT_CHUNK_SIZE = 128
 DEFAULT_VOCAB_CHUNK = 4096
@@ -107,13 +113,15 @@ def _check_pair(student: torch.Tensor, teacher: torch.Tensor, what: str) -> None
         raise ValueError(f"{what}: logits must be (B, T, V) or (N, V), got {tuple(student.shape)}")
 
 
-def _check_kind(kind: str, temperature: float, reduction: str) -> None:
-    if kind not in _KINDS:
-        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {_KINDS}")
+def _check_kind(kind: KindLike, temperature: float, reduction: str
+                ) -> tuple[Divergence, dict[str, Any]]:
+    """The registered divergence ``kind`` names and its parameters; errors for bad arguments."""
+    resolved = resolve_divergence(kind)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    return resolved
 
 
 def _rows(logits: torch.Tensor, mask: torch.Tensor | None, what: str):
@@ -136,66 +144,43 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 # ------------------------------------------------------------------------- the divergence
 
 
-def _divergence_rows(s: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-row divergence of already-tempered logits ``(C, V)`` -> ``(C,)``; autograd-safe."""
-    ls, lt = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
-    if kind == "fkl":  # KL(teacher || student)
-        return (lt.exp() * (lt - ls)).sum(-1)
-    if kind == "rkl":  # KL(student || teacher)
-        return (ls.exp() * (ls - lt)).sum(-1)
-    lm = torch.logaddexp(ls, lt) - math.log(2.0)  # log of m = (p_s + p_t) / 2
-    return 0.5 * (lt.exp() * (lt - lm)).sum(-1) + 0.5 * (ls.exp() * (ls - lm)).sum(-1)
+def _divergence_rows(s: torch.Tensor, t: torch.Tensor, div: Divergence | KindLike,
+                     params: dict[str, Any] | None = None) -> torch.Tensor:
+    """Per-row divergence of already-tempered logits ``(C, V)`` -> ``(C,)``; autograd-safe.
+    (``div`` may also be a name: ``benchmarks/kd_loss_memory.py`` calls it with ``"fkl"``.)"""
+    if not isinstance(div, Divergence):
+        div, params = resolve_divergence(div)
+    return div.rows(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), **params)
 
 
-def _divergence_and_grads(s, t, kind, need_s, need_t):
-    """Per-row divergence ``(C,)`` and its closed-form gradients w.r.t. the tempered logits.
-
-    With p = softmax(s), q = softmax(t):
-      fkl  D = sum q (log q - log p):   dD/ds = p - q,                 dD/dt = q (log q - log p - D)
-      rkl  D = sum p (log p - log q):   dD/ds = p (log p - log q - D), dD/dt = q - p
-      jsd  D = (KL(q||m) + KL(p||m))/2: dD/ds = p (log p - log m - KL(p||m)) / 2, same for t.
-
-    No-grad kernel for the chunk loop: ``s`` and ``t`` are chunk buffers owned by the caller's
-    loop and are overwritten; every step is in place where it can be, so a chunk needs about
-    five (C, V) buffers. ``_divergence_rows`` is the readable autograd definition it must match.
-    """
-    ls = s.sub_(s.logsumexp(-1, keepdim=True))
-    lt = t.sub_(t.logsumexp(-1, keepdim=True))
-    if kind == "jsd":
-        p, q = ls.exp(), lt.exp()
-        lm = torch.logaddexp(ls, lt).sub_(math.log(2.0))
-        ds, dt = ls.sub_(lm), lt.sub_(lm)  # log p - log m, log q - log m
-        del lm
-        kl_s, kl_t = torch.linalg.vecdot(p, ds), torch.linalg.vecdot(q, dt)
-        gs = p.mul_(ds.sub_(kl_s[:, None])).mul_(0.5) if need_s else None
-        gt = q.mul_(dt.sub_(kl_t[:, None])).mul_(0.5) if need_t else None
-        return 0.5 * (kl_s + kl_t), gs, gt
-    if kind == "rkl":  # swap roles: RKL(s, t) = FKL(t, s)
-        ls, lt, need_s, need_t = lt, ls, need_t, need_s
-    # forward KL of "teacher" lt vs "student" ls
-    q = lt.exp()
-    p = ls.exp() if need_s else None
-    d = lt.sub_(ls)  # log q - log p
-    del ls
-    div = torch.linalg.vecdot(q, d)
-    g_student = p.sub_(q) if need_s else None
-    g_teacher = q.mul_(d.sub_(div[:, None])) if need_t else None
-    if kind == "rkl":
-        return div, g_teacher, g_student
-    return div, g_student, g_teacher
+def _chunk_value_and_grads(s, t, div, params, need_s, need_t):
+    """``(D (C,), dD/ds, dD/dt)`` of one chunk of tempered logits (buffers the caller gives
+    away): the divergence's closed form when it registered one, else autograd of its ``rows``
+    on this chunk only (so memory stays bounded by the chunk either way)."""
+    if div.grads is not None:
+        return div.grads(s, t, need_s, need_t, **params)
+    if not (need_s or need_t):
+        with torch.no_grad():
+            return _divergence_rows(s, t, div, params), None, None
+    with torch.enable_grad():
+        s, t = s.requires_grad_(need_s), t.requires_grad_(need_t)
+        value = _divergence_rows(s, t, div, params)
+        wrt = [x for x, need in ((s, need_s), (t, need_t)) if need]
+        grads = iter(torch.autograd.grad(value.sum(), wrt))
+    return (value.detach(), next(grads) if need_s else None, next(grads) if need_t else None)
 
 
 class _ChunkedDivergence(torch.autograd.Function):
     """Sum over selected rows of D(rows), computed ``chunk`` rows at a time in both passes."""
 
     @staticmethod
-    def forward(ctx, s_flat, t_flat, idx, kind, temperature, chunk):
+    def forward(ctx, s_flat, t_flat, idx, div, params, temperature, chunk):
         total = torch.zeros((), dtype=_compute_dtype(s_flat), device=s_flat.device)
         for i in range(0, idx.numel(), chunk):
             s, t = _tempered_chunk(s_flat, t_flat, idx[i : i + chunk], temperature)
-            total += _divergence_and_grads(s, t, kind, False, False)[0].sum()
+            total += _chunk_value_and_grads(s, t, div, params, False, False)[0].sum()
         ctx.save_for_backward(s_flat, t_flat, idx)
-        ctx.kind, ctx.temperature, ctx.chunk = kind, temperature, chunk
+        ctx.div, ctx.params, ctx.temperature, ctx.chunk = div, params, temperature, chunk
         return total * temperature**2
 
     @staticmethod
@@ -211,12 +196,12 @@ class _ChunkedDivergence(torch.autograd.Function):
         for i in range(0, idx.numel(), ctx.chunk):
             rows = idx[i : i + ctx.chunk]
             s, t = _tempered_chunk(s_flat, t_flat, rows, ctx.temperature)
-            _, gs, gt = _divergence_and_grads(s, t, ctx.kind, need_s, need_t)
+            _, gs, gt = _chunk_value_and_grads(s, t, ctx.div, ctx.params, need_s, need_t)
             if need_s:
                 gs_full.index_copy_(0, rows, gs.mul_(scale).to(gs_full.dtype))
             if need_t:
                 gt_full.index_copy_(0, rows, gt.mul_(scale).to(gt_full.dtype))
-        return gs_full, gt_full, None, None, None, None
+        return gs_full, gt_full, None, None, None, None, None
 
 
 def _tempered_chunk(s_flat, t_flat, rows, temperature):
@@ -234,28 +219,31 @@ def kd_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     mask: torch.Tensor | None = None,
-    kind: Kind = "fkl",
+    kind: KindLike = "fkl",
     temperature: float = 1.0,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Divergence between teacher and student next-token distributions at masked positions.
 
-    With p_s = softmax(student / tau), p_t = softmax(teacher / tau) at one position:
+    With p_s = softmax(student / tau), p_t = softmax(teacher / tau) at one position, e.g.:
 
     * ``"fkl"`` (default): KL(p_t || p_s) = sum_v p_t (log p_t - log p_s)  (mode covering)
     * ``"rkl"``: KL(p_s || p_t) = sum_v p_s (log p_s - log p_t)            (mode seeking)
     * ``"jsd"``: with m = (p_s + p_t) / 2 (beta = 0.5),
       JSD = KL(p_t || m) / 2 + KL(p_s || m) / 2, in nats, bounded by log 2.
+    * ``{"name": "skew_kl", "alpha": a}``: KL(p_t || a p_t + (1 - a) p_s) (DistiLLM);
+      ``"skew_rkl"`` the reverse. ``workloads.divergences.list_divergences()`` has them all.
 
-    All three are exactly 0 when the logits are equal (unlike torchtune's ``ForwardKLLoss``,
+    All are exactly 0 when the logits are equal (unlike torchtune's ``ForwardKLLoss``,
     which is a cross-entropy). The per-position value is multiplied by ``tau**2``.
 
     Args:
         student_logits: ``(B, T, V)`` or ``(N, V)``.
         teacher_logits: same shape as ``student_logits`` (usually detached).
         mask: bool ``(B, T)`` / ``(N,)``, True = position counts; None = all positions.
-        kind: ``"fkl"``, ``"rkl"`` or ``"jsd"``.
+        kind: a registered divergence's name, or ``{"name": ..., **its params}``, or a
+            ``DivergenceSpec``.
         temperature: tau > 0, applied to both logits.
         chunk_size: selected positions processed per chunk (forward and backward); None runs
             :func:`kd_divergence_reference` (plain autograd, full-size temporaries).
@@ -264,7 +252,7 @@ def kd_divergence(
     Returns:
         Scalar tensor (float32, or float64 for float64 inputs).
     """
-    _check_kind(kind, temperature, reduction)
+    div, params = _check_kind(kind, temperature, reduction)
     _check_pair(student_logits, teacher_logits, "kd_divergence")
     if chunk_size is None:
         return kd_divergence_reference(
@@ -274,7 +262,8 @@ def kd_divergence(
         raise ValueError(f"kd_divergence: chunk_size must be positive or None, got {chunk_size}")
     s_flat, idx = _rows(student_logits, mask, "kd_divergence")
     t_flat = teacher_logits.reshape(-1, teacher_logits.shape[-1])
-    total = _ChunkedDivergence.apply(s_flat, t_flat, idx, kind, float(temperature), chunk_size)
+    total = _ChunkedDivergence.apply(s_flat, t_flat, idx, div, params, float(temperature),
+                                     chunk_size)
     return total / max(idx.numel(), 1) if reduction == "mean" else total
 
 
@@ -282,20 +271,20 @@ def kd_divergence_reference(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     mask: torch.Tensor | None = None,
-    kind: Kind = "fkl",
+    kind: KindLike = "fkl",
     temperature: float = 1.0,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Unchunked definition of :func:`kd_divergence` (same args, same result): select the
     masked rows, then log-softmax them all at once. Simple to read, full-size memory."""
-    _check_kind(kind, temperature, reduction)
+    div, params = _check_kind(kind, temperature, reduction)
     _check_pair(student_logits, teacher_logits, "kd_divergence_reference")
     s_flat, idx = _rows(student_logits, mask, "kd_divergence_reference")
     t_flat = teacher_logits.reshape(-1, teacher_logits.shape[-1])
     cdt = _compute_dtype(student_logits)
     s = s_flat[idx].to(cdt) / temperature
     t = t_flat[idx].to(cdt) / temperature
-    total = _divergence_rows(s, t, kind).sum() * temperature**2
+    total = _divergence_rows(s, t, div, params).sum() * temperature**2
     return total / max(idx.numel(), 1) if reduction == "mean" else total
 
 
@@ -325,7 +314,7 @@ def response_kd_loss(
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
     ignore_index: int = -100,
-    kind: Kind = "fkl",
+    kind: KindLike = "fkl",
     temperature: float = 1.0,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     labels_shifted: bool = False,
@@ -356,7 +345,7 @@ def visual_kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     image_token_mask: torch.Tensor,
-    kind: Kind = "fkl",
+    kind: KindLike = "fkl",
     temperature: float = 1.0,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     reduction: Reduction = "mean",
@@ -382,7 +371,7 @@ def visual_kd_loss(
 # -------------------------------------------------------------------------------- L_rel
 
 
-class _GroupGrams(torch.autograd.Function):
+class GroupGrams(torch.autograd.Function):
     """Gram matrices ``Z_g Z_gᵀ`` of row groups of ``flat (R, V)``, summed over V-chunks, so
     no ``(N_p, V)`` copy is ever made in forward or backward."""
 
@@ -447,7 +436,7 @@ def _image_groups(mask: torch.Tensor, tokens_per_image: int | None) -> list[torc
     return groups
 
 
-def _relation_from_grams(gs: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+def relation_from_grams(gs: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return 1.0 - F.cosine_similarity(gs.flatten(), gt.flatten(), dim=0, eps=1e-8)
 
 
@@ -497,8 +486,8 @@ def relation_kd_loss(
         t_flat = teacher_visual_logits.reshape(-1, V)
         if not groups:
             return s_flat[:0].sum().to(_compute_dtype(s_flat))
-        s_grams = _GroupGrams.apply(s_flat, vocab_chunk, *groups)
-        t_grams = _GroupGrams.apply(t_flat, vocab_chunk, *groups)
+        s_grams = GroupGrams.apply(s_flat, vocab_chunk, *groups)
+        t_grams = GroupGrams.apply(t_flat, vocab_chunk, *groups)
         pairs = list(zip(s_grams, t_grams))
     else:
         students, teachers = list(student_visual_logits), list(teacher_visual_logits)
@@ -517,9 +506,9 @@ def relation_kd_loss(
                     f"{tuple(zs.shape)} and {tuple(zt.shape)}"
                 )
             rows = torch.arange(zs.shape[0], device=zs.device)
-            pairs.append((_GroupGrams.apply(zs, vocab_chunk, rows)[0],
-                          _GroupGrams.apply(zt, vocab_chunk, rows)[0]))
-    total = torch.stack([_relation_from_grams(gs, gt) for gs, gt in pairs]).sum()
+            pairs.append((GroupGrams.apply(zs, vocab_chunk, rows)[0],
+                          GroupGrams.apply(zt, vocab_chunk, rows)[0]))
+    total = torch.stack([relation_from_grams(gs, gt) for gs, gt in pairs]).sum()
     return total / len(pairs) if reduction == "mean" else total
 
 
@@ -531,7 +520,7 @@ def relation_kd_loss_reference(
     for zs, zt in zip(student_visual_logits, teacher_visual_logits):
         cdt = _compute_dtype(zs)
         zs, zt = zs.to(cdt), zt.to(cdt)
-        losses.append(_relation_from_grams(zs @ zs.T, zt @ zt.T))
+        losses.append(relation_from_grams(zs @ zs.T, zt @ zt.T))
     return torch.stack(losses).mean()
 
 
@@ -543,7 +532,7 @@ def topk_kd_divergence(
     teacher_topk_values: torch.Tensor,
     teacher_topk_indices: torch.Tensor,
     mask: torch.Tensor | None = None,
-    kind: Kind = "fkl",
+    kind: KindLike = "fkl",
     temperature: float = 1.0,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
@@ -563,7 +552,7 @@ def topk_kd_divergence(
         teacher_topk_indices: same shape, int64 vocab ids, distinct per position (torch.topk).
         mask: bool ``(B, T)`` / ``(N,)`` as in :func:`kd_divergence`.
     """
-    _check_kind(kind, temperature, reduction)
+    div, params = _check_kind(kind, temperature, reduction)
     V = student_logits.shape[-1]
     if teacher_topk_values.shape != teacher_topk_indices.shape or (
         teacher_topk_values.shape[:-1] != student_logits.shape[:-1]
@@ -586,7 +575,7 @@ def topk_kd_divergence(
     cdt = _compute_dtype(student_logits)
     s = s_flat[idx[:, None], ind].to(cdt) / temperature  # (N, k), no (N, V) copy
     t = teacher_topk_values.reshape(-1, k)[idx].to(cdt) / temperature
-    total = _divergence_rows(s, t, kind).sum() * temperature**2
+    total = _divergence_rows(s, t, div, params).sum() * temperature**2
     return total / max(idx.numel(), 1) if reduction == "mean" else total
 
 

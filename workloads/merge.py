@@ -1,58 +1,79 @@
 """``merge``: combine K models with one method of ``workloads.merging.MERGE_METHODS``.
 
+Params: ``method`` plus that method's own parameters, flat (each method declares them as a
+pydantic model, ``MergeMethod.params``), and ``seed``::
+
+    params: {method: dare, drop_rate: 0.9, lambda_: 1.0}      # seed: from defaults.params
+    params: {method: ensemble, router: soft, temperature: 0.1}
+
 Inputs:
   models     list of model dirs (K parents; for ``ensemble``: the experts in partition order)
-  base       optional model dir: the common start for ``task_arithmetic``/``ties``; for
-             ``ensemble`` the model whose vision tower the partition stage embedded with
+  base       optional model dir: the common start for ``task_arithmetic``/``ties``/``dare``;
+             for ``ensemble`` the model whose vision tower the partition stage embedded with
   partition  optional ``partition.partitions`` dir (``centroids.npy``), needed by ``ensemble``
 
 Output ``model/``: a LLaVA checkpoint (parameter averages, ``width``) or a wrapper dir with
 ``mmkd_merged.json`` (``cross``, ``ensemble``); both hold the first parent's processor and load
 with ``workloads.merging.load_any_model``.
-
-Importing this module also registers the ``partition`` workload (``workloads/partition.py``).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any, Literal
+from typing import Any, Mapping
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
-import workloads.partition  # noqa: F401  (registers the `partition` workload)
-from workloads.context import StageContext
+from orchestrator.plugin import StageContext
 from workloads.fsutil import atomic_dir
 from workloads.lineage import write_lineage
-from workloads.registry import WorkloadConfig, workload
+from orchestrator.plugin import WorkloadConfig, workload
 
 __all__ = ["MergeConfig", "merge", "run_merge"]
 
 
 class MergeConfig(WorkloadConfig):
-    method: str = Field(description="merge method: uniform | linear | task_arithmetic | ties | "
-                                    "width | cross | ensemble")
-    weights: list[float] | None = Field(None, description="per-model weights (linear, "
-                                        "task_arithmetic, ties, width's lm_head); default equal")
-    normalize: bool = Field(True, description="linear/width: divide weights by their sum")
-    lambda_: float = Field(1.0, description="task_arithmetic/ties: scale of the merged task "
-                                            "vector")
-    density: float = Field(0.2, gt=0.0, le=1.0, description="ties: fraction of each task "
-                                                             "vector's entries kept (top |τ|)")
-    cross_every: int = Field(2, ge=1, description="cross: a bridge after every n-th layer")
-    router: Literal["top1", "soft"] = Field("top1", description="ensemble: routing mode")
-    temperature: float = Field(0.1, gt=0.0, description="ensemble soft routing: softmax(cos/τ)")
-    vision: Literal["first"] = Field("first", description="width: keep parent 1's vision tower")
+    """``method`` plus that method's own parameters, flat: ``{method: ties, density: 0.3}``.
 
-    @field_validator("method")
+    The parameters are validated by the method's params model (``MergeMethod.params``) and kept
+    with their defaults filled in, so the stage key sees every value the merge used; a field the
+    method does not declare is an error naming the method and its parameters.
+    """
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    method: str = Field(description="a registered merge method: uniform | linear | "
+                                    "task_arithmetic | ties | dare | width | cross | ensemble "
+                                    "(`workloads/merging/`)")
+    seed: int = Field(0, description="seeds the per-tensor generators of random methods (dare) "
+                                     "and the new layers of cross")
+
+    @model_validator(mode="wrap")
     @classmethod
-    def _known(cls, v: str) -> str:
-        from workloads.merging import MERGE_METHODS
+    def _method_params(cls, data: Any, handler: Any) -> Any:
+        if isinstance(data, Mapping) and isinstance(data.get("method"), str):
+            from workloads.merging import MERGE_METHODS, method_params
 
-        if v not in MERGE_METHODS:
-            raise ValueError(f"unknown merge method {v!r}; known: {', '.join(sorted(MERGE_METHODS))}")
-        return v
+            if data["method"] not in MERGE_METHODS:
+                msg = (f"unknown merge method {data['method']!r}; known: "
+                       f"{', '.join(sorted(MERGE_METHODS))} (a new one is a file in "
+                       f"workloads/merging/)")
+                raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
+                    type=PydanticCustomError("unknown_merge_method", msg), loc=("method",),
+                    input=data["method"])])
+            own = {k: v for k, v in data.items() if k not in cls.model_fields}
+            params = method_params(data["method"], own)
+            data = {**{k: v for k, v in data.items() if k in cls.model_fields},
+                    **params.model_dump()}
+        return handler(data)
+
+    @property
+    def params(self) -> BaseModel:
+        """The selected method's params model instance."""
+        from workloads.merging import method_params
+
+        return method_params(self.method, self.model_extra or {})
 
 
 def _validate(config: MergeConfig, inputs: dict[str, Any]) -> list[str]:
@@ -60,7 +81,7 @@ def _validate(config: MergeConfig, inputs: dict[str, Any]) -> list[str]:
 
     return check_merge_inputs(config.method, len(inputs.get("models") or []),
                               bool(inputs.get("base")), bool(inputs.get("partition")),
-                              config.weights)
+                              getattr(config.params, "weights", None))
 
 
 def _one(path: Any) -> str | None:
@@ -79,22 +100,25 @@ def run_merge(config: MergeConfig, model_dirs: list[str], out_dir: str,
     from workloads.merging import (MergeInputError, check_merge_inputs, get_merge_method,
                                    merge_state_dicts)
 
+    params = config.params
     problems = check_merge_inputs(config.method, len(model_dirs), base_dir is not None,
-                                  partition_dir is not None, config.weights)
+                                  partition_dir is not None, getattr(params, "weights", None))
     if problems:
         raise MergeInputError("; ".join(problems))
     method = get_merge_method(config.method)
-    params = config.model_dump()
     load = lambda p: LlavaForConditionalGeneration.from_pretrained(p).eval()  # noqa: E731
     t0 = time.perf_counter()
     models = [load(p) for p in model_dirs]
     base = load(base_dir) if base_dir else None
     processor = AutoProcessor.from_pretrained(model_dirs[0])
     t_loaded = time.perf_counter()
-    with torch.no_grad():
+    # fork_rng + seed: a model method's new layers (cross) are initialised from the stage seed
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
         if method.kind == "tensor":
             sd = merge_state_dicts(config.method, [m.state_dict() for m in models],
-                                   base.state_dict() if base is not None else None, params)
+                                   base.state_dict() if base is not None else None, params,
+                                   seed=config.seed)
             merged = models[0]
             merged.load_state_dict(sd)
         elif config.method == "ensemble":

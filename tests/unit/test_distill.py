@@ -7,14 +7,14 @@ import os
 import pytest
 import torch
 
-from workloads.context import StageContext
+from orchestrator.plugin import StageContext
 from workloads.data.collate import collate
 from workloads.distill import (DistillCompatError, DistillConfig, check_teacher_student,
                                validate_distill)
 from workloads.distill_loss import DistillLoss
 from workloads.distill_offline import _ShardWriter, row_digests, teacher_entries
 from workloads.models import build_model, load_model, save_model
-from workloads.train_fixtures import build_tiny_tokenizer, shapes_rows
+from mmkd_test_plugins.train_fixtures import build_tiny_tokenizer, shapes_rows
 from workloads.train_setup import StepContext, model_inputs
 
 TERMS = ("loss", "ce", "l_res", "l_vis", "l_rel")

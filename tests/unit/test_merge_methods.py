@@ -23,7 +23,7 @@ from workloads.merging.width import width_merge
 @pytest.fixture(scope="module")
 def pico(tmp_path_factory):
     from workloads.models import build_model, save_model
-    from workloads.train_fixtures import build_tiny_tokenizer
+    from mmkd_test_plugins.train_fixtures import build_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("pico")
     tok = build_tiny_tokenizer(str(root / "tok"))
@@ -55,7 +55,7 @@ def _batch(model, proc, n=2, t=20, seed=0):
 
 def test_registry_lists_every_method():
     assert [m.name for m in list_merge_methods()] == sorted(
-        ["uniform", "linear", "task_arithmetic", "ties", "width", "cross", "ensemble"])
+        ["uniform", "linear", "task_arithmetic", "ties", "dare", "width", "cross", "ensemble"])
     assert MERGE_METHODS["ties"].needs_base and MERGE_METHODS["ensemble"].needs_partition
 
 

@@ -21,16 +21,23 @@ import copy
 import json
 import os
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from workloads.merging.generation import GreedyGenerationMixin
-from workloads.merging.registry import MergeInputError, MergeMethod, register_merge_method
+from workloads.merging.registry import (MergeInputError, MergeMethod, method_params,
+                                        register_merge_method)
 
-__all__ = ["CrossBridge", "CrossMergedModel", "cross_merge", "load_cross"]
+__all__ = ["CrossParams", "CrossBridge", "CrossMergedModel", "cross_merge", "load_cross"]
+
+
+class CrossParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    cross_every: int = Field(2, ge=1, description="a bridge after every n-th decoder layer")
 
 
 class CrossBridge(nn.Module):
@@ -73,7 +80,7 @@ def _input_embeddings(llava: Any, input_ids: torch.Tensor,
 
 
 class CrossMergedModel(GreedyGenerationMixin, nn.Module):
-    def __init__(self, parent_a: Any, parent_b: Any, cross_every: int = 2,
+    def __init__(self, parent_a: Any, parent_b: Any, cross_every: int,
                  freeze_parents: bool = True):
         super().__init__()
         ta, tb = parent_a.config.text_config, parent_b.config.text_config
@@ -173,13 +180,15 @@ def load_cross(path: str, meta: dict[str, Any]) -> CrossMergedModel:
 
 
 def cross_merge(models: list[Any], base: Any = None,
-                params: dict[str, Any] | None = None) -> CrossMergedModel:
+                params: CrossParams | Mapping[str, Any] | None = None) -> CrossMergedModel:
+    params = method_params("cross", params)
     if len(models) != 2:
         raise MergeInputError(f"merge method 'cross' needs exactly K=2 models, got K={len(models)}")
-    return CrossMergedModel(models[0], models[1], (params or {}).get("cross_every", 2))
+    return CrossMergedModel(models[0], models[1], params.cross_every)
 
 
 register_merge_method(MergeMethod("cross", "model", cross_merge,
                                   "JAM-Cross: two decoders bridged by new cross-attention every "
-                                  "n-th layer + fusion layer", min_models=2, max_models=2,
+                                  "n-th layer + fusion layer", params=CrossParams,
+                                  min_models=2, max_models=2,
                                   same_shapes=False))

@@ -17,22 +17,31 @@ import copy
 import json
 import os
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal, Mapping
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from workloads.merging.generation import GreedyGenerationMixin
-from workloads.merging.registry import MergeInputError, MergeMethod, register_merge_method
+from workloads.merging.registry import (MergeInputError, MergeMethod, method_params,
+                                        register_merge_method)
 from workloads.merging.router import embed_images, route_weights
 
-__all__ = ["EnsembleModel", "ensemble_merge", "load_ensemble"]
+__all__ = ["EnsembleParams", "EnsembleModel", "ensemble_merge", "load_ensemble"]
+
+
+class EnsembleParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    router: Literal["top1", "soft"] = Field("top1", description="top1: only the nearest expert "
+                                            "runs; soft: mix by softmax(cos/τ)")
+    temperature: float = Field(0.1, gt=0.0, description="soft routing: τ of softmax(cos/τ)")
 
 
 class EnsembleModel(GreedyGenerationMixin, nn.Module):
     def __init__(self, experts: list[Any], router_vision: Any, centroids: torch.Tensor,
-                 mode: str = "top1", temperature: float = 0.1):
+                 mode: str, temperature: float):
         super().__init__()
         if centroids.shape[0] != len(experts):
             raise MergeInputError(f"merge method 'ensemble': {centroids.shape[0]} centroids for "
@@ -96,11 +105,12 @@ def load_ensemble(path: str, meta: dict[str, Any]) -> EnsembleModel:
     return EnsembleModel(experts, router, centroids, **meta["router"]).eval()
 
 
-def ensemble_merge(models: list[Any], base: Any = None, params: dict[str, Any] | None = None,
+def ensemble_merge(models: list[Any], base: Any = None,
+                   params: EnsembleParams | Mapping[str, Any] | None = None,
                    centroids: np.ndarray | torch.Tensor | None = None) -> EnsembleModel:
     """Experts = ``models`` in partition order; router tower = ``base``'s if given (pass the
     model the partition stage embedded with), else expert 0's."""
-    params = params or {}
+    params = method_params("ensemble", params)
     if centroids is None:
         raise MergeInputError("merge method 'ensemble' needs input `partition` (centroids.npy "
                               "from the partition stage)")
@@ -112,11 +122,11 @@ def ensemble_merge(models: list[Any], base: Any = None, params: dict[str, Any] |
         raise MergeInputError(f"merge method 'ensemble': centroids have dim {c.shape[1]} but the "
                               f"router vision tower has hidden size {router.config.hidden_size}; "
                               f"pass the partition stage's `model` as input `base`")
-    return EnsembleModel(list(models), router, c, params.get("router", "top1"),
-                         params.get("temperature", 0.1)).eval()
+    return EnsembleModel(list(models), router, c, params.router, params.temperature).eval()
 
 
 register_merge_method(MergeMethod("ensemble", "model", ensemble_merge,
                                   "K experts mixed per sample by an image router over the "
-                                  "partition centroids (top1 | soft)", min_models=1,
+                                  "partition centroids (top1 | soft)", params=EnsembleParams,
+                                  min_models=1,
                                   needs_partition=True, same_shapes=False))

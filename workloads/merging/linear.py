@@ -9,13 +9,18 @@ turn it off to use the weights as given (e.g. model soups that deliberately scal
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from workloads.merging.registry import MergeInputError, MergeMethod, register_merge_method
 
-__all__ = ["linear_tensor", "uniform_tensor"]
+__all__ = ["LinearParams", "linear_tensor", "uniform_tensor"]
+
+
+class LinearParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    weights: list[float] | None = Field(None, description="per-model weights; default equal")
+    normalize: bool = Field(True, description="divide the weights by their sum")
 
 
 def linear_tensor(tensors: list[torch.Tensor], weights: list[float] | None = None,
@@ -42,11 +47,11 @@ def uniform_tensor(tensors: list[torch.Tensor]) -> torch.Tensor:
     return linear_tensor(tensors, None, normalize=True)
 
 
-def _linear(tensors: list[torch.Tensor], base: Any, params: dict[str, Any]) -> torch.Tensor:
-    return linear_tensor(tensors, params.get("weights"), params.get("normalize", True))
+def _linear(tensors, base, params: LinearParams, name, generator) -> torch.Tensor:
+    return linear_tensor(tensors, params.weights, params.normalize)
 
 
-def _uniform(tensors: list[torch.Tensor], base: Any, params: dict[str, Any]) -> torch.Tensor:
+def _uniform(tensors, base, params, name, generator) -> torch.Tensor:
     return uniform_tensor(tensors)
 
 
@@ -54,4 +59,4 @@ register_merge_method(MergeMethod("uniform", "tensor", _uniform,
                                   "mean of the K models' parameters", min_models=1))
 register_merge_method(MergeMethod("linear", "tensor", _linear,
                                   "weighted mean Σ w_k θ_k (weights normalized unless "
-                                  "normalize: false)", min_models=1))
+                                  "normalize: false)", params=LinearParams, min_models=1))

@@ -1,22 +1,35 @@
-"""The merge-method registry: every method registered explicitly by name (mergekit style).
+"""The merge-method registry: every method registered by name (mergekit style).
 
 A method is either
-- ``tensor``: a pure per-tensor function ``fn(tensors, base, params) -> Tensor`` applied to every
-  parameter of K same-shaped state dicts (``uniform``, ``linear``, ``task_arithmetic``, ``ties``);
+- ``tensor``: a pure per-tensor function ``fn(tensors, base, params, name, generator) -> Tensor``
+  applied to every floating-point parameter of K same-shaped state dicts (``uniform``,
+  ``linear``, ``task_arithmetic``, ``ties``, ``dare``): ``tensors`` the K models' values,
+  ``base`` the base model's (or None), ``params`` the method's own validated params model,
+  ``name`` the parameter's name and ``generator`` a CPU ``torch.Generator`` seeded from the
+  stage seed and that name (``tensor_generator``): random methods are reproducible and do not
+  depend on the order tensors are visited in;
 - ``model``: a builder ``fn(models, base, params, **extra) -> merged`` that makes a new
   architecture (``width``, ``cross``) or a wrapper (``ensemble``).
 
-``MergeMethod`` also carries what the method needs (number of models, a base, a partition), so
-``check_merge_inputs`` can refuse incompatible inputs before any weight is read.
+``MergeMethod`` also carries its parameters' pydantic model (``params``; the ``merge`` stage's
+config is ``method`` plus exactly these fields) and what the method needs (number of models, a
+base, a partition), so ``check_merge_inputs`` can refuse incompatible inputs before any weight
+is read.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
+
+from pydantic import BaseModel
+
+from workloads.extensions import NoParams, validate_own_params
 
 __all__ = ["MergeMethod", "MergeInputError", "MERGE_METHODS", "register_merge_method",
-           "get_merge_method", "list_merge_methods", "check_merge_inputs"]
+           "get_merge_method", "list_merge_methods", "check_merge_inputs", "method_params",
+           "tensor_generator"]
 
 
 class MergeInputError(ValueError):
@@ -29,6 +42,7 @@ class MergeMethod:
     kind: str  # "tensor" | "model"
     fn: Callable[..., Any]
     description: str
+    params: type[BaseModel] = NoParams  # the method's own parameters (extra="forbid")
     min_models: int = 1
     max_models: int | None = None
     needs_base: bool = False
@@ -57,6 +71,28 @@ def get_merge_method(name: str) -> MergeMethod:
 
 def list_merge_methods() -> list[MergeMethod]:
     return [MERGE_METHODS[k] for k in sorted(MERGE_METHODS)]
+
+
+def method_params(name: str, params: BaseModel | Mapping[str, Any] | None) -> BaseModel:
+    """``params`` as method ``name``'s params model (validated; None = all defaults). A
+    ValidationError names the method and the field; an instance passes through."""
+    model = get_merge_method(name).params
+    if isinstance(params, model):
+        return params
+    if isinstance(params, BaseModel):
+        params = params.model_dump()
+    return validate_own_params(f"merge method {name!r}", model, params or {}, model.__name__)
+
+
+def tensor_generator(seed: int, name: str) -> Any:
+    """A CPU ``torch.Generator`` for parameter ``name``: seeded with the first 8 bytes
+    (little-endian, top bit cleared) of sha256(f"{seed}:{name}") — stable across processes
+    and Python versions (unlike ``hash``), distinct per name, independent of visiting order."""
+    import torch
+
+    digest = hashlib.sha256(f"{int(seed)}:{name}".encode()).digest()
+    return torch.Generator(device="cpu").manual_seed(
+        int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def check_merge_inputs(name: str, num_models: int, has_base: bool, has_partition: bool,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
+from pydantic import BaseModel
 
-from workloads.merging.registry import MergeInputError, get_merge_method
+from workloads.merging.registry import (MergeInputError, get_merge_method, method_params,
+                                        tensor_generator)
 
 __all__ = ["check_same_shapes", "merge_state_dicts"]
 
@@ -31,18 +33,23 @@ def check_same_shapes(method: str, state_dicts: list[dict[str, torch.Tensor]],
 
 def merge_state_dicts(method: str, state_dicts: list[dict[str, torch.Tensor]],
                       base: dict[str, torch.Tensor] | None = None,
-                      params: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+                      params: BaseModel | Mapping[str, Any] | None = None,
+                      seed: int = 0) -> dict[str, torch.Tensor]:
+    """Apply tensor method ``method`` to every floating-point parameter. ``params``: the
+    method's params model or a mapping validated by it (None = defaults); ``seed``: the
+    stage seed each parameter's generator is derived from (``tensor_generator``)."""
     m = get_merge_method(method)
     if m.kind != "tensor":
         raise MergeInputError(f"merge method {method!r} builds a new model; call its builder")
     if m.needs_base and base is None:
         raise MergeInputError(f"merge method {method!r} needs a base model (input `base`)")
     check_same_shapes(method, state_dicts + ([base] if base is not None else []))
-    params = params or {}
+    params = method_params(method, params)
     out = {}
     for k, ref in state_dicts[0].items():
         if not torch.is_floating_point(ref):
             out[k] = ref.clone()  # integer buffers are not averaged
             continue
-        out[k] = m.fn([sd[k] for sd in state_dicts], None if base is None else base[k], params)
+        out[k] = m.fn([sd[k] for sd in state_dicts], None if base is None else base[k], params,
+                      k, tensor_generator(seed, k))
     return out

@@ -5,13 +5,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from workloads.merging.registry import MergeMethod, register_merge_method
 
-__all__ = ["task_arithmetic_tensor"]
+__all__ = ["TaskArithmeticParams", "task_arithmetic_tensor"]
+
+
+class TaskArithmeticParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    lambda_: float = Field(1.0, description="scale λ of the merged task vector")
+    weights: list[float] | None = Field(None, description="per-model weights w_k; default 1")
 
 
 def task_arithmetic_tensor(base: torch.Tensor, tensors: list[torch.Tensor], lambda_: float = 1.0,
@@ -24,10 +29,10 @@ def task_arithmetic_tensor(base: torch.Tensor, tensors: list[torch.Tensor], lamb
     return (b + lambda_ * delta).to(base.dtype)
 
 
-def _task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor,
-                     params: dict[str, Any]) -> torch.Tensor:
-    return task_arithmetic_tensor(base, tensors, params.get("lambda_", 1.0), params.get("weights"))
+def _task_arithmetic(tensors, base, params: TaskArithmeticParams, name, generator):
+    return task_arithmetic_tensor(base, tensors, params.lambda_, params.weights)
 
 
 register_merge_method(MergeMethod("task_arithmetic", "tensor", _task_arithmetic,
-                                  "base + λ Σ w_k (θ_k − base)", min_models=1, needs_base=True))
+                                  "base + λ Σ w_k (θ_k − base)", params=TaskArithmeticParams,
+                                  min_models=1, needs_base=True))

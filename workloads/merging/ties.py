@@ -8,13 +8,20 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from workloads.merging.registry import MergeMethod, register_merge_method
 
-__all__ = ["trim_top_k", "ties_tensor"]
+__all__ = ["TiesParams", "trim_top_k", "elect_and_mean", "ties_tensor"]
+
+
+class TiesParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    lambda_: float = Field(1.0, description="scale λ of the merged task vector")
+    density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each task vector's "
+                           "entries kept (top |τ|)")
+    weights: list[float] | None = Field(None, description="per-model weights w_k; default 1")
 
 
 def trim_top_k(tau: torch.Tensor, density: float) -> torch.Tensor:
@@ -30,24 +37,29 @@ def trim_top_k(tau: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
 
 
-def ties_tensor(base: torch.Tensor, tensors: list[torch.Tensor], density: float = 0.2,
+def elect_and_mean(taus: torch.Tensor) -> torch.Tensor:
+    """TIES steps 2-3 on stacked (weighted, sparsified) task vectors ``(K, ...)``: elect the sign
+    of Σ_k τ_k per entry, then average only the non-zero entries that agree with it."""
+    sign = torch.sign(taus.sum(dim=0))
+    agree = (torch.sign(taus) == sign.unsqueeze(0)) & (taus != 0)
+    count = agree.sum(dim=0).clamp(min=1)
+    return (taus * agree).sum(dim=0) / count
+
+
+def ties_tensor(base: torch.Tensor, tensors: list[torch.Tensor], density: float,
                 lambda_: float = 1.0, weights: list[float] | None = None) -> torch.Tensor:
     w = weights or [1.0] * len(tensors)
     b = base.float()
     taus = torch.stack([float(wi) * trim_top_k(t.float() - b, density)
                         for wi, t in zip(w, tensors)])
-    sign = torch.sign(taus.sum(dim=0))
-    agree = (torch.sign(taus) == sign.unsqueeze(0)) & (taus != 0)
-    count = agree.sum(dim=0).clamp(min=1)
-    merged = (taus * agree).sum(dim=0) / count
-    return (b + lambda_ * merged).to(base.dtype)
+    return (b + lambda_ * elect_and_mean(taus)).to(base.dtype)
 
 
-def _ties(tensors: list[torch.Tensor], base: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
-    return ties_tensor(base, tensors, params.get("density", 0.2), params.get("lambda_", 1.0),
-                       params.get("weights"))
+def _ties(tensors, base, params: TiesParams, name, generator) -> torch.Tensor:
+    return ties_tensor(base, tensors, params.density, params.lambda_, params.weights)
 
 
 register_merge_method(MergeMethod("ties", "tensor", _ties,
                                   "trim top-density task-vector entries, elect sign, disjoint "
-                                  "mean; base + λ·τ", min_models=1, needs_base=True))
+                                  "mean; base + λ·τ", params=TiesParams, min_models=1,
+                                  needs_base=True))

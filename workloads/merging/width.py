@@ -24,13 +24,23 @@ up to the RMSNorm coupling. It is a plain ``LlavaForConditionalGeneration`` chec
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Literal, Mapping
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
-from workloads.merging.registry import MergeInputError, MergeMethod, register_merge_method
+from workloads.merging.registry import (MergeInputError, MergeMethod, method_params,
+                                        register_merge_method)
 
-__all__ = ["width_config", "width_state_dict", "width_merge"]
+__all__ = ["WidthParams", "width_config", "width_state_dict", "width_merge"]
+
+
+class WidthParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    weights: list[float] | None = Field(None, description="lm_head weights of the two parents; "
+                                        "default ½, ½")
+    normalize: bool = Field(True, description="divide the weights by their sum")
+    vision: Literal["first"] = Field("first", description="keep parent 1's vision tower")
 
 _TEXT = "model.language_model."
 _PROJ = "model.multi_modal_projector."
@@ -86,19 +96,17 @@ def width_state_dict(sd1: dict[str, torch.Tensor], sd2: dict[str, torch.Tensor],
     return out
 
 
-def width_merge(models: list[Any], base: Any = None, params: dict[str, Any] | None = None) -> Any:
+def width_merge(models: list[Any], base: Any = None,
+                params: WidthParams | Mapping[str, Any] | None = None) -> Any:
     """Build the JAM-Width model from two ``LlavaForConditionalGeneration`` parents."""
     from transformers import LlavaForConditionalGeneration
 
-    params = params or {}
+    params = method_params("width", params)
     if len(models) != 2:
         raise MergeInputError(f"merge method 'width' needs exactly K=2 models, got K={len(models)}")
-    weights = params.get("weights") or [0.5, 0.5]
-    if params.get("normalize", True):
+    weights = params.weights or [0.5, 0.5]
+    if params.normalize:
         weights = [w / sum(weights) for w in weights]
-    if params.get("vision", "first") != "first":
-        raise MergeInputError("merge method 'width': only `vision: first` (parent 1's tower) is "
-                              "implemented")
     cfg = width_config(models[0].config)
     merged = LlavaForConditionalGeneration(cfg)
     sd = width_state_dict(models[0].state_dict(), models[1].state_dict(), tuple(weights))
@@ -114,4 +122,4 @@ def width_merge(models: list[Any], base: Any = None, params: dict[str, Any] | No
 
 register_merge_method(MergeMethod("width", "model", width_merge,
                                   "JAM-Width: new 2× wide model, parents block-diagonal",
-                                  min_models=2, max_models=2))
+                                  params=WidthParams, min_models=2, max_models=2))

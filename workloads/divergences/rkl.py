@@ -1,0 +1,28 @@
+"""``rkl``: reverse KL, KL(p_s || p_t) = sum_v p_s (log p_s - log p_t) — mode seeking. It is
+forward KL with the roles swapped, so its closed form is ``fkl``'s:
+
+    dD/ds = p (log p - log q - D),    dD/dt = q - p
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workloads.divergences import register_divergence
+from workloads.divergences.fkl import fkl_grads, fkl_rows
+
+__all__ = ["rkl_rows", "rkl_grads"]
+
+
+def rkl_rows(log_p_s: torch.Tensor, log_p_t: torch.Tensor) -> torch.Tensor:
+    """``(C, V)`` student and teacher log-probabilities -> ``(C,)`` KL(p_s || p_t)."""
+    return fkl_rows(log_p_t, log_p_s)
+
+
+def rkl_grads(s: torch.Tensor, t: torch.Tensor, need_s: bool, need_t: bool):
+    div, g_t, g_s = fkl_grads(t, s, need_t, need_s)
+    return div, g_s, g_t
+
+
+register_divergence("rkl", rkl_rows, rkl_grads,
+                    description="reverse KL(p_s || p_t), mode seeking")
