@@ -114,7 +114,7 @@ def cmd_run(args) -> int:
         err.print(f"Ray's and MLflow's own output: {output} (--verbose shows it here)",
                   highlight=False, soft_wrap=True)
     try:
-        record = runner.run()
+        record = runner.run(defer_tracking=True)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]; run again with --resume to continue")
         return 130
@@ -126,7 +126,10 @@ def cmd_run(args) -> int:
     if record.status == "success":
         console.print(f"[green]{pipeline.name}[/] {record.run_id}: success ({summary}); "
                       f"MLflow: {record.tracking_uri}")
-        if not runner.tracker.online:
+        if runner.tracker.deferred:
+            console.print("every stage was cached: MLflow gets this run from a background "
+                          f"`mmkd relog {record.run_id}` in a moment", highlight=False)
+        elif not runner.tracker.online:
             err.print(f"[yellow]MLflow was unreachable[/] ({runner.tracker.offline_reason}); "
                       f"re-log with: mmkd relog {record.run_id}")
         return 0
@@ -220,7 +223,14 @@ def cmd_relog(args) -> int:
     if not record.journal.exists():
         err.print(f"[red]error[/]: run {args.run} has no tracking journal")
         return 2
-    tracker = replay(record.journal, args.uri)
+    tracker = replay(record.journal, args.uri,
+                     tag="mmkd.tracking_deferred" if args.deferred else "mmkd.relogged")
+    record = RunRecord.load(args.run)  # the MLflow ids of this run are now known: keep them
+    record.mlflow_run_id = tracker.run_id()
+    for name, stage in record.stages.items():
+        stage.mlflow_run_id = tracker.run_id(name) or stage.mlflow_run_id
+    record.tracking_uri = tracker.uri
+    record.save()
     console.print(f"re-logged {args.run} to {tracker.uri} as MLflow run {tracker.run_id()}")
     return 0
 
@@ -308,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("relog", help="re-log a run's journal after MLflow was unreachable")
     p.add_argument("run")
     p.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI or the local db)")
+    p.add_argument("--deferred", action="store_true", help=argparse.SUPPRESS)  # mmkd run's own
     p.set_defaults(fn=cmd_relog)
 
     p = sub.add_parser("tune", help="Ray Tune over one stage's params (a tune spec)")

@@ -111,18 +111,15 @@ class QuietOutput:
     clears the "ray" logger's handlers, so a handler put there would not last."""
 
     def __init__(self):
-        import mlflow  # noqa: F401 - their first import replaces their loggers' handlers
-        import ray  # noqa: F401
-
+        global _QUIET
+        _QUIET = True
         # read where Ray Data is imported: here and in every stage task (`forwarded_env`)
         os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
         logging.captureWarnings(True)
         root = logging.getLogger()
         for handler in root.handlers:
             handler.addFilter(_ByName(keep=False))
-        for name in _QUIET_LOGGERS:
-            lg = logging.getLogger(name)
-            lg.handlers, lg.propagate = [], True
+        _route_quiet_loggers()  # again after MLflow or Ray is imported (after_import)
         self._handler: logging.Handler = logging.handlers.MemoryHandler(
             10_000, flushLevel=logging.CRITICAL + 1)
         self._handler.addFilter(_ByName(keep=True))
@@ -147,6 +144,23 @@ class QuietOutput:
         return path
 
 
+_QUIET = False  # a QuietOutput is routing the quiet loggers
+
+
+def after_import() -> None:
+    """Call after the first import of MLflow or Ray: their imports give their loggers console
+    handlers of their own, which would bypass the routing to the run's output.log."""
+    if _QUIET:
+        _route_quiet_loggers()
+
+
+def _route_quiet_loggers() -> None:
+    """The quiet loggers hand their records to the root logger's (filtered) handlers."""
+    for name in _QUIET_LOGGERS:
+        lg = logging.getLogger(name)
+        lg.handlers, lg.propagate = [], True
+
+
 class _ByName(logging.Filter):
     """Passes the records of the quiet loggers (``keep=True``) or all the others."""
 
@@ -166,6 +180,7 @@ def divert_worker_output() -> str | None:
     target = os.environ.get(RAY_OUTPUT_ENV)
     if not target:
         return None
+    after_import()  # importing Ray gave its loggers console handlers of their own
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:  # another Ray: its output stays on the console

@@ -12,10 +12,16 @@ A workload is a function ``fn(config, ctx) -> dict | None`` plus a typed config 
         ...  # write ctx.output_dir/model; return final metrics
 
 Pipeline files name workloads only by their registry key (``workload: my_stage``). mmkd finds
-them through the Python entry-point group ``mmkd.workloads``: each entry point names a module
-whose import registers workloads (mmkd's own are declared in its pyproject.toml exactly like a
-user's package declares its own). ``MMKD_PLUGINS=pkg.module,...`` imports further modules
-without packaging (a notebook, a benchmark); it reaches stage tasks with the driver's env.
+them through the Python entry-point group ``mmkd.workloads``: an entry point's name is a
+workload's name and its value the module whose import registers it (mmkd's own are declared in
+its pyproject.toml exactly like a user's package declares its own)::
+
+    [project.entry-points."mmkd.workloads"]
+    my_stage = "my_package.stages"
+
+Only the modules of the workloads a pipeline names are imported (a cached rerun of a small
+pipeline never imports torch). ``MMKD_PLUGINS=pkg.module,...`` imports further modules without
+packaging (a notebook, a benchmark); it reaches stage tasks with the driver's env.
 
 After a stage, the engine checks that every declared output exists in ``ctx.output_dir``; a
 ``summary.md`` the stage writes there is printed by ``mmkd run`` and ``mmkd show``.
@@ -85,7 +91,6 @@ class WorkloadInfo:
 
 _REGISTRY: dict[str, WorkloadInfo] = {}
 _SOURCES: dict[str, str] = {}  # module -> distribution that declared it as an entry point
-_loaded = False
 
 
 class UnknownWorkloadError(KeyError):
@@ -132,38 +137,44 @@ def workload(
     return register
 
 
-def load_entry_points(group: str, sources: dict[str, str] | None = None) -> list[str]:
-    """Import every module the entry-point ``group`` names (plus ``MMKD_PLUGINS`` for the
-    workload group); returns the module names. ``sources`` collects module -> distribution."""
-    found: list[tuple[str, str]] = []
-    for ep in importlib.metadata.entry_points(group=group):
-        found.append((ep.value.split(":")[0], ep.dist.name if ep.dist else "?"))
+def _entry_points(group: str) -> list[tuple[str, str, str]]:
+    """(name, module, distribution) of every entry point of ``group``."""
+    return [(ep.name, ep.value.split(":")[0], ep.dist.name if ep.dist else "?")
+            for ep in importlib.metadata.entry_points(group=group)]
+
+
+def _import_plugin(module: str, dist: str, group: str) -> None:
+    _SOURCES.setdefault(module, dist)
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - a broken plugin is named, not a traceback
+        raise PluginError(f"plugin module {module!r} (from {dist}, entry-point group "
+                          f"{group!r}) failed to import: {type(e).__name__}: {e}") from e
+
+
+def load_entry_points(group: str, names: set[str] | None = None) -> list[str]:
+    """Import the modules the entry-point ``group`` names (only those of ``names`` when
+    given; ``MMKD_PLUGINS`` too for the workload group); returns the module names."""
+    found = [(module, dist) for name, module, dist in _entry_points(group)
+             if names is None or name in names]
     if group == ENTRY_POINTS:
         found += [(m.strip(), "MMKD_PLUGINS") for m in
                   os.environ.get("MMKD_PLUGINS", "").split(",") if m.strip()]
-    modules = []
     for module, dist in found:
-        if sources is not None:
-            sources.setdefault(module, dist)
-        try:
-            importlib.import_module(module)
-        except Exception as e:  # noqa: BLE001 - a broken plugin is named, not a traceback
-            raise PluginError(f"plugin module {module!r} (from {dist}, entry-point group "
-                              f"{group!r}) failed to import: {type(e).__name__}: {e}") from e
-        modules.append(module)
-    return modules
+        _import_plugin(module, dist, group)
+    return [m for m, _ in found]
 
 
-def _load_all() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    load_entry_points(ENTRY_POINTS, _SOURCES)
+_loaded_all = False
 
 
 def get_workload(name: str) -> WorkloadInfo:
-    _load_all()
+    global _loaded_all
+    if name not in _REGISTRY:
+        load_entry_points(ENTRY_POINTS, {name})
+    if name not in _REGISTRY and not _loaded_all:  # a module that registers it under no name
+        _loaded_all = True
+        load_entry_points(ENTRY_POINTS)
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -171,7 +182,10 @@ def get_workload(name: str) -> WorkloadInfo:
 
 
 def list_workloads() -> list[WorkloadInfo]:
-    _load_all()
+    global _loaded_all
+    if not _loaded_all:
+        _loaded_all = True
+        load_entry_points(ENTRY_POINTS)
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 

@@ -16,6 +16,7 @@ import os
 import time
 from typing import Any
 
+from orchestrator.cache import mmkd_home
 from orchestrator.dag import ready_stages
 from orchestrator.executor import (DATA_CPUS, StageFailed, progress_hub_class, run_name_for,
                                    stage_cpus, stage_payload, stage_task)
@@ -86,7 +87,14 @@ class PipelineRunner(StageOutcomes):
             self.view.update(self.record)
 
     # -- main loop ------------------------------------------------------------------------
-    def run(self) -> RunRecord:
+    def run(self, defer_tracking: bool = False) -> RunRecord:
+        """Run the pipeline. ``defer_tracking`` (the CLI): when every stage is cached, journal
+        the MLflow calls and let a detached `mmkd relog` write them, so the rerun returns
+        without paying seconds for importing MLflow and opening its store."""
+        deferred = (defer_tracking and not self._resume_parent
+                    and all(self._cached(n) for n in self.pipeline.stages))
+        if deferred:
+            self.tracker.defer()
         if self._resume_parent:
             self.tracker.resume_pipeline(self._resume_parent, {
                 n: s.mlflow_run_id for n, s in self.record.stages.items() if s.mlflow_run_id})
@@ -97,6 +105,8 @@ class PipelineRunner(StageOutcomes):
         finally:
             for lease in self.leases.values():
                 lease.release()
+        if deferred:
+            relog_in_background(self.record)
         return self.record
 
     def _start_parent(self) -> None:
@@ -107,7 +117,7 @@ class PipelineRunner(StageOutcomes):
             tags={"mmkd.pipeline": p.name, "mmkd.run_id": self.record.run_id,
                   "mmkd.driver": self.record.driver, "mmkd.kind": "pipeline"})
         self.record.mlflow_run_id = self.tracker.run_id()
-        if self.tracker.online:
+        if self.tracker.online or self.tracker.deferred:
             self.tracker.log_artifact("__pipeline__", p.path, "pipeline")
 
     def _cached(self, name: str) -> bool:
@@ -299,3 +309,15 @@ class PipelineRunner(StageOutcomes):
                 f"cluster has {have_cpu:g} CPU, {have_gpu:g} GPU. Lower `resources` of stage "
                 f"{stage.name!r} (e.g. --set stages.{stage.base}.resources.num_workers=1) or "
                 f"add nodes (set MMKD_SKIP_RESOURCE_CHECK=1 for an autoscaling cluster).")
+
+
+def relog_in_background(record: RunRecord) -> None:
+    """A detached `mmkd relog RUN`: writes the run's journal into MLflow and its ids into the
+    run record (output in the run's folder)."""
+    import subprocess
+    import sys
+
+    log = open(record.dir / "relog.log", "a")
+    subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "relog", record.run_id,
+                      "--deferred"], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                     start_new_session=True, env={**os.environ, "MMKD_HOME": str(mmkd_home())})

@@ -62,13 +62,23 @@ class Tracker:
         self.ids: dict[str, str] = {}  # logical name (PIPELINE or stage) -> MLflow run id
         self.online = True
         self.offline_reason = ""
+        self.deferred = False  # journal only; a background `mmkd relog` writes it (defer())
         self._client = None
         self._experiment_id: str | None = None
+
+    def defer(self) -> None:
+        """Journal every call without touching MLflow (importing MLflow and opening its store
+        costs seconds): for a fully cached rerun, a detached `mmkd relog` logs it right after."""
+        self.online, self.deferred = False, True
 
     # -- plumbing -------------------------------------------------------------------------
     def _connect(self):
         if self._client is None:
             from mlflow.tracking import MlflowClient
+
+            from orchestrator.console import after_import
+
+            after_import()  # MLflow's first import gives its loggers handlers of their own
 
             if self.uri.startswith("sqlite:///"):
                 Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -228,8 +238,9 @@ class Tracker:
         return killed
 
 
-def replay(journal: Path, uri: str | None = None) -> Tracker:
-    """Re-log a journal (from a run whose tracking server was unreachable) into MLflow."""
+def replay(journal: Path, uri: str | None = None, tag: str = "mmkd.relogged") -> Tracker:
+    """Re-log a journal (from a run whose tracking server was unreachable, or whose tracking
+    was deferred) into MLflow; ``tag`` marks the parent run."""
     lines = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
     experiment = next((e["tags"].get("mmkd.pipeline") for e in lines
                        if e["op"] == "start_pipeline"), None)
@@ -240,7 +251,7 @@ def replay(journal: Path, uri: str | None = None) -> Tracker:
         op = entry.pop("op")
         entry.pop("time", None)
         if op == "start_pipeline":
-            entry["tags"] = {**entry["tags"], "mmkd.relogged": "true"}
+            entry["tags"] = {**entry["tags"], tag: "true"}
         getattr(tracker, f"_op_{op}")(**entry)
     return tracker
 

@@ -26,13 +26,22 @@ class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def import_package_modules(package: str, path: Iterable[str]) -> list[str]:
+def import_package_modules(package: str, path: Iterable[str], group: str | None = None
+                           ) -> list[str]:
     """Import every module in a package's folder (``path`` = the package's ``__path__``), in
-    name order; modules whose name starts with ``_`` are skipped. Returns their names."""
+    name order; modules whose name starts with ``_`` are skipped. Then the modules other
+    installed packages declare in the entry-point ``group`` (``mmkd.divergences``,
+    ``mmkd.merge_methods``): a user's package adds a divergence or merge method the same way
+    it adds a workload. Returns the module names."""
     names = sorted(m.name for m in pkgutil.iter_modules(list(path)) if not m.name.startswith("_"))
     for name in names:
         importlib.import_module(f"{package}.{name}")
-    return names
+    modules = [f"{package}.{n}" for n in names]
+    if group:
+        from orchestrator.plugin import load_entry_points
+
+        modules += load_entry_points(group)
+    return modules
 
 
 def validate_own_params(owner: str, model: type[BaseModel], data: Mapping[str, Any],

@@ -162,4 +162,4 @@ def resolve_divergence(kind: str | Mapping[str, Any] | DivergenceSpec
     raise UnknownDivergenceError(_unknown(kind))
 
 
-import_package_modules(__name__, __path__)
+import_package_modules(__name__, __path__, group="mmkd.divergences")

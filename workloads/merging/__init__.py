@@ -33,7 +33,7 @@ from workloads.merging.registry import (MERGE_METHODS, MergeInputError, MergeMet
 from workloads.merging.state_dict import check_same_shapes, merge_state_dicts
 from workloads.extensions import import_package_modules
 
-import_package_modules(__name__, __path__)
+import_package_modules(__name__, __path__, group="mmkd.merge_methods")
 
 __all__ = ["MERGE_METHODS", "MergeInputError", "MergeMethod", "check_merge_inputs",
            "get_merge_method", "list_merge_methods", "merge_state_dicts", "check_same_shapes",
