@@ -100,6 +100,8 @@ class RunResult:
     """What ``run`` returns: the run record, and readers of what its stages published."""
 
     record: Any  # orchestrator.runs.RunRecord
+    tracking_deferred: bool = False  # all cached: a background `mmkd relog` writes MLflow
+    tracking_error: str = ""  # MLflow was unreachable: `mmkd relog RUN` once it is back
 
     @property
     def ok(self) -> bool:
@@ -146,9 +148,13 @@ class RunResult:
 
 def run(pipeline: str | os.PathLike | Pipeline, overrides: Sequence[str] = (),
         force: Sequence[str] = (), resume: bool = False, store: str | None = None,
-        only: Sequence[str] = (), view: Any = None) -> RunResult:
+        only: Sequence[str] = (), view: Any = None, on_start: Any = None,
+        defer_tracking: bool = False) -> RunResult:
     """Validate, then run the pipeline: cached stages are skipped, keys are leased, results
-    are published atomically, MLflow gets a parent run and a child per stage."""
+    are published atomically, MLflow gets a parent run and a child per stage.
+
+    ``on_start(record)`` is called once the run record exists; ``defer_tracking``: when every
+    stage is cached, MLflow is written by a background process (what the CLI does)."""
     from orchestrator.runner import PipelineRunner
 
     loaded = load(pipeline, overrides, only)
@@ -157,7 +163,13 @@ def run(pipeline: str | os.PathLike | Pipeline, overrides: Sequence[str] = (),
         raise InvalidPipeline(problems)
     runner = PipelineRunner(loaded, force=list(force), resume=resume, store_root=store,
                             overrides=list(overrides), view=view)
-    return RunResult(runner.run())
+    if on_start is not None:
+        on_start(runner.record)
+    record = runner.run(defer_tracking=defer_tracking)
+    tracker = runner.tracker
+    return RunResult(record, tracking_deferred=tracker.deferred,
+                     tracking_error="" if tracker.online or tracker.deferred
+                     else tracker.offline_reason)
 
 
 def runs(pipeline: str | None = None, limit: int = 20) -> list[Any]:

@@ -40,9 +40,11 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args) -> int:
+    from orchestrator import api
+
     pipeline = _load(args)
     n = len(pipeline.stages)
-    problems = [] if args.offline else _deep_validate(pipeline)
+    problems = api.validate(pipeline, offline=args.offline)
     for p in problems:
         err.print(f"[red]problem[/]: {escape(p)}", highlight=False, soft_wrap=True)
     if problems:
@@ -53,19 +55,11 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def _deep_validate(pipeline) -> list[str]:
-    """Workload-specific checks (data paths exist and are readable, vocabularies fit)."""
-    from orchestrator.api import store_problems
-
-    return store_problems(pipeline)
-
-
 def cmd_plan(args) -> int:
-    from orchestrator.plan import make_plan, store_for
+    from orchestrator import api
 
     pipeline = _load(args)
-    store = None if args.offline else store_for(pipeline, args.store)
-    rows = make_plan(pipeline, store, args.force or [], offline=args.offline)
+    rows = api.plan(pipeline, force=args.force or [], store=args.store, offline=args.offline)
     table = Table(title=f"plan: {pipeline.name} ({args.pipeline})")
     for col in ("stage", "workload", "status", "after", "resources", "key"):
         table.add_column(col)
@@ -85,39 +79,38 @@ def cmd_plan(args) -> int:
         console.print("offline: the artifact store, data and model files were not opened "
                       "(keys exclude data fingerprints; 'run' means not checked)")
         return 0
-    problems = _deep_validate(pipeline)
+    problems = api.validate(pipeline)
     for p in problems:
-        err.print(f"[red]problem[/]: {p}")
+        err.print(f"[red]problem[/]: {escape(p)}", highlight=False, soft_wrap=True)
     return 2 if problems else 0
 
 
 def cmd_run(args) -> int:
-    from orchestrator.runner import PipelineRunner
+    from orchestrator import api
     from orchestrator.view import LiveView
 
     pipeline = _load(args)
-    problems = _deep_validate(pipeline)
-    if problems:
-        for p in problems:
+    quiet = None if args.verbose else QuietOutput()
+
+    def started(record) -> None:
+        if quiet is not None:
+            output = quiet.to_file(record.dir / "output.log")
+            err.print(f"Ray's and MLflow's own output: {output} (--verbose shows it here)",
+                      highlight=False, soft_wrap=True)
+
+    try:
+        result = api.run(pipeline, overrides=args.set or [], force=args.force or [],
+                         resume=args.resume, store=args.store, on_start=started,
+                         view=LiveView(live=None if not args.plain else False),
+                         defer_tracking=True)
+    except api.InvalidPipeline as e:
+        for p in e.problems:
             err.print(f"[red]problem[/]: {escape(p)}", highlight=False, soft_wrap=True)
         return 2
-    quiet = None if args.verbose else QuietOutput()
-    try:
-        runner = PipelineRunner(pipeline, force=args.force or [], resume=args.resume,
-                                store_root=args.store, overrides=args.set or [],
-                                view=LiveView(live=None if not args.plain else False))
-    except ValueError as e:
-        err.print(f"[red]error[/]: {e}", highlight=False)
-        return 2
-    if quiet is not None:
-        output = quiet.to_file(runner.record.dir / "output.log")
-        err.print(f"Ray's and MLflow's own output: {output} (--verbose shows it here)",
-                  highlight=False, soft_wrap=True)
-    try:
-        record = runner.run(defer_tracking=True)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]; run again with --resume to continue")
         return 130
+    record = result.record
     counts = {}
     for s in record.stages.values():
         counts[s.status] = counts.get(s.status, 0) + 1
@@ -126,11 +119,11 @@ def cmd_run(args) -> int:
     if record.status == "success":
         console.print(f"[green]{pipeline.name}[/] {record.run_id}: success ({summary}); "
                       f"MLflow: {record.tracking_uri}")
-        if runner.tracker.deferred:
+        if result.tracking_deferred:
             console.print("every stage was cached: MLflow gets this run from a background "
                           f"`mmkd relog {record.run_id}` in a moment", highlight=False)
-        elif not runner.tracker.online:
-            err.print(f"[yellow]MLflow was unreachable[/] ({runner.tracker.offline_reason}); "
+        elif result.tracking_error:
+            err.print(f"[yellow]MLflow was unreachable[/] ({result.tracking_error}); "
                       f"re-log with: mmkd relog {record.run_id}")
         return 0
     err.print(f"[red]{pipeline.name} {record.run_id}: {record.status}[/] ({summary}).\n"
