@@ -53,18 +53,22 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
     keys = dict(base["keys"])
     keys[stage.name] = stage_key(stage, keys, base["fingerprint"], base["codes"][stage.name])
     store = ArtifactStore(base["store_root"], base["local_cache"])
-    payload = stage_payload(base["pipeline"], stage, keys, store)
     metric = base["metric"]
     last: dict[str, float] = {}
     recent: deque[float] = deque(maxlen=base["smooth"])  # the metric's last N per-step values
     last_step = 0
-    if store.is_complete(stage.workload, keys[stage.name]):  # same params seen before
+    # the key's lease, as `mmkd run` takes it: a trial whose params another trial, sweep or run
+    # is computing waits for that result instead of training into the same checkpoint folder
+    lease = _lease_or_result(store, stage, keys[stage.name])
+    if lease is None:  # same params seen before
         final = _numeric(store.read_json(stage.workload, keys[stage.name], "metrics.json") or {})
     else:
+        payload = stage_payload(base["pipeline"], stage, keys, store, lease_token=lease.token)
         hub = progress_hub_class().remote()
         ref = stage_task(stage).remote(payload, hub)
         while True:
             ready, _ = ray.wait([ref], timeout=0.5)
+            lease.heartbeat()
             for kind, event in ray.get(hub.drain.remote()):
                 if kind == "metrics" and metric in event["metrics"]:
                     recent.append(float(event["metrics"][metric]))
@@ -74,7 +78,10 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
                     tune.report({**last, "mmkd_step": last_step})
             if ready:
                 break
-        result = ray.get(ref)  # raises if the stage failed: Tune marks the trial errored
+        try:
+            result = ray.get(ref)  # raises if the stage failed: Tune marks the trial errored
+        finally:
+            lease.release()
         final = {**_numeric(result["metrics"]), **last} if recent else _numeric(result["metrics"])
     # Tune rejects a result without its metric; a stage cached before it reported the metric in
     # its final metrics (only per step) has no value for it: NaN, and it ranks by `select`.
@@ -94,6 +101,22 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
     # the final result belongs to the stage's last step (not one past it in the MLflow curve)
     tune.report({**final, "mmkd_completed": 1, "mmkd_step": int(final.get("steps") or last_step),
                  "mmkd_key": keys[stage.name]})
+
+
+def _lease_or_result(store: Any, stage: Any, key: str) -> Any:
+    """The key's lease once this trial holds it, or None when its result is (or becomes)
+    published."""
+    import time
+
+    lease = store.lease(stage.workload, key, {"run_id": "tune", "stage": stage.name})
+    while not store.is_complete(stage.workload, key):
+        if lease.try_acquire():
+            if store.is_complete(stage.workload, key):  # published just before we took it
+                lease.release()
+                return None
+            return lease
+        time.sleep(1.0)
+    return None
 
 
 def _numeric(d: dict[str, Any]) -> dict[str, float]:

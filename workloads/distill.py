@@ -39,6 +39,8 @@ __all__ = ["DistillConfig", "distill", "validate_distill", "check_teacher_studen
 class DistillCompatError(ValueError):
     """Teacher and student (or stored teacher logits) cannot be distilled together."""
 
+    deterministic = True  # Ray Train raises it at once (workloads/errors.py)
+
 
 class DistillConfig(TrainConfig):
     """LLaVA-KD: CE + alpha*L_res + beta*L_vis + gamma*L_rel; DFT by default (projector + LLM)."""

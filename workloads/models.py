@@ -59,6 +59,8 @@ DEFAULT_CHAT_TEMPLATE = (
 class ModelCompatError(ValueError):
     """A model, its tokenizer and its image processor disagree; the message says what to change."""
 
+    deterministic = True  # Ray Train raises it at once (workloads/errors.py)
+
 
 class PartsSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")

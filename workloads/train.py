@@ -373,6 +373,8 @@ def _write_pid(pid_dir: str | None, rank: int) -> None:
     os.makedirs(pid_dir, exist_ok=True)
     with open(os.path.join(pid_dir, f"rank_{rank}.json"), "w") as f:
         json.dump({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}, f)
+    with open(os.path.join(pid_dir, "starts.log"), "a") as f:  # one line per worker (re)start
+        f.write(f"{rank} {os.getpid()} {time.time():.3f}\n")
 
 
 def _seed_all(seed: int) -> None:

@@ -26,8 +26,12 @@ def s3_uri(tmp_path_factory):
     pytest.importorskip("moto.server", reason="moto[server] is a test dependency")
     import os
 
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    # Credentials as a user's machine has them: a shared credentials file. Stage tasks read the
+    # same chain on their node; mmkd never forwards secret values (runtime_env is shown in
+    # plain text by Ray), only the file's path.
+    creds = tmp_path_factory.mktemp("aws") / "credentials"
+    creds.write_text("[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(creds)
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")

@@ -70,3 +70,18 @@ def test_exceeding_the_budget_fails_the_stage_naming_the_cause(data):
     with pytest.raises(DataQualityError) as e:
         pretrain(config, ctx)
     assert "corrupt_image" in str(e.value)
+
+
+def test_all_bad_data_is_the_data_error_once_not_an_empty_shard_retried(data):
+    """Every image corrupt: the worker's shard is empty; what fails the stage is the data error
+    (not 'empty data shard'), and Ray Train does not restart the workers for it."""
+    root, tiny, _ = data
+    corrupt_images(tiny["captions"], str(root / "all_bad"), every=1)
+    ctx = _ctx(root, "all_bad", {"tokenizer": tiny["tokenizer"], "data": str(root / "all_bad")})
+    config = PretrainConfig(model={"preset": "tiny-student"}, max_steps=3, batch_size=8,
+                            checkpoint_every=0, max_failures=2)
+    with pytest.raises(DataQualityError) as e:
+        pretrain(config, ctx)
+    assert "corrupt_image" in str(e.value) and "empty data shard" not in str(e.value)
+    starts = (root / "ckpt" / ctx.run_name / "worker_pids" / "starts.log").read_text().split("\n")
+    assert len([s for s in starts if s]) == 1, "a deterministic error is raised, not retried"

@@ -18,6 +18,8 @@ import logging
 from collections import Counter
 from typing import Any
 
+from workloads.errors import StageError
+
 logger = logging.getLogger("mmkd.data")
 
 MALFORMED_JSON = "malformed_json"        # not JSON, nested too deeply, or no usable conversation
@@ -44,8 +46,9 @@ __all__ = ["BAD_KINDS", "TRUNCATED", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "Dat
            "SampleQuality", "QualityState"]
 
 
-class DataQualityError(RuntimeError):
-    """Too many bad samples: the data (or the preprocessing settings) need fixing."""
+class DataQualityError(StageError):
+    """Too many bad samples: the data (or the preprocessing settings) need fixing. Retrying
+    cannot help: Ray Train raises it at once instead of restarting the workers."""
 
 
 class QualityState:
