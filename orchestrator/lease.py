@@ -35,7 +35,7 @@ def lease_ttl() -> float:
     return float(os.environ.get("MMKD_LEASE_TTL_S", DEFAULT_TTL_S))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -82,7 +82,7 @@ class Lease:
         if record["age_s"] > self.ttl:
             return True
         same_host = self.local and record.get("host") == socket.gethostname()
-        return bool(same_host and not _pid_alive(int(record.get("pid", 0))))
+        return bool(same_host and not pid_alive(int(record.get("pid", 0))))
 
     # -- taking and keeping ----------------------------------------------------------------
     def try_acquire(self) -> bool:

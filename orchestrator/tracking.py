@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.cache import mmkd_home
+from orchestrator.lease import pid_alive
 
 logger = logging.getLogger("mmkd")
 
@@ -40,16 +41,6 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     else:
         out[prefix.rstrip(".")] = json.dumps(data) if isinstance(data, (list, tuple)) else str(data)
     return out
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Tracker:
@@ -226,7 +217,7 @@ class Tracker:
         for run in running:
             driver = run.data.tags.get("mmkd.driver", "")
             run_host, _, pid = driver.rpartition(":")
-            if run_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+            if run_host == host and pid.isdigit() and not pid_alive(int(pid)):
                 client.set_terminated(run.info.run_id, status="KILLED")
                 killed.append(run.info.run_id)
         for run in running:  # the stages those drivers were running died with them

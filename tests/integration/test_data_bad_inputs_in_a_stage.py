@@ -10,13 +10,12 @@ import io
 import json
 import random
 import shutil
-import struct
 import tarfile
-import zlib
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from mmkd_test_plugins.bad_data import bomb_png, png, tar_bytes
 from mmkd_test_plugins.data_tiny import build_tiny_data
 
 from workloads.data import readers
@@ -26,37 +25,6 @@ from workloads.data.quality import BAD_KINDS, MAX_IMAGE_BYTES, SampleQuality
 from workloads.data.source import DataSource
 
 CONV = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A square."}]
-
-
-def png(seed: int) -> bytes:
-    from PIL import Image
-
-    rnd = random.Random(seed)
-    img = Image.new("RGB", (24, 24))
-    img.putdata([tuple(rnd.randrange(256) for _ in range(3)) for _ in range(24 * 24)])
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data)))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0"))
-            + chunk(b"IEND", b""))
-
-
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def good_members(prefix: str, n: int) -> list[tuple[str, bytes]]:
