@@ -37,13 +37,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict
 
 __all__ = ["WorkloadConfig", "WorkloadInfo", "workload", "get_workload", "list_workloads",
            "UnknownWorkloadError", "PluginError", "Resources", "StageContext", "ENTRY_POINTS",
-           "load_entry_points", "missing_outputs", "SUMMARY_FILE"]
+           "load_entry_points", "missing_outputs", "SUMMARY_FILE", "StageError",
+           "iter_causes", "root_stage_error", "root_cause"]
 
 logger = logging.getLogger("mmkd")
 
@@ -192,6 +193,50 @@ def list_workloads() -> list[WorkloadInfo]:
 def missing_outputs(info: WorkloadInfo, output_dir: str) -> list[str]:
     """Declared outputs the stage did not write."""
     return [o for o in info.outputs if not os.path.exists(os.path.join(output_dir, o))]
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+class StageError(RuntimeError):
+    """Deterministic: the stage's inputs or config are wrong; retrying gives the same error."""
+
+    deterministic = True
+
+
+def iter_causes(exc: BaseException | None, _seen: set[int] | None = None
+                ) -> Iterator[BaseException]:
+    """``exc`` and everything it wraps: ``__cause__``/``__context__``, Ray's ``.cause``, and
+    each worker's error of a Ray Train ``WorkerGroupError``."""
+    seen = _seen if _seen is not None else set()
+    if exc is None or id(exc) in seen:
+        return
+    seen.add(id(exc))
+    yield exc
+    inner: list[Any] = [getattr(exc, "cause", None), exc.__cause__, exc.__context__]
+    failures = getattr(exc, "worker_failures", None)
+    if isinstance(failures, dict):
+        inner += [failures[k] for k in sorted(failures)]
+    for e in inner:
+        if isinstance(e, BaseException):
+            yield from iter_causes(e, seen)
+
+
+def root_stage_error(exc: BaseException) -> BaseException | None:
+    """The first deterministic stage error inside ``exc``, or None."""
+    for e in iter_causes(exc):
+        if getattr(e, "deterministic", False):
+            return e
+    return None
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """What a user should read of a stage failure: its deterministic stage error if there is
+    one, else the outermost exception that is not one of Ray's wrappers (RayTaskError,
+    WorkerGroupError, UserCodeException)."""
+    found = root_stage_error(exc)
+    if found is not None:
+        return found
+    return next((e for e in iter_causes(exc) if not type(e).__module__.startswith("ray.")), exc)
 
 
 # -- what a workload receives ------------------------------------------------------------------

@@ -9,6 +9,7 @@ import os
 import time
 from typing import Any
 
+from orchestrator.plugin import root_cause
 from orchestrator.runs import StageRecord
 from orchestrator.spec import Stage
 
@@ -122,9 +123,8 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def error_text(e: BaseException) -> str:
-    """The user-relevant part of a stage error: the original exception, not Ray's wrapping."""
-    cause = getattr(e, "cause", None)
-    if cause is not None and not isinstance(cause, type(e)):
-        e = cause
+    """The user-relevant part of a stage error: the workload's own exception, not Ray's
+    wrapping of it (RayTaskError, WorkerGroupError, UserCodeException, a truncated snippet)."""
+    e = root_cause(e)
     text = f"{type(e).__name__}: {e}"
     return text if len(text) <= 4000 else text[:2000] + "\n...\n" + text[-2000:]

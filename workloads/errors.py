@@ -8,46 +8,16 @@ it (``NoRetryOnStageErrors``), and the user must read its own message, not Ray's
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
+
+from orchestrator.plugin import StageError, iter_causes, root_stage_error
 
 __all__ = ["StageError", "NonFiniteLossError", "iter_causes", "root_stage_error",
            "no_retry_failure_policy"]
 
 
-class StageError(RuntimeError):
-    """Deterministic: the stage's inputs or config are wrong; retrying gives the same error."""
-
-    deterministic = True
-
-
 class NonFiniteLossError(StageError):
     """A loss term or the gradient norm became NaN or infinite."""
-
-
-def iter_causes(exc: BaseException | None, _seen: set[int] | None = None
-                ) -> Iterator[BaseException]:
-    """``exc`` and everything it wraps: ``__cause__``/``__context__``, Ray's ``.cause``, and
-    each worker's error of a Ray Train ``WorkerGroupError``."""
-    seen = _seen if _seen is not None else set()
-    if exc is None or id(exc) in seen:
-        return
-    seen.add(id(exc))
-    yield exc
-    inner: list[Any] = [getattr(exc, "cause", None), exc.__cause__, exc.__context__]
-    failures = getattr(exc, "worker_failures", None)
-    if isinstance(failures, dict):
-        inner += [failures[k] for k in sorted(failures)]
-    for e in inner:
-        if isinstance(e, BaseException):
-            yield from iter_causes(e, seen)
-
-
-def root_stage_error(exc: BaseException) -> BaseException | None:
-    """The first deterministic stage error inside ``exc``, or None."""
-    for e in iter_causes(exc):
-        if getattr(e, "deterministic", False):
-            return e
-    return None
 
 
 def no_retry_failure_policy(failure_config: Any) -> Any:

@@ -89,3 +89,28 @@ def test_engine_files_stay_readable():
     long = {p.name: n for p in (ROOT / "orchestrator").glob("*.py")
             if (n := len(p.read_text().splitlines())) > 420}
     assert long == {}
+
+
+def test_a_stage_error_is_read_through_rays_wrappers():
+    """What `mmkd run` prints for a failed stage is the workload's own exception."""
+    import ray.exceptions
+    from ray.train import WorkerGroupError
+
+    from orchestrator.plugin import StageError, root_cause
+    from orchestrator.stage_outcomes import error_text
+
+    class Bad(StageError):
+        pass
+
+    try:
+        try:
+            raise Bad("1129 of 1129 samples were bad, most are missing_image")
+        except Bad as inner:
+            raise RuntimeError("UDF failed to process a data block") from inner
+    except RuntimeError as udf:
+        wrapped = WorkerGroupError("... (Output truncated ...)", {0: udf})
+    task = ray.exceptions.RayTaskError("stage", "traceback text", wrapped)
+    assert isinstance(root_cause(task), Bad)
+    assert error_text(task) == "Bad: 1129 of 1129 samples were bad, most are missing_image"
+    plain = ray.exceptions.RayTaskError("stage", "tb", KeyError("tokenizer"))
+    assert error_text(plain) == "KeyError: 'tokenizer'"
