@@ -6,7 +6,10 @@ LLaVA-KD default. With p = softmax(s), q = softmax(t) (student, teacher logits):
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where a divergence runs, not where one is named
+    import torch
 
 from workloads.divergences import register_divergence
 
@@ -22,6 +25,8 @@ def fkl_grads(s: torch.Tensor, t: torch.Tensor, need_s: bool, need_t: bool):
     """Closed form on logit buffers ``s``, ``t`` ``(C, V)`` (overwritten): every step is in
     place where it can be, so a chunk needs about five (C, V) buffers (measured in
     ``benchmarks/kd_loss_memory.py``). Returns ``(D, dD/ds or None, dD/dt or None)``."""
+    import torch
+
     ls = s.sub_(s.logsumexp(-1, keepdim=True))
     lt = t.sub_(t.logsumexp(-1, keepdim=True))
     q = lt.exp()

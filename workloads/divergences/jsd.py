@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import math
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where a divergence runs, not where one is named
+    import torch
 
 from workloads.divergences import register_divergence
 
@@ -17,6 +20,8 @@ __all__ = ["jsd_rows", "jsd_grads"]
 
 def jsd_rows(log_p_s: torch.Tensor, log_p_t: torch.Tensor) -> torch.Tensor:
     """``(C, V)`` student and teacher log-probabilities -> ``(C,)`` JSD."""
+    import torch
+
     lm = torch.logaddexp(log_p_s, log_p_t) - math.log(2.0)  # log of m = (p_s + p_t) / 2
     return (0.5 * (log_p_t.exp() * (log_p_t - lm)).sum(-1)
             + 0.5 * (log_p_s.exp() * (log_p_s - lm)).sum(-1))
@@ -24,6 +29,8 @@ def jsd_rows(log_p_s: torch.Tensor, log_p_t: torch.Tensor) -> torch.Tensor:
 
 def jsd_grads(s: torch.Tensor, t: torch.Tensor, need_s: bool, need_t: bool):
     """Closed form on logit buffers ``s``, ``t`` ``(C, V)`` (overwritten, in place)."""
+    import torch
+
     ls = s.sub_(s.logsumexp(-1, keepdim=True))
     lt = t.sub_(t.logsumexp(-1, keepdim=True))
     p, q = ls.exp(), lt.exp()

@@ -6,7 +6,10 @@ forward KL with the roles swapped, so its closed form is ``fkl``'s:
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where a divergence runs, not where one is named
+    import torch
 
 from workloads.divergences import register_divergence
 from workloads.divergences.fkl import fkl_grads, fkl_rows

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import math
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where a divergence runs, not where one is named
+    import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from workloads.divergences import register_divergence
@@ -29,6 +32,8 @@ class SkewParams(BaseModel):
 
 def _log_mix(log_p: torch.Tensor, log_q: torch.Tensor, alpha: float) -> torch.Tensor:
     """log(a p + (1 - a) q), computed in log space."""
+    import torch
+
     log_a = math.log(alpha) if alpha > 0 else -math.inf
     return torch.logaddexp(log_p + log_a, log_q + math.log1p(-alpha))
 
