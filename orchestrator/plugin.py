@@ -221,10 +221,16 @@ def iter_causes(exc: BaseException | None, _seen: set[int] | None = None
             yield from iter_causes(e, seen)
 
 
+def _ray_wrapper(e: BaseException) -> bool:
+    # RayTaskError(X) is made a subclass of X (as_instanceof_cause): it looks like the stage's
+    # own error but its text is Ray's traceback; the original is its .cause
+    return type(e).__module__.startswith("ray.")
+
+
 def root_stage_error(exc: BaseException) -> BaseException | None:
-    """The first deterministic stage error inside ``exc``, or None."""
+    """The first deterministic stage error inside ``exc`` (not a Ray wrapper of it), or None."""
     for e in iter_causes(exc):
-        if getattr(e, "deterministic", False):
+        if getattr(e, "deterministic", False) and not _ray_wrapper(e):
             return e
     return None
 
@@ -236,7 +242,7 @@ def root_cause(exc: BaseException) -> BaseException:
     found = root_stage_error(exc)
     if found is not None:
         return found
-    return next((e for e in iter_causes(exc) if not type(e).__module__.startswith("ray.")), exc)
+    return next((e for e in iter_causes(exc) if not _ray_wrapper(e)), exc)
 
 
 # -- what a workload receives ------------------------------------------------------------------

@@ -109,8 +109,11 @@ def test_a_stage_error_is_read_through_rays_wrappers():
             raise RuntimeError("UDF failed to process a data block") from inner
     except RuntimeError as udf:
         wrapped = WorkerGroupError("... (Output truncated ...)", {0: udf})
-    task = ray.exceptions.RayTaskError("stage", "traceback text", wrapped)
+    # as the driver gets them: RayTaskError(X) subclasses X, and its text is Ray's traceback
+    task = ray.exceptions.RayTaskError("stage", "traceback text", wrapped).as_instanceof_cause()
     assert isinstance(root_cause(task), Bad)
     assert error_text(task) == "Bad: 1129 of 1129 samples were bad, most are missing_image"
-    plain = ray.exceptions.RayTaskError("stage", "tb", KeyError("tokenizer"))
+    direct = ray.exceptions.RayTaskError("stage", "  File x.py", Bad("no")).as_instanceof_cause()
+    assert isinstance(direct, Bad) and error_text(direct) == "Bad: no"
+    plain = ray.exceptions.RayTaskError("stage", "tb", KeyError("tokenizer")).as_instanceof_cause()
     assert error_text(plain) == "KeyError: 'tokenizer'"
