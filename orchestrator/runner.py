@@ -317,7 +317,8 @@ def relog_in_background(record: RunRecord) -> None:
     import subprocess
     import sys
 
-    log = open(record.dir / "relog.log", "a")
-    subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "relog", record.run_id,
-                      "--deferred"], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                     start_new_session=True, env={**os.environ, "MMKD_HOME": str(mmkd_home())})
+    with open(record.dir / "relog.log", "a") as log:  # the child keeps its own copy
+        subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "relog", record.run_id,
+                          "--deferred"], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                         start_new_session=True,
+                         env={**os.environ, "MMKD_HOME": str(mmkd_home())})
