@@ -61,7 +61,7 @@ def run_training(ctx: StageContext, *, model_spec: dict[str, Any], tokenizer_dir
     ``quality`` (the data's SampleQuality): a worker whose shard yields nothing reports the
     data error behind it (every sample bad) rather than an empty shard."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t_start = time.perf_counter()
@@ -97,6 +97,8 @@ def run_training(ctx: StageContext, *, model_spec: dict[str, Any], tokenizer_dir
                              failure_config=FailureConfig(max_failures=params.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": dataset},
+        dataset_config=DataConfig(execution_options=_ordered_ingest_options(),
+                                  enable_shard_locality=False),
     )
     try:
         result = trainer.fit()
@@ -118,6 +120,16 @@ def run_training(ctx: StageContext, *, model_spec: dict[str, Any], tokenizer_dir
                                   "metrics": {k: v for k, v in h.items() if k != "step"}}
                                  for h in meta["history"])
     return meta["final"]
+
+
+def _ordered_ingest_options() -> Any:
+    """Ray Train's default ingest options with ``preserve_order``: every worker gets the same
+    rows in the same order on every run (see ``workloads/data/dataset.py``)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def _pid_dir(storage: str, run_name: str) -> str | None:
@@ -156,6 +168,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     _write_pid(config.get("pid_dir"), rank)
     _seed_all(p.seed)
+    nondeterministic = _deterministic_algorithms(on_gpu and p.deterministic)
     if on_gpu:
         from ray.train.torch import get_device
 
@@ -178,6 +191,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_fn.setup(engine, sctx)
 
     step, history, resumed_from = 0, [], None
+    position = {"epoch": 0, "rows": 0}  # where this worker's data stream stands
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -187,6 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 return
             engine.load_checkpoint(d, tag=DS_TAG)
             step, history, resumed_from = meta["step"], meta["history"], meta["step"]
+            position = _load_worker_state(d, rank)
 
     zero3 = int(ctx.deepspeed.get("zero_stage", 0)) == 3
     shard = ray.train.get_dataset_shard("train")
@@ -195,11 +210,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     skipped = int(history[-1].get("nonfinite/skipped_batches", 0)) if history else 0
     in_a_row = 0
     t_window = time.perf_counter()
-    epoch = 0
+    epoch, skip_rows = position["epoch"], position["rows"]
     while step < total_steps:
-        n_batches = 0
-        for batch in iter_train_batches(shard, p.batch_size, p.pad_token_id, p.seed, epoch):
+        n_batches, rows = 0, skip_rows
+        for batch in iter_train_batches(shard, p.batch_size, p.pad_token_id, p.seed, epoch,
+                                        rank=rank, skip_rows=skip_rows):
             n_batches += 1
+            rows += int(batch["input_ids"].shape[0])
             batch = {k: v.to(device) for k, v in batch.items()}
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
             sctx.step = step
@@ -243,15 +260,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if step >= total_steps:
                 break
             if p.checkpoint_every and step % p.checkpoint_every == 0:
-                _save_checkpoint(engine, step, history, metrics, rank)
+                _save_checkpoint(engine, step, history, metrics, rank,
+                                 {"epoch": epoch, "rows": rows})
                 t_window = time.perf_counter()
-        if n_batches == 0:
+        if n_batches == 0 and not skip_rows:
             if config.get("quality") is not None:
                 config["quality"].check()  # every sample bad: that is the error to report
             raise StageError(f"stage {ctx.stage!r}: worker {rank} got an empty data shard; "
                              f"give more samples than workers × batch_size")
-        epoch += 1
+        epoch, skip_rows = epoch + 1, 0
 
+    if nondeterministic and rank == 0:
+        ctx.log("deterministic: no deterministic implementation for "
+                + "; ".join(sorted(nondeterministic)), level="warning")
     # the last step's own metrics (ce, l_res, ... of a distill stage) plus the run's totals
     final = {**{k: v for k, v in history[-1].items() if k not in ("step", "epoch")},
              "loss": history[-1]["loss"], "steps": step, "total_steps": total_steps,
@@ -322,13 +343,16 @@ def _step_metrics(window: dict, t0: float, scheduler: Any, extra: dict, device: 
     return m
 
 
-def _save_checkpoint(engine: Any, step: int, history: list, metrics: dict, rank: int) -> None:
-    # Every rank saves its ZeRO shard and reports; a rank-0-only save/report deadlocks.
+def _save_checkpoint(engine: Any, step: int, history: list, metrics: dict, rank: int,
+                     position: dict[str, int]) -> None:
+    # Every rank saves its ZeRO shard, its data position and RNG states, and reports; a
+    # rank-0-only save/report deadlocks.
     import ray.train
     from ray.train import Checkpoint
 
     with tempfile.TemporaryDirectory(prefix="mmkd-ckpt-") as d:
         engine.save_checkpoint(d, tag=DS_TAG)
+        _save_worker_state(d, rank, position)
         if rank == 0:
             with open(os.path.join(d, CKPT_META), "w") as f:
                 json.dump({"kind": "deepspeed", "step": step, "history": history}, f)
@@ -354,6 +378,39 @@ def _save_final_model(module: Any, processor: Any, state_dict: dict | None, zero
     save_model(module, processor, out)
 
 
+def _worker_state_file(d: str, rank: int) -> str:
+    return os.path.join(d, f"mmkd_worker_{rank}.pt")
+
+
+def _save_worker_state(d: str, rank: int, position: dict[str, int]) -> None:
+    """This rank's data position (epoch, rows taken in it) and every RNG it draws from."""
+    import numpy as np
+    import torch
+
+    torch.save({"position": dict(position), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy": np.random.get_state(), "python": random.getstate()},
+               _worker_state_file(d, rank))
+
+
+def _load_worker_state(d: str, rank: int) -> dict[str, int]:
+    """Restore what ``_save_worker_state`` saved; returns the data position. A checkpoint
+    without it (written by an older mmkd) resumes its data from the epoch's start."""
+    import numpy as np
+    import torch
+
+    path = _worker_state_file(d, rank)
+    if not os.path.exists(path):
+        return {"epoch": 0, "rows": 0}
+    state = torch.load(path, weights_only=False)
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    return state["position"]
+
+
 def _report_final(d: str, meta: dict, rank: int) -> None:
     import ray.train
     from ray.train import Checkpoint
@@ -375,6 +432,32 @@ def _write_pid(pid_dir: str | None, rank: int) -> None:
         json.dump({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}, f)
     with open(os.path.join(pid_dir, "starts.log"), "a") as f:  # one line per worker (re)start
         f.write(f"{rank} {os.getpid()} {time.time():.3f}\n")
+
+
+def _deterministic_algorithms(enabled: bool) -> set[str]:
+    """On GPU: torch's deterministic algorithms, warn-only, so an op without a deterministic
+    implementation runs anyway and is named; returns the set that collects those names."""
+    import warnings
+
+    import torch
+
+    found: set[str] = set()
+    if not enabled:
+        return found
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    shown = warnings.showwarning
+
+    def collect(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if "deterministic" in text:
+            found.add(text.split(" does not have a deterministic")[0].strip()[:120])
+        return shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = collect
+    return found
 
 
 def _seed_all(seed: int) -> None:

@@ -35,6 +35,7 @@ class TrainParams:
     collective_timeout_s: int = 600  # a hung collective fails the stage instead of hanging it
     min_lr_ratio: float = 0.0
     nonfinite: str = "fail"          # "fail" | "skip_batch": a NaN/Inf loss fails the stage or is skipped
+    deterministic: bool = True       # GPU: torch's deterministic algorithms (CPU is by construction)
 
 
 @dataclass

@@ -46,9 +46,16 @@ class TrainConfig(WorkloadConfig):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
     max_length: int = Field(256, ge=8, description="tokens per sample after truncation")
+    max_samples: int | None = Field(
+        None, ge=1, description="train on at most this many samples: the first ones of the "
+                                "seeded file order, the same on every run")
     checkpoint_every: int = Field(50, ge=0, description="optimizer steps between checkpoints (0: none)")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
     seed: int | None = Field(None, description="defaults to the pipeline seed")
+    deterministic: bool = Field(
+        True, description="on GPU, use torch's deterministic algorithms (cuBLAS workspace, no "
+                          "cuDNN autotuning); kernels without a deterministic version are "
+                          "logged. CPU runs are deterministic by construction either way")
     nonfinite: Literal["fail", "skip_batch"] = Field(
         "fail", description="a NaN/Inf loss term: `fail` the stage at that step (nothing is "
                             "published) or `skip_batch` (no update from that batch; counted "
@@ -113,6 +120,7 @@ def train_params(config: TrainConfig, ctx: StageContext, pad_token_id: int) -> T
         warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm, checkpoint_every=config.checkpoint_every,
         max_failures=config.max_failures, nonfinite=config.nonfinite,
+        deterministic=config.deterministic,
         seed=ctx.seed if config.seed is None else config.seed, pad_token_id=pad_token_id)
 
 
@@ -125,6 +133,8 @@ def run_train_stage(config: TrainConfig, ctx: StageContext, loss_fn: Any = None)
     proc_dir = save_processor(spec, tokenizer_dir, os.path.join(ctx.output_dir, "_processor"))
     params_seed = ctx.seed if config.seed is None else config.seed
     source = resolve_data_source(config, ctx)
+    if config.max_samples is not None:
+        source = source.model_copy(update={"max_samples": config.max_samples})
     # Bad samples are dropped and counted by kind in one small actor; the budget is applied
     # while streaming (after enough samples) and once more at the end of the stage.
     quality = SampleQuality.create(max_bad_fraction=config.max_bad_fraction,

@@ -128,13 +128,17 @@ def read_source(source: DataSource, seed: int | None = None,
     JSON/JSONL file over ``split_bytes`` (default ``SPLIT_BYTES``; one task per byte range,
     cut at record boundaries, planned with one pass over the file when the dataset first runs).
 
-    ``seed`` shuffles the file (and range) order deterministically and differently on every
-    execution (every epoch), through Ray's ``FileShuffleConfig(seed,
-    reseed_after_execution=True)``; ``None`` keeps the sorted file order.
+    ``seed`` shuffles the file (and range) order deterministically, the same order on every
+    execution (every epoch and every restart of a worker group: the order cannot depend on how
+    often the dataset ran, or a resumed stage would read another order than the run it
+    continues; ``iter_train_batches`` reshuffles rows per epoch instead); ``None`` keeps the
+    sorted file order. ``max_samples`` keeps the first samples of that order when the dataset
+    executes with ``preserve_order`` (``build_train_dataset`` sets it).
     """
     import ray.data
 
-    shuffle = ray.data.FileShuffleConfig(seed=seed) if seed is not None else None
+    shuffle = (ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=False)
+               if seed is not None else None)
     ds = ray.data.read_datasource(SampleDatasource(source, resolve_files(source),
                                                     shuffle=shuffle,
                                                     split_bytes=split_bytes or SPLIT_BYTES))

@@ -20,13 +20,18 @@ class TinyTrainConfig(WorkloadConfig):
     nonfinite: str = Field("fail", pattern="^(fail|skip_batch)$")
     max_failures: int = Field(2, ge=0)
     seed: int = 0
+    rows: int = Field(32, ge=1, description="generated rows (the data set)")
+    batch_size: int = Field(4, ge=1)
+    checkpoint_every: int = Field(0, ge=0)
+    step_seconds: float = Field(0.0, ge=0, description="sleep per micro-step (time to kill it)")
 
 
 class _NanAtStep:
     """CausalLMLoss whose value is NaN for the first batch of optimizer step ``step``."""
 
-    def __init__(self, step: int | None):
+    def __init__(self, step: int | None, seconds: float = 0.0):
         self.step = step
+        self.seconds = seconds
         self.fired = False
 
     def setup(self, model, sctx) -> None:
@@ -38,8 +43,11 @@ class _NanAtStep:
             f.write(f"{sctx.rank}\n")
 
     def __call__(self, model, batch, sctx):
+        import time
+
         from workloads.train_setup import CausalLMLoss
 
+        time.sleep(self.seconds)
         loss, extra = CausalLMLoss()(model, batch, sctx)
         if self.step is not None and sctx.step + 1 == self.step and not self.fired:
             self.fired = True
@@ -60,10 +68,12 @@ def tiny_train(config: TinyTrainConfig, ctx: StageContext) -> dict[str, float]:
 
     tok_dir = build_tiny_tokenizer(os.path.join(ctx.output_dir, "_tokenizer"))
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    rows = shapes_rows(tok, 32, seed=config.seed)
+    rows = shapes_rows(tok, config.rows, seed=config.seed)
     return run_training(ctx, model_spec={"preset": "tiny-student"}, tokenizer_dir=tok_dir,
-                        dataset=ray.data.from_items(rows), loss_fn=_NanAtStep(config.nan_at_step),
-                        params=TrainParams(train=["projector", "llm"], lr=1e-3, batch_size=4,
+                        dataset=ray.data.from_items(rows), loss_fn=_NanAtStep(config.nan_at_step, config.step_seconds),
+                        params=TrainParams(train=["projector", "llm"], lr=1e-3,
+                                           batch_size=config.batch_size,
+                                           checkpoint_every=config.checkpoint_every,
                                            max_steps=config.steps, seed=config.seed,
                                            max_failures=config.max_failures,
                                            nonfinite=config.nonfinite,
