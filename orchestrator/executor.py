@@ -65,7 +65,7 @@ def execute_stage(payload: dict[str, Any], reporter: Any = None) -> dict[str, An
             output_dir=out_dir, inputs=inputs, resources=Resources(**payload["resources"]),
             deepspeed=payload["deepspeed"], checkpoint_storage=store.checkpoint_storage(),
             run_name=payload["run_name"], seed=int(payload["params"].get("seed", 0) or 0),
-            reporter=reporter)
+            reporter=reporter, input_stages=payload.get("input_stages", {}))
         metrics = info.fn(config, ctx) or {}
         missing = missing_outputs(info, out_dir)
         if missing:
@@ -113,6 +113,7 @@ def stage_payload(pipeline: Pipeline, stage: Stage, keys: dict[str, str], store:
         "input_is_list": stage.input_is_list,
         "inputs": {n: [(pipeline.stages[s].workload, keys[s], out) for s, out in refs]
                    for n, refs in stage.resolved_inputs.items()},
+        "input_stages": {n: [s for s, _ in refs] for n, refs in stage.resolved_inputs.items()},
     }
 
 

@@ -43,13 +43,17 @@ from pydantic import BaseModel, ConfigDict
 
 __all__ = ["WorkloadConfig", "WorkloadInfo", "workload", "get_workload", "list_workloads",
            "UnknownWorkloadError", "PluginError", "Resources", "StageContext", "ENTRY_POINTS",
-           "load_entry_points", "missing_outputs", "SUMMARY_FILE", "StageError",
+           "load_entry_points", "missing_outputs", "SUMMARY_FILE", "HEADLINE_FILE", "StageError",
            "iter_causes", "root_stage_error", "root_cause"]
 
 logger = logging.getLogger("mmkd")
 
 ENTRY_POINTS = "mmkd.workloads"
 SUMMARY_FILE = "summary.md"  # optional: a stage's markdown summary (a results table), printed
+# optional: a stage's headline for the pipeline's MLflow run, so the runs table and chart view
+# compare pipeline runs: {"metrics": {"teacher/accuracy": 0.57, ...}, "artifacts": ["results/
+# results.md", ...]} (artifact paths relative to the stage output)
+HEADLINE_FILE = "headline.json"
 
 
 class WorkloadConfig(BaseModel):
@@ -278,6 +282,9 @@ class StageContext:
     reporter: Any = None
     # Metrics reported while running without a reporter (unit tests, local calls).
     local_metrics: list[dict[str, Any]] = field(default_factory=list)
+    # Input name -> the upstream stage names behind it, in the order of ``inputs`` (a matrix
+    # reference lists every member: ``sft_seed-0``, ``sft_seed-1``, ...).
+    input_stages: dict[str, list[str]] = field(default_factory=dict)
 
     def report(self, metrics: dict[str, float], step: int | None = None,
                total_steps: int | None = None) -> None:

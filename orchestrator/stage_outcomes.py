@@ -9,7 +9,7 @@ import os
 import time
 from typing import Any
 
-from orchestrator.plugin import root_cause
+from orchestrator.plugin import HEADLINE_FILE, root_cause
 from orchestrator.runs import StageRecord
 from orchestrator.spec import Stage
 
@@ -57,6 +57,7 @@ class StageOutcomes:
         rec.metrics = metrics
         rec.uri = self.store.uri(stage.workload, key)
         self._index(stage.name)
+        self._headline(stage.name)
 
     def _index(self, name: str) -> None:
         """Remember the key parts this pipeline's stage used: `mmkd plan` diffs against them."""
@@ -76,7 +77,26 @@ class StageOutcomes:
         if self.store.is_local:
             self._log_small_artifacts(name, self.store.local_dir(rec.workload, rec.key))
         self.tracker.end_stage(name, "FINISHED")
+        self._headline(name)
         self._save(force=True)
+
+    def _headline(self, name: str) -> None:
+        """A stage's headline metrics (and tables/charts) onto the pipeline's own MLflow run."""
+        rec = self.record.stages[name]
+        try:
+            head = self.store.read_json(rec.workload, rec.key, HEADLINE_FILE)
+        except (OSError, ValueError) as e:  # a summary aid only: never fail a run over it
+            logger.warning("could not read the headline of stage %s: %s", name, e)
+            return
+        if not isinstance(head, dict):
+            return
+        self.tracker.log_metrics("__pipeline__", _numeric(head.get("metrics") or {}))
+        if self.store.is_local:
+            base = self.store.local_dir(rec.workload, rec.key)
+            for rel in head.get("artifacts") or []:
+                path = os.path.join(base, rel)
+                if os.path.isfile(path):
+                    self.tracker.log_artifact("__pipeline__", path, name)
 
     def _stage_failed(self, name: str, error: str) -> None:
         rec = self.record.stages[name]

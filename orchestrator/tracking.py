@@ -25,6 +25,12 @@ PIPELINE = "__pipeline__"
 _MAX_PARAM_LEN = 6000
 
 
+# MLflow 3 opens an experiment on its GenAI traces overview unless its kind says model
+# training ("custom_model_development" is what the UI calls "Machine learning"/model training).
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
+
+
 def default_tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
@@ -83,9 +89,12 @@ class Tracker:
                     location = (Path(self.uri.removeprefix("sqlite:///")).parent
                                 / "mlartifacts").as_uri()
                 self._experiment_id = self._client.create_experiment(
-                    self.experiment, artifact_location=location)
+                    self.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
             else:
                 self._experiment_id = exp.experiment_id
+                if EXPERIMENT_KIND not in exp.tags:  # made by an older mmkd: open on its runs
+                    for k, v in EXPERIMENT_TAGS.items():
+                        self._client.set_experiment_tag(exp.experiment_id, k, v)
         return self._client
 
     def _probe_server(self) -> None:

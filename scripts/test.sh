@@ -2,7 +2,7 @@
 # Install, then run the whole test suite (unit, integration on a real local Ray, e2e CLI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
+MMKD_EXTRAS=test,lmms bash scripts/install.sh
 # the test-only workloads and fixtures: a plugin package, found through mmkd's entry points
 python3 -m pip install -q --no-deps -e tests/plugin
 export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" TOKENIZERS_PARALLELISM=false

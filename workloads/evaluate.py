@@ -1,80 +1,103 @@
-"""``evaluate``: greedy VQA exact match (overall and per question type), caption perplexity, a
-predictions JSONL per model and a results table (markdown + CSV) comparing the models, with each
-model's parameter count (an ensemble counts all its experts) and, from its lineage
-(``workloads.lineage``), the samples and wall seconds of every stage that made it.
+"""``evaluate``: greedy answers to held-out questions (batched, with the KV cache), scored with
+the benchmark's own metric (``workloads.eval_metrics``: exact match, VQA soft accuracy, GQA,
+POPE, multiple choice, MME), each model's score with its 95% interval, a paired test for every
+pair of models (``workloads.eval_stats``), one row per arm with mean ± std across seeds when
+the models come from a seed matrix, caption perplexity, a predictions JSONL per model and a
+results table (markdown + CSV + JSON + chart) with each model's parameter count (an ensemble
+counts all its experts) and, from its lineage (``workloads.lineage``), the samples and wall
+seconds of every stage that made it.
 
 Inputs:
-  models    list of model dirs, or a dict name -> model dir (names: the upstream stage names)
-  data      held-out VQA split (shards dir), e.g. ``shapes.eval``
+  models    list of model dirs, or a dict name -> model dir
+  data      held-out split (shards dir), e.g. ``shapes.eval``; or ``params.data`` (a LLaVA
+            question file, conversation JSON or Parquet: ``workloads/data/eval_examples.py``)
   captions  optional caption split for perplexity, e.g. ``shapes.captions``
 
-Model names: a dict input keeps its keys; a list takes ``config.names`` when given, else
-``<parent dir>/model`` → the parent dir's name (the artifact store names stage outputs by stage).
+Model names: a dict input keeps its keys; a list takes ``config.names`` when given, else the
+upstream stage names (``sft_seed-0``, ... for a matrix reference).
+Seed arms: models named ``<arm>_seed-<n>`` (a ``matrix: {seed: [...]}`` stage) are also
+summarised per arm.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 import os
 import re
-import string
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal, Sequence
 
 from pydantic import Field
 
-from orchestrator.plugin import SUMMARY_FILE, StageContext
+from orchestrator.plugin import HEADLINE_FILE, SUMMARY_FILE, StageContext, WorkloadConfig, workload
 from workloads.data.preflight import validate_config_sources
 from workloads.data.source import DataSource
-from orchestrator.plugin import WorkloadConfig, workload
+from workloads.eval_metrics import METRICS, Metric, exact_match, normalize_answer
 from workloads.report import accuracy_chart
 
 __all__ = ["EvalConfig", "evaluate", "normalize_answer", "exact_match", "accuracy_by_type",
-           "results_table", "model_names", "generate_answer", "caption_perplexity"]
-
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
-
-
-def normalize_answer(text: str) -> str:
-    """Lowercase, drop punctuation and articles, collapse whitespace."""
-    text = _PUNCT.sub(" ", text.lower())
-    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+           "results_table", "model_names", "generate_answer", "caption_perplexity",
+           "score_interval", "compare_models", "seed_arms"]
 
 
-def exact_match(prediction: str, answer: str) -> bool:
-    return normalize_answer(prediction) == normalize_answer(answer)
-
-
-def accuracy_by_type(records: Iterable[dict[str, Any]]) -> dict[str, float]:
-    """``{"overall": acc, "<type>": acc, ...}`` from records with ``correct`` and ``question_type``."""
-    hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+def accuracy_by_type(records: Iterable[dict[str, Any]], key: str = "correct"
+                     ) -> dict[str, float]:
+    """``{"overall": mean, "<type>": mean, ...}`` of ``key`` (a 0/1 or soft score) over
+    records with ``question_type``."""
+    hits: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for r in records:
         for k in ("overall", r["question_type"]):
-            hits[k][0] += int(bool(r["correct"]))
+            hits[k][0] += float(r[key])
             hits[k][1] += 1
     return {k: c / n for k, (c, n) in sorted(hits.items(), key=lambda kv: kv[0] != "overall")}
 
 
-def results_table(results: dict[str, dict[str, float]]) -> tuple[str, str]:
-    """Markdown and CSV tables: one row per model, one column per metric (union, sorted;
-    ``accuracy`` first)."""
+def _integral_columns(results: dict[str, dict[str, Any]], cols: list[str], first: str
+                      ) -> set[str]:
+    """Columns whose every value is a whole number (counts, parameters): printed as integers."""
+    out = set()
+    for c in cols:
+        if c.startswith(first):
+            continue
+        values = [m[c] for m in results.values() if m.get(c) is not None]
+        if values and all(isinstance(v, (int, float)) and float(v).is_integer() for v in values) \
+                and not c.startswith(("accuracy", "caption")) and not c.endswith(("_low", "_high")):
+            out.add(c)
+    return out
+
+
+def results_table(results: dict[str, dict[str, Any]], first: str = "accuracy") -> tuple[str, str]:
+    """Markdown and CSV tables: one row per model, one column per metric (union, sorted; the
+    headline ``first`` and its interval first). Counts print as integers."""
+    lead = [first, f"{first}_low", f"{first}_high"]
     cols = sorted({c for m in results.values() for c in m},
-                  key=lambda c: (c != "accuracy", not c.startswith("accuracy"), c))
-    fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
+                  key=lambda c: (c not in lead, lead.index(c) if c in lead else 0,
+                                 not c.startswith(first), c))
+    ints = _integral_columns(results, cols, first)
+
+    def fmt(c: str, v: Any) -> str:
+        if v is None:
+            return ""
+        if c in ints:
+            return str(int(v))
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
     md = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["model", *cols])
     for name, m in results.items():
-        md.append(f"| {name} | " + " | ".join(fmt(m.get(c)) for c in cols) + " |")
-        w.writerow([name, *(fmt(m.get(c)) for c in cols)])
+        md.append(f"| {name} | " + " | ".join(fmt(c, m.get(c)) for c in cols) + " |")
+        w.writerow([name, *(fmt(c, m.get(c)) for c in cols)])
     return "\n".join(md) + "\n", buf.getvalue()
 
 
-def model_names(models: Any, names: list[str] | None = None) -> dict[str, str]:
+def model_names(models: Any, names: list[str] | None = None,
+                stages: list[str] | None = None) -> dict[str, str]:
     """Name → model dir for the ``models`` input (see module docstring)."""
     if isinstance(models, dict):
         return {str(k): str(v) for k, v in models.items()}
@@ -83,6 +106,8 @@ def model_names(models: Any, names: list[str] | None = None) -> dict[str, str]:
         if len(names) != len(models):
             raise ValueError(f"evaluate: `names` has {len(names)} entries for {len(models)} models")
         return dict(zip(names, models))
+    if stages and len(stages) == len(models) and len(set(stages)) == len(stages):
+        return dict(zip(stages, models))
     out: dict[str, str] = {}
     for path in models:
         p = os.path.normpath(path)
@@ -96,13 +121,32 @@ def model_names(models: Any, names: list[str] | None = None) -> dict[str, str]:
 
 class EvalConfig(WorkloadConfig):
     names: list[str] | None = Field(None, description="names for a list `models` input, in order")
+    models: dict[str, str] = Field(
+        default_factory=dict, description="models given by path, name -> local model dir (a "
+                                          "checkpoint trained elsewhere), besides input `models`")
+    metric: Literal[tuple(METRICS)] = Field(  # type: ignore[valid-type]
+        "exact_match", description="how answers are scored: " + ", ".join(METRICS))
     max_new_tokens: int = Field(8, ge=1, description="greedy tokens generated per question")
+    batch_size: int = Field(16, ge=1, description="questions per generate call (left padding)")
     max_samples: int | None = Field(None, ge=1, description="evaluate at most this many questions")
     caption_samples: int = Field(64, ge=1, description="captions scored for perplexity")
     max_length: int = Field(256, ge=8)
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="level of every interval")
+    bootstrap_samples: int = Field(2000, ge=100, description="resamples of bootstrap intervals")
+    backend: Literal["builtin", "lmms_eval"] = Field(
+        "builtin", description="builtin: mmkd's batched generation and metrics; lmms_eval: "
+                               "lmms-eval (pip install mmkd[lmms]) on local task folders")
+    tasks: list[str] = Field(
+        default_factory=list, description="lmms_eval: task names under `include_path`; empty: "
+                                          "the eval data itself as a local task")
+    include_path: list[str] = Field(default_factory=list,
+                                    description="lmms_eval: folders of local task YAMLs")
+    lmms_model: str = Field("mmkd", description="lmms_eval: `mmkd` (any mmkd model dir) or an "
+                                                "lmms-eval model name such as llava_hf")
     data: DataSource | None = Field(
-        None, description="held-out questions with answers (e.g. a LLaVA JSON file); "
-                          "omit to use input `data` (WebDataset shards such as shapes.eval)")
+        None, description="held-out questions with answers (a LLaVA question file, conversation "
+                          "JSON or Parquet); omit to use input `data` (WebDataset shards such as "
+                          "shapes.eval)")
 
 
 def conversation_messages(conv: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -111,16 +155,13 @@ def conversation_messages(conv: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 def generate_answer(model: Any, processor: Any, example: Any, max_new_tokens: int) -> str:
-    """Greedy answer to one ``EvalExample``."""
+    """Greedy answer to one ``EvalExample``, one question per ``generate`` call: the reference
+    the batched ``workloads.generation.generate_answers`` is tested against."""
     import torch
 
-    conv = [dict(t) for t in example.prompt_conversation]
-    tok = processor.image_token
-    if example.image is not None and not any(tok in t["value"] for t in conv):
-        first = next(t for t in conv if t["from"] == "human")
-        first["value"] = f"{tok}\n{first['value']}"
-    text = processor.tokenizer.apply_chat_template(conversation_messages(conv), tokenize=False,
-                                                   add_generation_prompt=True)
+    from workloads.generation import prompt_text
+
+    text = prompt_text(processor, example)
     images = [example.image] if example.image is not None else None
     enc = processor(images=images, text=text, return_tensors="pt")
     with torch.no_grad():
@@ -146,63 +187,268 @@ def caption_perplexity(model: Any, batches: Iterable[dict[str, Any]]) -> float:
     return math.exp(nll / max(count, 1))
 
 
-def _source(path: Any) -> Any:
-    from workloads.data.source import DataSource
+# ----------------------------------------------------------------------------- statistics
 
+
+def _reference(ex: Any) -> dict[str, Any]:
+    """What a metric scores a prediction against (``EvalExample`` fields)."""
+    meta = dict(getattr(ex, "meta", None) or {})
+    answers = list(getattr(ex, "answers", None) or [ex.answer])
+    ref = {**meta, "key": ex.key, "question_id": getattr(ex, "question_id", ex.key),
+           "question_type": ex.question_type, "answer": ex.answer, "answers": answers}
+    if getattr(ex, "options", None):
+        ref["options"] = dict(ex.options)
+    return ref
+
+
+def _image_of(r: dict[str, Any]) -> Any:
+    return r.get("image_id", r.get("image", r.get("question_id")))
+
+
+def score_interval(metric: Metric, records: Sequence[dict[str, Any]], scores: Sequence[float],
+                   confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+                   ) -> tuple[float, float]:
+    """Interval of the metric's headline: Wilson for a proportion (0/1 scores averaged), a
+    percentile bootstrap of the mean for soft scores, and a bootstrap that recomputes the
+    headline for the others (POPE F1 over questions; MME over images, both questions of an
+    image together, since acc+ needs the pair)."""
+    import numpy as np
+
+    from workloads.eval_stats import bootstrap_interval, wilson_interval
+
+    if not scores:
+        return float("nan"), float("nan")
+    if metric.mean_headline and metric.binary:
+        return wilson_interval(int(round(sum(scores))), len(scores), confidence)
+    if metric.mean_headline:
+        return bootstrap_interval(scores, confidence, n_resamples, seed)
+    groups: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for i, r in enumerate(records):
+        groups[_image_of(r) if metric.name == "mme" else i].append(r)
+    units = list(groups.values())
+    rng = np.random.default_rng(seed)
+    stats = []
+    for _ in range(max(200, n_resamples // 4)):  # each resample rescores every record
+        pick = rng.integers(0, len(units), len(units))
+        sample = [r for j in pick for r in units[j]]
+        stats.append(metric.aggregate(sample)[metric.headline])
+    alpha = (1 - confidence) / 2
+    return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
+
+
+def compare_models(scores: dict[str, list[float]], confidence: float = 0.95,
+                   n_resamples: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+    """A paired test for every pair of models scored on the same questions (later − earlier):
+    McNemar's test for 0/1 scores, a paired bootstrap otherwise; the difference's interval
+    from the paired bootstrap."""
+    from workloads.eval_stats import format_comparison, paired_comparison
+
+    out = []
+    for a, b in itertools.combinations(scores, 2):
+        if len(scores[a]) != len(scores[b]) or not scores[a]:
+            continue
+        c = paired_comparison(scores[a], scores[b], confidence, n_resamples, seed)
+        out.append({"a": a, "b": b, "diff": c.diff, "low": c.low, "high": c.high, "p": c.p,
+                    "test": c.test, "n": c.n, "text": format_comparison(b, a, c)})
+    return out
+
+
+_SEED = re.compile(r"^(?P<arm>.+?)_seed-(?P<seed>-?\d+)$")
+
+
+def seed_arms(results: dict[str, dict[str, Any]], headline: str,
+              confidence: float = 0.95) -> dict[str, dict[str, Any]]:
+    """Models named ``<arm>_seed-<n>`` grouped per arm (two seeds or more): mean ± std of the
+    headline across seeds and the t-interval of the mean."""
+    from workloads.eval_stats import seed_summary
+
+    arms: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for name, res in results.items():
+        m = _SEED.match(name)
+        if m and res.get(headline) is not None:
+            arms[m["arm"]].append((int(m["seed"]), float(res[headline])))
+    out = {}
+    for arm, values in arms.items():
+        if len(values) < 2:
+            continue
+        s = seed_summary([v for _, v in sorted(values)], confidence)
+        out[arm] = {"mean": s.mean, "std": s.std, "low": s.low, "high": s.high, "seeds": s.n}
+    return out
+
+
+def _summary_markdown(table: str, metric: str, head: str, comparisons: list[dict[str, Any]],
+                      arms: dict[str, dict[str, Any]], confidence: float) -> str:
+    pct = int(round(confidence * 100))
+    lines = [table, f"{head} ({metric}) with its {pct}% interval (`{head}_low`, `{head}_high`)."]
+    if comparisons:
+        test = "McNemar" if all(c["test"] == "mcnemar" for c in comparisons) else "paired test"
+        lines += ["", f"Paired comparisons (same questions; {pct}% interval of the difference, "
+                      f"{test} p-value):", ""]
+        lines += [f"- {c['text']}" for c in comparisons]
+    if arms:
+        lines += ["", f"Seed arms ({head}, mean ± std across seeds, {pct}% interval "
+                      "of the mean):", "", "| arm | seeds | mean | std | low | high |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {a} | {v['seeds']} | {v['mean']:.4f} | {v['std']:.4f} | {v['low']:.4f} | "
+                  f"{v['high']:.4f} |" for a, v in arms.items()]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- the workload
+
+
+def _source(path: Any) -> Any:
     path = path[0] if isinstance(path, list) else path
     return DataSource(format="webdataset", paths=[path])
 
 
-@workload("evaluate", config=EvalConfig, version="2", outputs=("results",), distributed=False,
+@workload("evaluate", config=EvalConfig, version="3", outputs=("results",), distributed=False,
           validate=validate_config_sources)
 def evaluate(config: EvalConfig, ctx: StageContext) -> dict[str, float]:
-    """Score models on held-out VQA (exact match) and caption perplexity; write tables."""
+    """Score models on held-out questions with the benchmark's metric, intervals and paired
+    tests, and caption perplexity; write tables."""
     from itertools import islice
 
     import torch
 
     from workloads.data.eval_examples import iter_eval_examples
+    from workloads.data.quality import SampleQuality
+    from workloads.generation import generate_answers
     from workloads.lineage import totals as lineage_totals
     from workloads.merging import load_any_model
 
     torch.set_num_threads(max(1, int(ctx.resources.cpus_per_worker)))
-    models = model_names(ctx.input("models"), config.names)
+    models = (model_names(ctx.input("models"), config.names, ctx.input_stages.get("models"))
+              if ctx.inputs.get("models") or not config.models else {})
+    models.update(config.models)
     source = config.data or _source(ctx.input("data"))
-    examples = list(islice(iter_eval_examples(source), config.max_samples))
+    if config.backend == "lmms_eval":
+        return _evaluate_lmms(config, ctx, models, source)
+    quality = SampleQuality.create(max_bad_fraction=1.0, min_samples=0, use_ray=False,
+                                   name=f"stage {ctx.stage!r} eval data")
+    examples = list(islice(iter_eval_examples(source, quality), config.max_samples))
+    quality.report(ctx)
     if not examples:
         raise ValueError(f"stage {ctx.stage!r}: eval data {source.paths} has no eval examples")
+    metric = METRICS[config.metric]
+    head = metric.headline
+    refs = [_reference(ex) for ex in examples]
     out_dir = os.path.join(ctx.output_dir, "results")
     os.makedirs(out_dir, exist_ok=True)
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, Any]] = {}
+    scores: dict[str, list[float]] = {}
     for name, path in models.items():
         model, processor = load_any_model(path)  # plain LLaVA or a merged wrapper
         model.eval()
-        records = []
-        for ex in examples:
-            pred = generate_answer(model, processor, ex, config.max_new_tokens)
-            records.append({"key": ex.key, "question_type": ex.question_type, "answer": ex.answer,
-                            "prediction": pred, "correct": exact_match(pred, ex.answer)})
+        preds = generate_answers(model, processor, examples, config.max_new_tokens,
+                                 config.batch_size)
+        records = [{**ref, "prediction": pred} for ref, pred in zip(refs, preds)]
+        for r in records:
+            r["score"] = metric.item_score(str(r["prediction"]), r)
+            r["correct"] = r["score"] >= 1.0
         with open(os.path.join(out_dir, f"predictions_{name}.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        acc = accuracy_by_type(records)
-        res = {"accuracy": acc.pop("overall"), **{f"accuracy/{k}": v for k, v in acc.items()},
-               "n": len(records), "params": sum(p.numel() for p in model.parameters()),
+            f.writelines(json.dumps(r, default=str) + "\n" for r in records)
+        scores[name] = metric.scores(records)
+        agg = metric.aggregate(records)
+        low, high = score_interval(metric, records, scores[name], config.confidence,
+                                   config.bootstrap_samples, ctx.seed)
+        by_type = accuracy_by_type(records, "score")
+        by_type.pop("overall")
+        res = {head: agg[head], f"{head}_low": low, f"{head}_high": high,
+               **{k: v for k, v in agg.items() if k not in (head, "n")},
+               **({f"{head}/{k}": v for k, v in by_type.items()} if len(by_type) > 1 else {}),
+               "n": len(scores[name]), "params": sum(p.numel() for p in model.parameters()),
                **{k: v for k, v in lineage_totals(path).items() if k != "stages"}}
         if ctx.inputs.get("captions"):
             res["caption_ppl"] = _caption_ppl(model, path, ctx.inputs["captions"], config, ctx.seed)
         results[name] = res
-        ctx.log(f"{name}: accuracy {res['accuracy']:.3f} on {len(records)} questions")
-    md, table_csv = results_table(results)
+        ctx.log(f"{name}: {head} {res[head]:.3f} [{low:.3f}, {high:.3f}] on "
+                f"{len(scores[name])} questions")
+    return _write_results(ctx, config, models, metric.name, head, results, scores)
+
+
+def _write_results(ctx: StageContext, config: EvalConfig, models: dict[str, str], metric_name: str,
+                   head: str, results: dict[str, dict[str, Any]],
+                   scores: dict[str, list[float]]) -> dict[str, float]:
+    """Comparisons, seed arms, the tables (md/csv/json/png), the summary and the headline."""
+    from orchestrator.provenance import environment
+
+    comparisons = compare_models(scores, config.confidence, config.bootstrap_samples, ctx.seed)
+    arms = seed_arms(results, head, config.confidence)
+    md, table_csv = results_table(results, head)
+    out_dir = os.path.join(ctx.output_dir, "results")
+    summary = _summary_markdown(md, metric_name, head, comparisons, arms, config.confidence)
+    for c in comparisons:
+        ctx.log(c["text"])
     with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(md)
+        f.write(summary)
     with open(os.path.join(ctx.output_dir, SUMMARY_FILE), "w") as f:  # printed by mmkd run/show
-        f.write(md)
+        f.write(summary)
     with open(os.path.join(out_dir, "results.csv"), "w") as f:
         f.write(table_csv)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"models": models, "results": results}, f, indent=2)
-    accuracy_chart(results, os.path.join(out_dir, "results.png"), f"{ctx.pipeline}: {ctx.stage}")
-    return {f"{name}/{k}": float(v) for name, m in results.items() for k, v in m.items()}
+        json.dump({"models": models, "metric": metric_name, "headline": head,
+                   "confidence": config.confidence, "results": results,
+                   "comparisons": comparisons, "arms": arms, "environment": environment()},
+                  f, indent=2)
+    accuracy_chart(results, os.path.join(out_dir, "results.png"), f"{ctx.pipeline}: {ctx.stage}",
+                   metric=head)
+    with open(os.path.join(ctx.output_dir, HEADLINE_FILE), "w") as f:
+        json.dump({"metrics": {f"{name}/{head}": r[head] for name, r in results.items()},
+                   "artifacts": ["results/results.md", "results/results.csv",
+                                 "results/results.png"]}, f)
+    metrics = {f"{name}/{k}": float(v) for name, m in results.items() for k, v in m.items()}
+    for c in comparisons:
+        metrics[f"compare/{c['b']}-{c['a']}/diff"] = c["diff"]
+        metrics[f"compare/{c['b']}-{c['a']}/p"] = c["p"]
+    return metrics
+
+
+def _evaluate_lmms(config: EvalConfig, ctx: StageContext, models: dict[str, str],
+                   source: DataSource) -> dict[str, float]:
+    """lmms-eval on every model: its scores (``<task>/<metric>``) in the same table, intervals
+    and paired tests on its per-question scores, the same MLflow headline."""
+    from workloads.eval_stats import wilson_interval
+    from workloads.lineage import totals as lineage_totals
+    from workloads.lmms_backend import run_lmms_eval, write_local_task
+
+    tasks, include = list(config.tasks), list(config.include_path)
+    if not tasks:  # the eval data itself as a local task
+        root = os.path.join(ctx.output_dir, "lmms_tasks")
+        write_local_task(source, os.path.join(root, "mmkd_eval"), "mmkd_eval",
+                         max_samples=config.max_samples, max_new_tokens=config.max_new_tokens)
+        tasks, include = ["mmkd_eval"], include + [root]
+    out_dir = os.path.join(ctx.output_dir, "results")
+    os.makedirs(out_dir, exist_ok=True)
+    results: dict[str, dict[str, Any]] = {}
+    scores: dict[str, list[float]] = {}
+    head = f"{tasks[0]}/exact_match"
+    for name, path in models.items():
+        samples = os.path.join(out_dir, f"predictions_{name}.jsonl")
+        res: dict[str, Any] = dict(run_lmms_eval(path, tasks, include, lmms_model=config.lmms_model,
+                                                 limit=config.max_samples, seed=ctx.seed,
+                                                 samples_path=samples))
+        rows = [json.loads(line) for line in open(samples)]
+        first = [r for r in rows if r["task"] == tasks[0] and "exact_match" in r]
+        if first:  # per-question 0/1 scores of the first task: interval and paired tests
+            scores[name] = [float(r["exact_match"]) for r in sorted(first, key=lambda r: r["doc_id"])]
+            res[f"{head}_low"], res[f"{head}_high"] = wilson_interval(
+                int(round(sum(scores[name]))), len(scores[name]), config.confidence)
+        res.update({"params": _count_params(path),
+                    **{k: v for k, v in lineage_totals(path).items() if k != "stages"}})
+        results[name] = res
+        ctx.log(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()
+                                         if k.startswith(tuple(tasks)) and "stderr" not in k))
+    if not all(head in r for r in results.values()):
+        head = next(iter(next(iter(results.values()))))
+    return _write_results(ctx, config, models, "lmms_eval", head, results, scores)
+
+
+def _count_params(path: str) -> int:
+    from workloads.merging import load_any_model
+
+    model, _ = load_any_model(path)
+    return sum(p.numel() for p in model.parameters())
 
 
 def _caption_ppl(model: Any, model_dir: str, captions: Any, config: EvalConfig, seed: int) -> float:

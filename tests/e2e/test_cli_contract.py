@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import mmkd
+from cli_helpers import closed_port, mmkd
 
 LONG = "a_stage_name_longer_than_twelve_characters"
 GOOD = f"""
@@ -64,12 +63,6 @@ name: tune_contract
 stages:
   fit: {workload: quadratic, params: {steps: 3, step_seconds: 0}}
 """
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # released on return: nothing listens there
 
 
 @pytest.fixture(scope="module")

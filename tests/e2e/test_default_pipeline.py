@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 from pathlib import Path
 
 import pytest
-from cli_helpers import mmkd
+from cli_helpers import mlflow_ui, mmkd
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +47,12 @@ def test_default_pipeline_end_to_end(cli_env, tmp_path):
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["n"] == 12 for r in table.values())
     assert (results / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert (results / "results.csv").exists()
+    # every score with its interval, every pair of models compared on the same questions
+    for r in table.values():
+        assert r["accuracy_low"] <= r["accuracy"] <= r["accuracy_high"]
+    comparisons = json.loads((results / "results.json").read_text())["comparisons"]
+    assert len(comparisons) == 6 and all(0 < c["p"] <= 1 for c in comparisons)
+    assert "kd_dpt_sft_dft − teacher:" in out.stdout and " pts [" in out.stdout
 
     from mlflow.tracking import MlflowClient
 
@@ -61,6 +68,24 @@ def test_default_pipeline_end_to_end(cli_env, tmp_path):
     eval_run = next(r for r in children if r.data.tags["mmkd.stage"] == "evaluate")
     logged = {a.path for a in client.list_artifacts(eval_run.info.run_id, "results")}
     assert {"results/results.md", "results/results.png", "results/results.csv"} <= logged
+    # the pipeline's own run carries the headline scores and the table, so MLflow's runs table
+    # and chart view compare pipeline runs; the experiment opens on its runs (model training)
+    for name, r in table.items():
+        assert parent.data.metrics[f"{name}/accuracy"] == pytest.approx(r["accuracy"])
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "evaluate")} >= {
+        "evaluate/results.md", "evaluate/results.png"}
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    with mlflow_ui(cli_env, tmp_path) as url:
+        request = urllib.request.Request(
+            f"{url}/api/2.0/mlflow/runs/search", method="POST",
+            headers={"Content-Type": "application/json"},
+            data=json.dumps({"experiment_ids": [parent.info.experiment_id],
+                             "max_results": 100}).encode())
+        found = json.loads(urllib.request.urlopen(request, timeout=30).read())["runs"]
+    served = next(r for r in found if r["info"]["run_id"] == parent.info.run_id)
+    served_metrics = {m["key"]: m["value"] for m in served["data"]["metrics"]}
+    assert served_metrics["teacher/accuracy"] == pytest.approx(table["teacher"]["accuracy"])
 
     again = mmkd(args, cli_env, tmp_path, timeout=600, check=True)
     assert "10 cached" in again.stdout

@@ -16,6 +16,10 @@ type, ``image`` paths that would leave ``image_root`` (refused, never opened) an
 ``MAX_IMAGE_BYTES`` (never read). Files are streams: a tar shard member by member, LLaVA
 JSON/JSONL record by record (``json_records.py``), so memory does not grow with the file.
 
+Benchmark question files (``llava_eval``; parquet with a ``question`` but no conversations
+column) become the same rows: the prompt as the human turn, the reference answer as the gpt
+turn, question id, answers and options in ``extra`` (``eval_formats.question_record``).
+
 One parser per format works on an open file, shared by the Ray datasource (``datasource.py``:
 parallel, streaming, several tasks for one large LLaVA file) and the plain iterator used by
 eval/tokenizer code.
@@ -23,6 +27,7 @@ eval/tokenizer code.
 
 from __future__ import annotations
 
+import functools
 import json
 import posixpath
 import random
@@ -34,6 +39,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from workloads.data import json_records
+from workloads.data.eval_formats import (QUESTION_FIELDS, Answers, EvalRecordError,
+                                         load_answers, question_id_of, question_record)
 from workloads.data.json_records import ByteRange, Record
 from workloads.data.quality import (MALFORMED_JSON, MAX_IMAGE_BYTES, MISSING_IMAGE, NON_UTF8,
                                     OVERSIZE_IMAGE, TRUNCATED_SHARD, UNSAFE_PATH,
@@ -244,9 +251,29 @@ def _image_root(source: DataSource, path: str) -> str:
     return source.image_root if source.image_root is not None else posixpath.dirname(path)
 
 
+def _question_row(key: str, name: str, image: bytes | None, entry: dict,
+                  answers: Answers | None) -> dict[str, Any]:
+    """A row of a benchmark question record (``llava_eval``, question parquet); see
+    ``eval_formats.question_record``."""
+    try:
+        qid, conv, extra = question_record(entry, answers, key)
+    except EvalRecordError as e:
+        return _bad(key, name, e.kind, str(e))
+    try:
+        return _row(qid, name, image, conv, extra)
+    except (RecursionError, TypeError, ValueError):
+        return _bad(qid, name, MALFORMED_JSON, "metadata nested too deeply to re-encode")
+
+
+def _eval_answers(source: DataSource) -> Answers | None:
+    return load_answers(source.answers) if source.answers else None
+
+
 def _llava_row(rec: Record, name: str, jsonl: bool, fs: pafs.FileSystem, root: str,
-               key: str | None = None) -> dict[str, Any]:
-    """One normalized row of a LLaVA record; never raises for bad data."""
+               key: str | None = None, questions: bool = False,
+               answers: Answers | None = None) -> dict[str, Any]:
+    """One normalized row of a LLaVA record (``questions``: of an eval question file, with
+    ``answers`` from ``DataSource.answers``); never raises for bad data."""
     if key is None:
         key = f"line{rec.index + 1}" if jsonl else str(rec.index)
     if rec.non_utf8:
@@ -265,6 +292,8 @@ def _llava_row(rec: Record, name: str, jsonl: bool, fs: pafs.FileSystem, root: s
         key = str(entry["id"])
     elif key.startswith("line"):
         key = str(rec.index)
+    if questions:
+        key = question_id_of(entry, key)
     image, bad, detail = None, "", ""
     field = entry.get("image")
     if field is not None and field != "":
@@ -276,8 +305,11 @@ def _llava_row(rec: Record, name: str, jsonl: bool, fs: pafs.FileSystem, root: s
                 bad, detail = UNSAFE_PATH, f"`image` {field!r} is outside image_root (refused)"
             else:
                 image, bad, detail = _read_image(fs, full)
-    meta = {k: v for k, v in entry.items() if k != "id"}
-    row = _from_metadata(key, name, image, meta, None)
+    if questions:
+        row = _question_row(key, name, image, entry, answers)
+    else:
+        row = _from_metadata(key, name, image, {k: v for k, v in entry.items() if k != "id"},
+                             None)
     if bad and not row["bad"]:
         row = _bad(key, name, bad, detail, image=field)  # the path, for validate's hints
     return row
@@ -294,12 +326,15 @@ def _llava_records(read: Any, path: str, part: ByteRange | None) -> Iterator[Rec
 
 def read_llava_json(f: Any, path: str, source: DataSource,
                      part: ByteRange | None = None) -> Iterator[dict[str, Any]]:
-    """Rows of a LLaVA JSON/JSONL file, or of one byte range of it, as a stream."""
+    """Rows of a LLaVA JSON/JSONL file (conversations, or ``llava_eval`` questions), or of
+    one byte range of it, as a stream."""
     name = posixpath.basename(path)
     fs, root = filesystem(_image_root(source, path))
     jsonl = path.endswith(".jsonl")
+    questions = source.format == "llava_eval"
+    answers = _eval_answers(source) if questions else None
     for rec in _llava_records(f.read, path, part):
-        yield _llava_row(rec, name, jsonl, fs, root)
+        yield _llava_row(rec, name, jsonl, fs, root, questions=questions, answers=answers)
 
 
 # ---- parquet ------------------------------------------------------------------------------
@@ -328,24 +363,43 @@ def _parquet_row(rec: dict, key: str, name: str, source: DataSource) -> dict[str
     return _row(key, name, image, conv, extra)
 
 
+def _parquet_question_row(rec: dict, key: str, name: str, source: DataSource,
+                          answers: Answers | None) -> dict[str, Any]:
+    try:
+        image = _image_bytes(rec.get(source.image_column))
+    except TypeError as e:
+        return _bad(key, name, WRONG_FIELD_TYPE, str(e))
+    if image is not None and len(image) > MAX_IMAGE_BYTES:
+        return _bad(key, name, OVERSIZE_IMAGE, f"{len(image)} bytes, over MAX_IMAGE_BYTES")
+    entry = {k: v for k, v in rec.items() if k != source.image_column}
+    return _question_row(key, name, image, entry, answers)
+
+
 def _read_parquet(f: Any, path: str, source: DataSource) -> Iterator[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     name = posixpath.basename(path)
     pf = pq.ParquetFile(f)
-    missing = {source.conversations_column} - set(pf.schema_arrow.names)
-    if missing:
-        raise ValueError(f"{path}: no column {sorted(missing)[0]!r}; it has "
-                         f"{pf.schema_arrow.names}. Set DataSource.conversations_column")
+    columns = pf.schema_arrow.names
+    # No conversations but a question column: a benchmark as HF datasets export it.
+    questions = (source.conversations_column not in columns
+                 and any(q in columns for q in QUESTION_FIELDS))
+    if source.conversations_column not in columns and not questions:
+        raise ValueError(f"{path}: no column {source.conversations_column!r} (nor a "
+                         f"`question` column of an eval benchmark); it has {columns}. Set "
+                         f"DataSource.conversations_column")
+    answers = _eval_answers(source) if questions else None
     index = 0
     for batch in pf.iter_batches(batch_size=BLOCK_ROWS):
         for rec in batch.to_pylist():
-            yield _parquet_row(rec, str(rec.get("id", rec.get("key", index))), name, source)
+            key = str(rec.get("id", rec.get("key", index)))
+            yield (_parquet_question_row(rec, key, name, source, answers) if questions
+                   else _parquet_row(rec, key, name, source))
             index += 1
 
 
 PARSERS = {"webdataset": _read_webdataset, "llava_json": read_llava_json,
-            "parquet": _read_parquet}
+            "llava_eval": read_llava_json, "parquet": _read_parquet}
 
 
 def iter_file_rows(source: DataSource, path: str) -> Iterator[dict[str, Any]]:
@@ -373,7 +427,7 @@ def sample_file_rows(source: DataSource, path: str, k: int,
     """About ``k`` rows of one file without reading it whole, for ``mmkd validate``: the first
     record, then (LLaVA JSON/JSONL) records at random byte offsets; webdataset shards and
     parquet files are sequential or row-grouped, so their first ``k`` rows."""
-    if source.format != "llava_json":
+    if source.format not in ("llava_json", "llava_eval"):
         for i, row in enumerate(iter_file_rows(source, path)):
             if i >= k:
                 return
@@ -383,13 +437,16 @@ def sample_file_rows(source: DataSource, path: str, k: int,
     name, jsonl = posixpath.basename(path), path.endswith(".jsonl")
     ifs, root = filesystem(_image_root(source, path))
     size = fs.get_file_info(local).size or 0
+    questions = source.format == "llava_eval"
+    to_row = functools.partial(_llava_row, questions=questions,
+                               answers=_eval_answers(source) if questions else None)
     seen: set[str] = set()
     with fs.open_input_file(local) as f:
         first = next(iter(_llava_records(f.read, path, None)), None)
         if first is None:
             return
         seen.add(first.text)
-        yield _llava_row(first, name, jsonl, ifs, root)
+        yield to_row(first, name, jsonl, ifs, root)
         if first.error and not first.text:  # not a JSON list at all: nothing else will read
             return
         window = 4 << 20  # bytes read at each random offset
@@ -406,6 +463,6 @@ def sample_file_rows(source: DataSource, path: str, k: int,
             if text is None or not text.strip() or text in seen:
                 continue
             seen.add(text)
-            yield _llava_row(Record(-1, text), name, jsonl, ifs, root, key=f"byte{offset}")
+            yield to_row(Record(-1, text), name, jsonl, ifs, root, key=f"byte{offset}")
 
 

@@ -14,7 +14,7 @@ import os.path
 from typing import Literal
 
 import pyarrow.fs as pafs
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["DataSource", "resolve_files", "fingerprint_source",
            "fingerprint_config_sources",
@@ -24,6 +24,7 @@ __all__ = ["DataSource", "resolve_files", "fingerprint_source",
 FORMAT_EXTENSIONS: dict[str, tuple[str, ...]] = {
     "webdataset": (".tar",),
     "llava_json": (".json", ".jsonl"),
+    "llava_eval": (".json", ".jsonl"),
     "parquet": (".parquet",),
 }
 
@@ -33,17 +34,26 @@ class DataSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["webdataset", "llava_json", "parquet"] = Field(
+    format: Literal["webdataset", "llava_json", "llava_eval", "parquet"] = Field(
         description="webdataset: tar shards of {key}.png|jpg + {key}.json|txt; llava_json: "
-                    "LLaVA's JSON/JSONL list of {id, image, conversations}; parquet: an image "
-                    "bytes column plus a conversations column.")
+                    "LLaVA's JSON/JSONL list of {id, image, conversations}; llava_eval: "
+                    "LLaVA's evaluation question JSONL/JSON of {question_id, image, text, "
+                    "category?} with answers inline or in `answers`; parquet: an image bytes "
+                    "column plus a conversations column, or a benchmark as HF datasets export "
+                    "it (question, answer(s), options; see workloads/data/eval_formats.py).")
     paths: list[str] = Field(
         description="Files, directories, globs or URIs (s3://, gs://, file://). A directory "
                     "means every file of the format's extension below it.")
     image_root: str | None = Field(
         default=None,
-        description="llava_json only: folder the `image` fields are relative to. Defaults "
-                    "to the JSON file's own folder.")
+        description="llava_json and llava_eval: folder the `image` fields are relative "
+                    "to. Defaults to the JSON file's own folder.")
+    answers: str | None = Field(
+        default=None,
+        description="llava_eval and question parquet: file of reference answers keyed by "
+                    "question_id (JSONL/JSON records with answer, answers or label; VQA's "
+                    "annotations JSON; or a JSON object question_id -> answer), for questions "
+                    "without inline answers.")
     split: str | None = Field(default=None, description="Optional split name, for logs only.")
     max_samples: int | None = Field(
         default=None, ge=1, description="Read at most this many samples (after file order).")
@@ -66,19 +76,28 @@ class DataSource(BaseModel):
             raise ValueError("DataSource.paths is empty: give at least one file, folder or glob")
         return v
 
+    @model_validator(mode="after")
+    def _answers_for_questions(self) -> "DataSource":
+        if self.answers is not None and self.format not in ("llava_eval", "parquet"):
+            raise ValueError(f"DataSource.answers is only read for format llava_eval or parquet "
+                             f"questions, not {self.format!r}; drop `answers` or set the format")
+        return self
+
     def describe(self) -> str:
         name = f" split {self.split!r}" if self.split else ""
         return f"{self.format} source{name} {', '.join(self.paths)}"
 
     def external_paths(self) -> list[str]:
-        """What the stage key fingerprints (``orchestrator.fingerprint``): the data files and,
-        for LLaVA JSON, the image folder (``image_root``, or each JSON file's own folder)."""
+        """What the stage key fingerprints (``orchestrator.fingerprint``): the data files, the
+        answers file and, for LLaVA JSON, the image folder (``image_root``, or each JSON file's
+        own folder)."""
         files = resolve_files(self)
-        if self.format != "llava_json":
-            return files
+        answers = [self.answers] if self.answers else []
+        if self.format not in ("llava_json", "llava_eval"):
+            return files + answers
         roots = [self.image_root] if self.image_root else sorted(
             {os.path.dirname(f) for f in files})
-        return files + roots
+        return files + answers + roots
 
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
@@ -139,7 +158,7 @@ def fingerprint_source(source: DataSource) -> str:
     """Hash of the file list, sizes and modification times: changes when the data changes,
     without reading it. Used as a registry ``fingerprint=`` hook."""
     h = hashlib.sha256(json.dumps(source.model_dump(), sort_keys=True).encode())
-    for path in resolve_files(source):
+    for path in resolve_files(source) + ([source.answers] if source.answers else []):
         fs, local = filesystem(path)
         info = fs.get_file_info(local)
         h.update(f"{path}\0{info.size}\0{info.mtime_ns}\n".encode())

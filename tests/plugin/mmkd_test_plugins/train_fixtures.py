@@ -103,3 +103,28 @@ class SlowLoss:
 
         time.sleep(self.seconds)
         return CausalLMLoss()(model, batch, sctx)
+
+
+def yes_sayer(model, processor, answer: str = "yes"):
+    """Make ``model`` answer ``answer`` to anything, greedily, by hand: with every attention and
+    MLP output projection zeroed, the last position's hidden state is the final norm of the last
+    token's embedding, so ``lm_head`` rows can chain prompt end → answer tokens → <|im_end|>."""
+    import torch
+
+    tok = processor.tokenizer
+    lm = model.model.language_model
+    with torch.no_grad():
+        for layer in lm.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        prompt = tok.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False,
+                                         add_generation_prompt=True)
+        chain = ([tok.encode(prompt, add_special_tokens=False)[-1]]
+                 + tok.encode(answer, add_special_tokens=False)
+                 + [tok.convert_tokens_to_ids("<|im_end|>")])
+        assert len(set(chain[1:])) == len(chain) - 1, chain
+        hidden = lm.norm(lm.embed_tokens(torch.tensor(chain[:-1])))
+        model.lm_head.weight.zero_()
+        for h, nxt in zip(hidden, chain[1:]):
+            model.lm_head.weight[nxt] = h / h.norm()
+    return model

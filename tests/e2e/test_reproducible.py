@@ -1,0 +1,152 @@
+"""Same pipeline, same seed, same machine: bit-identical weights and the same evaluation table,
+whatever the scheduling (two workers, several read tasks, `max_samples`); and a stage resumed
+after its driver was killed ends with the weights of a run that was never interrupted."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from cli_helpers import mmkd
+
+pytestmark = pytest.mark.slow
+
+CHAIN = """
+name: repro
+defaults:
+  resources: {num_workers: 1, cpus_per_worker: 1}
+  deepspeed: {zero_stage: 2, precision: fp32}
+  params: {seed: 3}
+stages:
+  shapes:
+    workload: shapes
+    params: {num_captions: 64, num_instruct: 64, num_eval: 12, shard_size: 16}
+  tokenizer:
+    workload: tokenizer
+    inputs: {corpus: [shapes.captions, shapes.instruct]}
+    params: {vocab_size: 320}
+  teacher:
+    workload: pretrain
+    inputs: {tokenizer: tokenizer.tokenizer, data: shapes.captions}
+    params: {model: {preset: tiny-teacher}, train: [vision, projector, llm], lr: 1.0e-3,
+             batch_size: 4, max_steps: 3, checkpoint_every: 0}
+  student_dpt:
+    workload: distill
+    resources: {num_workers: 2}
+    inputs: {tokenizer: tokenizer.tokenizer, teacher: teacher.model, data: shapes.captions}
+    params: {model: {preset: tiny-student}, train: [vision, projector, llm], lr: 2.0e-3,
+             batch_size: 4, max_steps: 6, max_samples: 40, checkpoint_every: 0}
+  student_sft:
+    workload: sft
+    resources: {num_workers: 2}
+    inputs: {init: student_dpt.model, data: shapes.instruct}
+    params: {train: [vision, projector, llm], lr: 1.0e-3, batch_size: 4, max_steps: 6,
+             max_samples: 40, checkpoint_every: 0}
+  evaluate:
+    workload: evaluate
+    inputs: {models: [teacher.model, student_sft.model], data: shapes.eval}
+    params: {names: [teacher, student], max_samples: 12}
+"""
+
+
+def _stage_outputs(home: Path, run: dict) -> dict[str, Path]:
+    """Published folder of every stage (``uri`` is a local path with the default store)."""
+    return {name: Path(s["uri"].removeprefix("file://")) for name, s in run["stages"].items()}
+
+
+def _latest_run(home: Path) -> dict:
+    runs = sorted((home / "runs").glob("*/run.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(runs[-1].read_text())
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_forced_rerun_gives_identical_weights_and_table(cli_env, tmp_path):
+    pipe = tmp_path / "repro.yaml"
+    pipe.write_text(CHAIN)
+    home = Path(cli_env["MMKD_HOME"])
+
+    def snapshot() -> dict[str, str]:
+        run = _latest_run(home)
+        assert run["status"] == "success"
+        outs = _stage_outputs(home, run)
+        got = {name: _sha(outs[name] / "model" / "model.safetensors")
+               for name in ("teacher", "student_dpt", "student_sft")}
+        results = outs["evaluate"] / "results"
+        table = json.loads((results / "results.json").read_text())
+        # every score and count; only the wall seconds behind each model (`train_s`) may differ
+        got["table"] = {m: {k: v for k, v in r.items() if k != "train_s"}
+                        for m, r in table["results"].items()}
+        got["comparisons"] = table["comparisons"]
+        got["predictions"] = _sha(results / "predictions_student.jsonl")
+        return got
+
+    mmkd(["run", str(pipe), "--plain"], cli_env, tmp_path, timeout=900, check=True)
+    first = snapshot()
+    mmkd(["run", str(pipe), "--plain", "--force", "shapes"], cli_env, tmp_path, timeout=900,
+         check=True)
+    second = snapshot()
+    assert second == first
+
+
+TINY = """
+name: resume_exact
+stages:
+  train:
+    workload: tiny_train
+    resources: {num_workers: 2, cpus_per_worker: 1}
+    params: {steps: 16, rows: 40, batch_size: 4, checkpoint_every: 3, step_seconds: 0.4,
+             seed: 5}
+"""
+
+
+def test_killed_driver_resumes_to_the_uninterrupted_weights(cli_env, tmp_path):
+    pipe = tmp_path / "tiny.yaml"
+    pipe.write_text(TINY)
+    home = Path(cli_env["MMKD_HOME"])
+    mmkd(["run", str(pipe), "--plain"], cli_env, tmp_path, timeout=600, check=True)
+    run = _latest_run(home)
+    uninterrupted = _sha(_stage_outputs(home, run)["train"] / "model" / "model.safetensors")
+
+    # the same stage again from scratch (--force trains in a checkpoint folder of its own),
+    # its driver killed after the second checkpoint is registered
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(pipe),
+                               "--plain", "--force", "train"], env=cli_env, cwd=tmp_path,
+                              start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+
+    def registered() -> int:
+        n = 0
+        for snap in (home / "artifacts" / "checkpoints").glob("*-force-*/"
+                                                              "checkpoint_manager_snapshot.json"):
+            try:
+                n = max(n, len(json.loads(snap.read_text())["checkpoint_results"]))
+            except (OSError, ValueError, KeyError):
+                pass
+        return n
+
+    while time.time() < deadline and registered() < 2:
+        assert driver.poll() is None, "the forced run ended before it could be killed"
+        time.sleep(0.2)
+    assert registered() >= 2, "no checkpoint registered in time"
+    os.killpg(driver.pid, signal.SIGKILL)  # only the driver we started, by its process group
+    driver.wait()
+
+    mmkd(["run", str(pipe), "--plain", "--force", "train", "--resume"], cli_env, tmp_path,
+         timeout=600, check=True)
+    run = _latest_run(home)
+    metrics = run["stages"]["train"]["metrics"]
+    assert metrics["resumed_from_step"] >= 6 and metrics["steps"] == 16
+    assert _sha(_stage_outputs(home, run)["train"] / "model" / "model.safetensors") \
+        == uninterrupted
