@@ -185,6 +185,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(ctx.deepspeed, p, world))
+    if world == 1 and engine.zero_optimization_stage() == 0:
+        engine.enable_backward_allreduce = False  # one rank: nothing to average
     dtype = next(engine.module.parameters()).dtype
     sctx = StepContext(step=0, total_steps=total_steps, rank=rank, world_size=world,
                        device=device, dtype=dtype, stage=ctx)

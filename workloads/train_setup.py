@@ -84,13 +84,19 @@ class CausalLMLoss:
 
 
 def deepspeed_config(ds: dict[str, Any], p: TrainParams, world_size: int) -> dict[str, Any]:
-    """DeepSpeed config from the stage's ``deepspeed`` dict (zero_stage, precision, offload_*)."""
+    """DeepSpeed config from the stage's ``deepspeed`` dict (zero_stage, precision, offload_*).
+
+    One worker with ZeRO-1/2 and no offload runs as ZeRO-0: there is nothing to partition, and
+    the partitioned path only adds flatten/copy work per step (measured in
+    benchmarks/train_throughput.py)."""
     stage = int(ds.get("zero_stage", 0))
     precision = ds.get("precision", "fp32")
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"deepspeed.zero_stage must be 0-3, got {stage}")
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"deepspeed.precision must be fp32, bf16 or fp16, got {precision!r}")
+    if world_size == 1 and stage in (1, 2) and not ds.get("offload_optimizer"):
+        stage = 0
     zero: dict[str, Any] = {"stage": stage}
     if ds.get("offload_optimizer"):
         if stage == 0:

@@ -102,6 +102,11 @@ def test_deepspeed_config_from_stage_settings():
         deepspeed_config({"zero_stage": 2, "offload_params": True}, p, 1)
     with pytest.raises(ValueError, match="precision"):
         deepspeed_config({"precision": "fp8"}, p, 1)
+    # one worker: ZeRO-1/2 has nothing to partition and runs as ZeRO-0, unless it offloads
+    assert deepspeed_config({"zero_stage": 2}, p, 1)["zero_optimization"]["stage"] == 0
+    assert deepspeed_config({"zero_stage": 2}, p, 2)["zero_optimization"]["stage"] == 2
+    assert deepspeed_config({"zero_stage": 2, "offload_optimizer": True}, p, 1)[
+        "zero_optimization"]["stage"] == 2
 
 
 def test_check_resources_names_stage_and_fix():
