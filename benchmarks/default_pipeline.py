@@ -60,7 +60,8 @@ def read_run(run_dir: Path) -> dict:
         raise SystemExit(f"{run_dir}: run status is {record.get('status')!r}, not 'success'")
     stages = record["stages"]
     evaluate = Path(stages["evaluate"]["uri"])
-    table = json.loads((evaluate / "results" / "results.json").read_text())["results"]
+    full = json.loads((evaluate / "results" / "results.json").read_text())
+    table = full["results"]
     return {
         "run_id": record["run_id"],
         "run_wall_s": round(record["ended"] - record["started"], 1),
@@ -70,6 +71,7 @@ def read_run(run_dir: Path) -> dict:
         "training_stages": sum(s["workload"] in TRAINING_WORKLOADS for s in stages.values()),
         "tokenizer_vocab_size": int(stages["tokenizer"]["metrics"]["tokenizer/vocab_size"]),
         "results": table,
+        "comparisons": full.get("comparisons", []),
         "answer_prior": answer_prior(evaluate / "results"),
         "libraries_in_stage_key": json.loads((evaluate / "_mmkd.json").read_text())
         .get("key_parts", {}).get("libraries"),

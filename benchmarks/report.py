@@ -189,15 +189,27 @@ def kd_gain_text(R: Results) -> str:
 def default_table(R: Results) -> str:
     d = R.load("default_pipeline")
     res, prior = d["results"], d["answer_prior"]
-    lines = [f"One run (seed 0, {d['run_id']}, `benchmarks/results/default_pipeline.json`):", "",
-             "| model | accuracy | colour | count | exists | relation | shape | size "
-             "| caption ppl |", "|---|---|---|---|---|---|---|---|---|"]
+    ci = all("accuracy_low" in r for r in res.values())
+    n = int(next(iter(res.values()))["n"])
+    lines = [f"One run (seed 0, {d['run_id']}, {n} held-out questions, "
+             "`benchmarks/results/default_pipeline.json`):", "",
+             "| model | accuracy |" + (" 95% interval |" if ci else "")
+             + " colour | count | exists | relation | shape | size | caption ppl |",
+             "|---|---|" + ("---|" if ci else "") + "---|---|---|---|---|---|---|"]
     for name, r in res.items():
-        cells = [f3(r["accuracy"])] + [f3(r[f"accuracy/{t}"]) for t in TYPES]
+        cells = [f3(r["accuracy"])] + (
+            [f"{f3(r['accuracy_low'])}–{f3(r['accuracy_high'])}"] if ci else []) + [
+            f3(r[f"accuracy/{t}"]) for t in TYPES]
         lines.append(f"| {MODEL_NAMES.get(name, name)} | {' | '.join(cells)} | "
                      f"{r['caption_ppl']:.2f} |")
-    cells = [f3(prior["accuracy"])] + [f3(prior["per_type"][t]) for t in TYPES]
+    cells = [f3(prior["accuracy"])] + ([""] if ci else []) + [
+        f3(prior["per_type"][t]) for t in TYPES]
     lines.append(f"| most frequent answer per type | {' | '.join(cells)} | |")
+    pairs = [c for c in d.get("comparisons", []) if c["a"] != "teacher" and c["b"] != "teacher"]
+    if pairs:
+        lines += ["", "Paired comparisons of the students on the same questions (`evaluate` "
+                      "prints them for every pair; McNemar p-values):", ""]
+        lines += [f"- {c['text']}" for c in pairs]
     students = [r["accuracy"] for n, r in res.items() if n != "teacher"]
     gap = max(abs(a - prior["accuracy"]) for a in students)
     return "\n".join(lines) + "\n\n" + para(

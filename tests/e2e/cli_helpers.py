@@ -24,12 +24,9 @@ def closed_port() -> int:
         return s.getsockname()[1]  # released on return: nothing listens there
 
 
-@contextlib.contextmanager
-def mlflow_ui(env, cwd, timeout=120):
-    """`mmkd ui` on a free port, as a user starts it; yields its base URL, then stops it (only
-    the process group started here)."""
-    import os
-    import signal
+def start_ui(env, cwd, timeout=120):
+    """`mmkd ui` on a free port in its own process group, as a user starts it; returns the
+    process and its base URL once the server answers."""
     import time
     import urllib.request
 
@@ -37,22 +34,43 @@ def mlflow_ui(env, cwd, timeout=120):
     ui = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port)],
                           env=env, cwd=cwd, start_new_session=True, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while True:
+        if ui.poll() is not None:
+            raise AssertionError(ui.stdout.read())
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+            return ui, f"http://127.0.0.1:{port}"
+        except OSError:
+            if time.time() > deadline:
+                stop_group(ui)
+                raise AssertionError("mmkd ui never answered") from None
+            time.sleep(0.5)
+
+
+def stop_group(proc) -> None:
+    """SIGKILL the process group we started (only that one)."""
+    import os
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextlib.contextmanager
+def mlflow_ui(env, cwd, timeout=120):
+    """``start_ui`` as a context: yields the base URL, then stops the UI (SIGTERM, then the
+    group)."""
+    import signal
+
+    ui, url = start_ui(env, cwd, timeout)
     try:
-        deadline = time.time() + timeout
-        while True:
-            assert ui.poll() is None, ui.stdout.read()
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-                break
-            except OSError:
-                assert time.time() < deadline, "mmkd ui never answered"
-                time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
         if ui.poll() is None:
             ui.send_signal(signal.SIGTERM)
             try:
                 ui.wait(60)
             except subprocess.TimeoutExpired:
-                os.killpg(ui.pid, signal.SIGKILL)  # only the group we started
-                ui.wait()
+                stop_group(ui)

@@ -10,16 +10,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from cli_helpers import closed_port, mmkd
+from cli_helpers import closed_port, mmkd, start_ui, stop_group
 
 LONG = "a_stage_name_longer_than_twelve_characters"
 GOOD = f"""
@@ -204,20 +201,8 @@ def _alive_in_groups(groups: set[int]) -> list[int]:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_ui_stops_every_process_it_started(world, sig):
-    port = closed_port()
-    ui = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port)],
-                          env=world["env"], cwd=world["root"], start_new_session=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ui, _ = start_ui(world["env"], world["root"])
     try:
-        deadline = time.time() + 120
-        while True:
-            assert ui.poll() is None, ui.stdout.read()
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-                break
-            except OSError:
-                assert time.time() < deadline, "mmkd ui never answered"
-                time.sleep(0.5)
         time.sleep(3)  # let the server start its job runner and workers too
         started = _descendants(ui.pid)
         assert len(started) >= 2, started  # the MLflow server and its workers
@@ -233,9 +218,7 @@ def test_ui_stops_every_process_it_started(world, sig):
         output = ui.stdout.read()
         assert "Traceback" not in output, output
     finally:
-        if ui.poll() is None:
-            os.killpg(ui.pid, signal.SIGKILL)  # only the group we started
-            ui.wait()
+        stop_group(ui)
 
 
 def test_an_unexpected_error_is_one_paragraph_with_its_traceback_in_a_file(tmp_path, monkeypatch):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from workloads.data.collate import make_collate_fn
 from workloads.data.preprocess import preprocess_batch
 from workloads.data.quality import SampleQuality
 from workloads.data.datasource import read_source

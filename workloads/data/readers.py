@@ -347,13 +347,23 @@ def _image_bytes(value: Any) -> bytes | None:
     return bytes(value) if value else None
 
 
-def _parquet_row(rec: dict, key: str, name: str, source: DataSource) -> dict[str, Any]:
+def _parquet_image(rec: dict, key: str, name: str, source: DataSource
+                   ) -> tuple[bytes | None, dict[str, Any] | None]:
+    """(image bytes, None), or (None, the bad row) for a wrong type or an oversize image."""
     try:
         image = _image_bytes(rec.get(source.image_column))
     except TypeError as e:
-        return _bad(key, name, WRONG_FIELD_TYPE, str(e))
+        return None, _bad(key, name, WRONG_FIELD_TYPE, str(e))
     if image is not None and len(image) > MAX_IMAGE_BYTES:
-        return _bad(key, name, OVERSIZE_IMAGE, f"{len(image)} bytes, over MAX_IMAGE_BYTES")
+        return None, _bad(key, name, OVERSIZE_IMAGE,
+                          f"{len(image)} bytes, over MAX_IMAGE_BYTES")
+    return image, None
+
+
+def _parquet_row(rec: dict, key: str, name: str, source: DataSource) -> dict[str, Any]:
+    image, bad = _parquet_image(rec, key, name, source)
+    if bad is not None:
+        return bad
     conv, kind = _normalize_conversations(rec.get(source.conversations_column))
     if conv is None:
         return _bad(key, name, kind, f"`{source.conversations_column}` unusable")
@@ -365,12 +375,9 @@ def _parquet_row(rec: dict, key: str, name: str, source: DataSource) -> dict[str
 
 def _parquet_question_row(rec: dict, key: str, name: str, source: DataSource,
                           answers: Answers | None) -> dict[str, Any]:
-    try:
-        image = _image_bytes(rec.get(source.image_column))
-    except TypeError as e:
-        return _bad(key, name, WRONG_FIELD_TYPE, str(e))
-    if image is not None and len(image) > MAX_IMAGE_BYTES:
-        return _bad(key, name, OVERSIZE_IMAGE, f"{len(image)} bytes, over MAX_IMAGE_BYTES")
+    image, bad = _parquet_image(rec, key, name, source)
+    if bad is not None:
+        return bad
     entry = {k: v for k, v in rec.items() if k != source.image_column}
     return _question_row(key, name, image, entry, answers)
 
