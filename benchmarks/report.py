@@ -127,8 +127,11 @@ def std_error(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n)
 
 
-def held_out(R: Results, pipeline: str) -> int:
-    """Held-out questions the pipeline's evaluate stage scores."""
+def held_out(R: Results, pipeline: str, result: str | None = None) -> int:
+    """Held-out questions behind a results file: its own ``questions`` when it records them,
+    else what the pipeline's evaluate stage scores now."""
+    if result is not None and "questions" in R.load(result):
+        return int(R.load(result)["questions"])
     stages = R.pipeline(pipeline)["stages"]
     return int(stages["evaluate"]["params"].get("max_samples")
                or stages["shapes"]["params"]["num_eval"])
@@ -257,7 +260,7 @@ def offline_rows(R: Results) -> tuple[dict, dict[int, dict], int]:
 @block("kd-offline")
 def kd_offline_text(R: Results) -> str:
     online, ks, samples = offline_rows(R)
-    n = held_out(R, "pipelines/kd_offline_teacher.yaml")
+    n = held_out(R, "pipelines/kd_offline_teacher.yaml", "kd_offline")
     faster = [1 - r["dft_wall_s"] / online["dft_wall_s"] for r in ks.values()]
     accs = ", ".join(f"k={k} {f3(r['accuracy'])}" for k, r in ks.items())
     per_sample = ", ".join(f"{r['logits_bytes'] / samples / 1e3:.1f} KB at k={k}"
