@@ -15,7 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-from seeded import ROOT, machine, run_seed, summary
+from seeded import ROOT, run_seed, summary
+
+from orchestrator.provenance import environment
 
 STUDENT_STAGES = ["baseline_pt", "baseline_sft", "student_dpt", "student_sft", "student_dft"]
 MODELS = ["teacher", "baseline_pt_sft", "kd_dpt_sft", "kd_dpt_sft_dft"]
@@ -24,6 +26,7 @@ MODELS = ["teacher", "baseline_pt_sft", "kd_dpt_sft", "kd_dpt_sft_dft"]
 def seed_row(seed: int, home: Path, extra: list[str]) -> dict:
     run = run_seed("pipelines/llava_kd.yaml", STUDENT_STAGES, seed, home, extra)
     table = run.pop("table")
+    run["comparisons"] = [c for c in run["comparisons"] if "teacher" not in (c["a"], c["b"])]
     return {**run, "accuracy": {m: table[m]["accuracy"] for m in MODELS},
             "per_type": {m: {k.split("/", 1)[1]: v for k, v in table[m].items()
                              if k.startswith("accuracy/")} for m in MODELS}}
@@ -47,7 +50,7 @@ def main() -> None:
         "summary": {m: summary([r["accuracy"][m] for r in rows]) for m in MODELS},
         "gain_dpt_sft_dft_over_pt_sft": summary(gain),
         "gain_dpt_sft_over_pt_sft": summary(gain_dpt),
-        "machine": machine(),
+        "environment": environment(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

@@ -33,9 +33,10 @@ def run_seed(pipeline: str, student_stages: list[str], seed: int, home: Path,
                            f"{proc.stderr[-3000:]}")
     record = latest_record(home, pipeline)
     results = Path(record["stages"][evaluate]["uri"]) / "results" / "results.json"
+    full = json.loads(results.read_text())
     return {"seed": seed, "wall_seconds": round(wall, 1), "run_id": record["run_id"],
             "stages": {n: s["status"] for n, s in record["stages"].items()},
-            "table": json.loads(results.read_text())["results"]}
+            "table": full["results"], "comparisons": full.get("comparisons", [])}
 
 
 def latest_record(home: Path, pipeline: str) -> dict:
