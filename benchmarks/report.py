@@ -72,6 +72,16 @@ def block(name: str):
 # ----------------------------------------------------------------------------- formatting
 
 
+def dated(R: "Results", name: str) -> str:
+    """A sentence for a results file that records no commit: its numbers come from an older
+    version of the code and pipelines (rerun its script to refresh them)."""
+    d = R.load(name)
+    if ((d.get("environment") or {}).get("git") or {}).get("commit"):
+        return ""
+    return (f" (`results/{name}.json` predates commit records: measured with an earlier version "
+            f"of the code and pipeline files; `benchmarks/{name}.py` refreshes it)")
+
+
 def para(text: str) -> str:
     """A prose paragraph, wrapped like the hand-written ones (100 columns)."""
     import textwrap
@@ -181,11 +191,21 @@ def kd_gain_text(R: Results) -> str:
     gain, dpt = g["gain_dpt_sft_dft_over_pt_sft"], g["gain_dpt_sft_over_pt_sft"]
     wins = sum(r["accuracy"]["kd_dpt_sft_dft"] > r["accuracy"]["baseline_pt_sft"]
                for r in g["runs"])
+    per_seed = []
+    for r in g["runs"]:
+        c = next((c for c in r.get("comparisons", [])
+                  if (c["a"], c["b"]) == ("baseline_pt_sft", "kd_dpt_sft_dft")), None)
+        if c is not None:
+            per_seed.append(f"seed {r['seed']}: {signed(100 * c['diff'])} pts "
+                            f"[{signed(100 * c['low'])}, {signed(100 * c['high'])}], "
+                            f"p = {c['p']:.2g}")
+    tests = (" Per seed, DPT-SFT-DFT − PT-SFT on the same questions (McNemar): "
+             + "; ".join(per_seed) + ".") if per_seed else ""
     return para(
         f"Over {seeds} student seeds (`benchmarks/kd_gain.py`): PT-SFT {pm(s['baseline_pt_sft'])}, "
         f"DPT-SFT {pm(s['kd_dpt_sft'])}, DPT-SFT-DFT {pm(s['kd_dpt_sft_dft'])} — DPT-SFT-DFT beats "
         f"the baseline on {wins} of {seeds} seeds ({pts_pm(gain)} points), DPT alone "
-        f"{pts_pm(dpt)} ({'within noise' if within_noise(dpt) else 'beyond its spread'}).")
+        f"{pts_pm(dpt)} ({'within noise' if within_noise(dpt) else 'beyond its spread'})." + tests)
 
 
 @block("default-table")
@@ -243,7 +263,7 @@ def kd_ablation_text(R: Results) -> str:
     chain = " < ".join(f"{label[k]} {f3(s[k]['mean'])}" for k in ours)
     return para(
         f"Is it the KD or the extra steps? `pipelines/kd_stage_ablation.yaml` ({seeds} seeds, "
-        "`benchmarks/kd_ablation.py`) adds a control that runs DFT's exact schedule with "
+        f"`benchmarks/kd_ablation.py`{dated(R, 'kd_ablation')}) adds a control that runs DFT's exact schedule with "
         f"cross-entropy only: after DPT-SFT, DFT beats that control by {pts_pm(dpt)} points "
         f"{seeds_positive(dpt, seeds)}"
         f"{', so the gain is not just compute' if not within_noise(dpt) else ''}; after plain "
@@ -272,7 +292,8 @@ def kd_offline_text(R: Results) -> str:
     per_sample = ", ".join(f"{r['logits_bytes'] / samples / 1e3:.1f} KB at k={k}"
                            for k, r in ks.items())
     return para(
-        "Offline teacher (`pipelines/kd_offline_teacher.yaml`, `benchmarks/kd_offline.py`): a "
+        "Offline teacher (`pipelines/kd_offline_teacher.yaml`, `benchmarks/kd_offline.py`"
+        f"{dated(R, 'kd_offline')}): a "
         "`teacher_logits` stage runs the teacher once and stores its top-k logits; DFT then reads "
         f"them instead of running the teacher. Student accuracy: online {f3(online['accuracy'])}, "
         f"offline {accs} (one seed, ±{100 * std_error(online['accuracy'], n):.1f} points "
@@ -289,7 +310,7 @@ def merge_text(R: Results) -> str:
     soft, uft = m["ensemble_soft"], m["uniform_ft"]
     broken = ", ".join(f3(m[k]["accuracy"]) for k in ("uniform", "task_arithmetic", "ties"))
     return para(
-        "On the tiny setting (`benchmarks/merge_ablation.py`, one seed, "
+        f"On the tiny setting (`benchmarks/merge_ablation.py`{dated(R, 'merge_ablation')}, one seed, "
         f"±{100 * std_error(c, n):.1f} points standard error) the soft-routed ensemble of two "
         f"cluster experts comes within {100 * (c - soft['accuracy']):.1f} points of the "
         f"centralized model ({f3(soft['accuracy'])} vs {f3(c)}) at "
