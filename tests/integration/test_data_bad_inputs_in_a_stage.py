@@ -77,7 +77,9 @@ def test_every_bad_shard_input_is_counted_by_kind(ray_session, tiny, tmp_path):
     good += 2
     planted.update(non_utf8=2, malformed_json=2, wrong_field_type=1, oversize_image=1)
 
-    quality = SampleQuality.create(max_bad_fraction=0.5, min_samples=1, name="shards")
+    # the budget is judged on the whole pass (quality.check() below), not while streaming:
+    # x-kinds.tar alone is 5 of 8 bad, and whether it comes first is the seed's file order
+    quality = SampleQuality.create(max_bad_fraction=0.5, min_samples=1000, name="shards")
     ds = build_train_dataset(DataSource(format="webdataset", paths=str(d)), tiny["processor"],
                              max_length=64, seed=0, quality=quality, batch_size=8)
     rows = run_and_count(ds)
