@@ -37,6 +37,7 @@ from orchestrator.plugin import HEADLINE_FILE, SUMMARY_FILE, StageContext, Workl
 from workloads.data.preflight import validate_config_sources
 from workloads.data.source import DataSource
 from workloads.eval_metrics import METRICS, Metric, exact_match, normalize_answer
+from workloads.merging.io import MERGED_META
 from workloads.report import accuracy_chart
 
 __all__ = ["EvalConfig", "evaluate", "normalize_answer", "exact_match", "accuracy_by_type",
@@ -302,8 +303,19 @@ def _source(path: Any) -> Any:
     return DataSource(format="webdataset", paths=[path])
 
 
+def eval_problems(config: EvalConfig, inputs: dict | None = None) -> list[str]:
+    """``mmkd validate`` hook: unreadable data, and `models` given by a path that holds no
+    model (a local path, not a hub id: a stage is evaluated on files it can open)."""
+    problems = validate_config_sources(config, inputs)
+    for name, path in config.models.items():
+        if not any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", MERGED_META)):
+            problems.append(f"models.{name}: {path} holds no model (no config.json there); "
+                            f"give the folder a `save_pretrained` or an mmkd stage wrote")
+    return problems
+
+
 @workload("evaluate", config=EvalConfig, version="3", outputs=("results",), distributed=False,
-          validate=validate_config_sources)
+          validate=eval_problems)
 def evaluate(config: EvalConfig, ctx: StageContext) -> dict[str, float]:
     """Score models on held-out questions with the benchmark's metric, intervals and paired
     tests, and caption perplexity; write tables."""

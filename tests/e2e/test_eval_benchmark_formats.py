@@ -100,6 +100,12 @@ stages:
       metric: multiple_choice
       data: {{format: parquet, paths: {bench / 'mc.parquet'}}}
 """)
+    # a typical mistake first: a model path that holds no model fails `validate`, in one line
+    (tmp_path / "typo.yaml").write_text((tmp_path / "bench.yaml").read_text().replace(
+        str(yes_dir), str(tmp_path / "models" / "yes")))
+    bad = mmkd(["validate", str(tmp_path / "typo.yaml")], cli_env, tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "models.yes_sayer" in bad.stderr and "holds no model" in bad.stderr
     out = mmkd(["run", str(tmp_path / "bench.yaml"), "--plain"], cli_env, tmp_path, timeout=600,
                check=True)
     assert "yes_sayer − random:" in out.stdout and "pts [" in out.stdout
