@@ -237,6 +237,14 @@ def cmd_tune(args) -> int:
     except TuneError as e:
         err.print(f"[red]invalid tune spec[/]: {e}", highlight=False)
         return 2
+    if not args.verbose:  # Ray Tune's boxes and the trials' output go to a file, as for `run`
+        from orchestrator.cache import mmkd_home
+        from orchestrator.tuning import tune_name
+
+        output = QuietOutput().to_file(mmkd_home() / "tune" / tune_name(spec, pipeline)
+                                       / "output.log")
+        err.print(f"Ray Tune's and MLflow's own output: {output} (--verbose shows it here)",
+                  highlight=False, soft_wrap=True)
     outcome = run_tune(spec, pipeline, args.spec, resume=args.resume, overrides=args.set or [])
     metrics = [spec.metric] + ([spec.select.metric] if spec.select else [])
     ranked_by = metrics[-1]

@@ -11,6 +11,7 @@ MLflow: one parent run per tune, a child per trial, written only by the driver (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Any
 
 from orchestrator.cache import compute_keys, mmkd_home
 from orchestrator.placement import Reaper
+from orchestrator.console import RAY_OUTPUT_ENV
 from orchestrator.executor import progress_hub_class, stage_payload, stage_task
 from orchestrator.plan import code_fingerprints, fingerprints, store_for
 from orchestrator.ray_setup import ensure_ray
@@ -293,7 +295,8 @@ def run_tune(spec: TuneSpec, pipeline: Pipeline, tune_file: str, *, resume: bool
                                       verbose=0))
     status = "FINISHED"
     try:
-        grid = tuner.fit()
+        with _quiet_stdout():
+            grid = tuner.fit()
     except BaseException:
         status = "KILLED"
         raise
@@ -301,6 +304,18 @@ def run_tune(spec: TuneSpec, pipeline: Pipeline, tune_file: str, *, resume: bool
         if status != "FINISHED":
             tracker.end_pipeline(status)
     return _summarise(spec, pipeline, grid, callback, tracker, out_dir, name, budget, tune_file)
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Ray Tune prints its configuration box and result paths with print(): into the run's
+    output.log when `mmkd tune` routes Ray's output there (not --verbose)."""
+    target = os.environ.get(RAY_OUTPUT_ENV)
+    if not target:
+        yield
+        return
+    with open(target, "a", buffering=1) as stream, contextlib.redirect_stdout(stream):
+        yield
 
 
 def _stage_steps(stage) -> int:

@@ -132,6 +132,8 @@ def test_command_exit_code_and_one_paragraph(world, args, code, expected):
     assert out.returncode == code, f"mmkd {args}: {out.returncode}\n{text[-4000:]}"
     assert "Traceback" not in text, text[-4000:]
     assert expected in text, text[-4000:]
+    # Ray's own output (Tune's configuration box, the workers' lines) stays in output.log
+    assert "Configuration for experiment" not in text and "pid=" not in text, text[-4000:]
     if code:
         # one paragraph: what went wrong and what to do, not pages of output
         assert len(out.stderr.strip().splitlines()) <= 25, out.stderr
