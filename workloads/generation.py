@@ -33,6 +33,10 @@ def prompt_text(processor: Any, example: Any) -> str:
     """The chat-template rendering of ``example``'s question with the generation prompt; an
     image without an image token in the conversation gets ``<image>\\n`` before the first
     human turn (as LLaVA's own eval does)."""
+    if hasattr(processor, "prompt"):  # a FamilyProcessor: the family's own placeholder rules
+        messages = [{"role": _ROLE[t["from"]], "content": t["value"]}
+                    for t in example.prompt_conversation]
+        return processor.prompt(messages, example.image is not None)
     conv = [dict(t) for t in example.prompt_conversation]
     tok = processor.image_token
     if example.image is not None and not any(tok in t["value"] for t in conv):

@@ -203,6 +203,11 @@ def mmkd_lmms_class() -> type:
             return self.batch_size_per_gpu
 
         def _prompt(self, context: str, n_images: int) -> str:
+            if hasattr(self.processor, "prompt"):  # a FamilyProcessor (its own placeholders)
+                if n_images > 1:
+                    raise ValueError("mmkd's lmms-eval model takes one image per question")
+                return self.processor.prompt([{"role": "user", "content": context}],
+                                             n_images == 1)
             tok = self.processor.image_token
             if n_images and tok not in context:
                 context = f"{' '.join([tok] * n_images)}\n{context}"

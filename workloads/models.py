@@ -8,9 +8,17 @@ Three mutually exclusive ways to name a model (``ModelSpec``):
 - ``parts``: a vision tower and an LLM by hub id or path, joined by a fresh projector. Hub ids are
   only resolved when the model is built, never by ``describe_model`` (``mmkd plan`` stays offline).
 
-Part names used by ``set_trainable``: ``vision``, ``projector``, ``llm`` (LLM body + lm_head), and
-for a JAM-Cross merge (``workloads.merging.cross``) also ``bridges`` — its new cross-attention and
-fusion layers; there ``vision``/``projector``/``llm`` name those parts of both parent decoders.
+``family`` (``workloads.families``) names another Hugging Face VLM family: with ``preset`` a
+random-init tiny model of that family (``families.tiny_model``); with ``path`` a check that the
+checkpoint is of that family. ``family: llava`` (or none) is the LLaVA-1.5 path above, unchanged
+(cache keys too: a spec without a family dumps without the field). A ``path`` of any family loads
+by its ``config.json`` ``model_type``, with ``AutoModelForImageTextToText`` and a
+``FamilyProcessor`` (``workloads/families/adapter.py``; no torchvision needed).
+
+Part names used by ``set_trainable``: ``vision``, ``projector``, ``llm`` (LLM body + lm_head; in a
+family model each parameter by ``families.parameter_part``), and for a JAM-Cross merge
+(``workloads.merging.cross``) also ``bridges`` — its new cross-attention and fusion layers; there
+``vision``/``projector``/``llm`` name those parts of both parent decoders.
 """
 
 from __future__ import annotations
@@ -18,12 +26,14 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, field_validator, model_serializer,
+                      model_validator)
 
 __all__ = [
     "PRESETS", "PARTS", "ModelSpec", "PartsSpec", "ModelCompatError", "describe_model",
     "build_model", "build_processor", "load_model", "set_trainable", "model_parts",
-    "count_params", "check_compat", "save_model", "save_processor",
+    "part_parameters", "count_params", "check_compat", "save_model", "save_processor",
+    "checkpoint_family",
 ]
 
 PARTS = ("vision", "projector", "llm", "bridges")
@@ -71,14 +81,30 @@ class PartsSpec(BaseModel):
 
 
 class ModelSpec(BaseModel):
-    """Exactly one of ``preset``, ``path`` or ``parts``."""
+    """Exactly one of ``preset``, ``path`` or ``parts``; ``family`` with ``preset`` or ``path``.
+    ``family: llava`` is stored as None (LLaVA-1.5), so it names the same model, with the same
+    cache key, as no family; with ``path`` it therefore checks nothing."""
 
     model_config = ConfigDict(extra="forbid")
 
     preset: Literal["tiny-teacher", "tiny-student"] | None = Field(
         None, description="random-init tiny model; vocab size = the tokenizer's")
-    path: str | None = Field(None, description="LLaVA-format HF checkpoint dir")
+    path: str | None = Field(None, description="HF checkpoint dir of a supported family "
+                                                 "(its config.json model_type decides)")
     parts: PartsSpec | None = Field(None, description="vision tower + LLM joined by a new projector")
+    family: str | None = Field(
+        None, description="VLM family (workloads.families: qwen2_vl, internvl, gemma3, ...): with "
+                          "`preset` a tiny model of that family; with `path` the family the "
+                          "checkpoint must be of. None or `llava`: LLaVA-1.5")
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str | None) -> str | None:
+        from workloads.families import FAMILIES
+
+        if value is not None and value not in FAMILIES:
+            raise ValueError(f"model.family: unknown family {value!r}; known: {sorted(FAMILIES)}")
+        return None if value == "llava" else value  # LLaVA-1.5 is the family-less path
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "ModelSpec":
@@ -87,16 +113,53 @@ class ModelSpec(BaseModel):
             raise ValueError(
                 f"model: give exactly one of `preset`, `path` or `parts` (got {given or 'none'}); "
                 f"e.g. `model: {{preset: tiny-student}}`")
+        if self.family and self.parts:
+            raise ValueError(f"model: `parts` builds a LLaVA-1.5 model; drop `family: "
+                             f"{self.family}` or name a `preset` / `path` of that family")
         return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_family(self, handler: Any) -> dict[str, Any]:
+        # A LLaVA spec dumps as before the field existed, so its stage cache keys do not change.
+        data = handler(self)
+        if self.family is None:
+            data.pop("family", None)
+        return data
 
 
 def _is_local(ref: str) -> bool:
     return os.path.isabs(ref) or ref.startswith(".") or os.path.isdir(ref)
 
 
+def checkpoint_family(path: str) -> str | None:
+    """The family of the checkpoint at ``path`` by its ``config.json`` ``model_type`` (``None``
+    for LLaVA-1.5 and for a dir without config.json); ModelCompatError for any other type."""
+    import json
+
+    from workloads.families import FAMILIES, family_of
+
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_file):
+        return None
+    with open(cfg_file) as f:
+        model_type = json.load(f).get("model_type")
+    try:
+        name = family_of(model_type).name
+    except ValueError:
+        raise ModelCompatError(
+            f"model path {path!r}: config.json model_type {model_type!r} is not a supported VLM "
+            f"family; supported: {sorted(FAMILIES)} (model types "
+            f"{sorted(t for f in FAMILIES.values() for t in f.model_types)})") from None
+    return None if name == "llava" else name
+
+
 def describe_model(spec: ModelSpec | dict, vocab_size: int | None = None) -> dict[str, Any]:
     """Sizes of the model ``spec`` names, without building weights or downloading anything."""
     spec = ModelSpec.model_validate(spec)
+    if spec.preset and spec.family:
+        from workloads.families.adapter import describe_family_preset
+
+        return describe_family_preset(spec.family, spec.preset, vocab_size)
     if spec.preset:
         p = PRESETS[spec.preset]
         out = {"kind": "preset", "name": spec.preset, "vision": dict(p["vision"]),
@@ -112,7 +175,15 @@ def describe_model(spec: ModelSpec | dict, vocab_size: int | None = None) -> dic
             return {"kind": "path", "path": spec.path, "exists": False}
         from transformers import AutoConfig
 
+        family = checkpoint_family(spec.path)
+        _check_family(spec, family)
         cfg = AutoConfig.from_pretrained(spec.path)
+        if family is not None:
+            from workloads.families import get_family
+            from workloads.families.adapter import describe_family_config
+
+            return {"kind": "path", "path": spec.path, "exists": True,
+                    **describe_family_config(get_family(family), cfg)}
         v, t = cfg.vision_config, cfg.text_config
         return {"kind": "path", "path": spec.path, "exists": True,
                 "vision": {"model_type": v.model_type, "hidden_size": v.hidden_size,
@@ -123,6 +194,13 @@ def describe_model(spec: ModelSpec | dict, vocab_size: int | None = None) -> dic
     parts = spec.parts
     return {"kind": "parts", "vision": {"ref": parts.vision, "local": _is_local(parts.vision)},
             "llm": {"ref": parts.llm, "local": _is_local(parts.llm)}, "projector": parts.projector}
+
+
+def _check_family(spec: ModelSpec, found: str | None) -> None:
+    """``family`` given with ``path``: the checkpoint must be of that family."""
+    if spec.family is not None and spec.family != found:
+        raise ModelCompatError(f"model: `family: {spec.family}` but {spec.path!r} is a "
+                               f"{found or 'llava'} checkpoint; drop `family` or fix `path`")
 
 
 def _llava_config(vision_cfg: Any, text_cfg: Any, image_token_id: int) -> Any:
@@ -174,10 +252,13 @@ def build_model(spec: ModelSpec | dict, tokenizer_dir: str | None = None) -> tup
     """Return ``(model, processor)`` for ``spec``. Presets and parts need ``tokenizer_dir``."""
     spec = ModelSpec.model_validate(spec)
     if spec.path:
+        _check_family(spec, checkpoint_family(spec.path))
         return load_model(spec.path, tokenizer_dir)
     if not tokenizer_dir:
         raise ModelCompatError("model: a preset or parts model needs a tokenizer; give the stage "
                                "input `tokenizer: <tokenizer stage>.tokenizer`")
+    if spec.family:
+        return _family_preset(spec.family, spec.preset, tokenizer_dir)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -193,6 +274,18 @@ def build_model(spec: ModelSpec | dict, tokenizer_dir: str | None = None) -> tup
     v = model.config.vision_config
     processor = build_processor(tokenizer, v.image_size, v.patch_size)
     _sync_generation_config(model, tokenizer)
+    check_compat(model, processor)
+    return model, processor
+
+
+def _family_preset(family: str, preset: str, tokenizer_dir: str) -> tuple[Any, Any]:
+    import torch
+
+    from workloads.families.adapter import build_family_preset
+
+    # Seeded from torch's RNG, as the LLaVA presets' init is: the stage seed decides the weights.
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    model, processor = build_family_preset(family, preset, tokenizer_dir, seed)
     check_compat(model, processor)
     return model, processor
 
@@ -218,22 +311,32 @@ def _from_parts(parts: PartsSpec, tokenizer: Any, image_token_id: int) -> Any:
 
 
 def load_model(path: str, tokenizer_dir: str | None = None) -> tuple[Any, Any]:
-    """Load a LLaVA-format checkpoint dir and its processor (saved beside it by ``save_model``)."""
+    """Load a checkpoint dir and its processor (saved beside it by ``save_model``): LLaVA-1.5
+    (and JAM-Cross merges) as before; any other family by its config's ``model_type`` with
+    ``AutoModelForImageTextToText`` + ``FamilyProcessor``."""
     from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-    from workloads.merging.io import MERGED_META, load_merged, merged_kind
+    from workloads.merging.io import MERGED_META, merged_kind
 
     if not os.path.exists(os.path.join(path, "config.json")) and \
             not os.path.exists(os.path.join(path, MERGED_META)):
         raise ModelCompatError(f"model path {path!r} has no config.json; point `model.path` (or the "
                                f"stage input `init`) at a directory written by save_pretrained")
     kind = merged_kind(path)
+    family = checkpoint_family(path) if kind is None else None
+    if family is not None:
+        return _load_family(path, family)
     if kind is not None:
         if kind != "cross":
             raise ModelCompatError(f"model path {path!r} is a {kind!r} merge, which has no "
                                    f"weights of its own to train; fine-tune its experts before "
                                    f"merging, or start from a plain checkpoint")
-        model = load_merged(path)
+        from workloads.merging.io import load_any_model
+
+        model, processor = load_any_model(path)  # the family's processor for a family merge
+        if not hasattr(processor, "prompt"):
+            check_compat(model, processor)
+        return model, processor
     else:
         model = LlavaForConditionalGeneration.from_pretrained(path)
     if os.path.exists(os.path.join(path, "processor_config.json")) or not tokenizer_dir:
@@ -246,7 +349,30 @@ def load_model(path: str, tokenizer_dir: str | None = None) -> tuple[Any, Any]:
     return model, processor
 
 
-def _sync_generation_config(model: Any, tokenizer: Any) -> None:
+def _load_family(path: str, family: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForImageTextToText
+
+    from workloads.families.adapter import FamilyProcessor
+
+    if not any(os.path.exists(os.path.join(path, f))
+               for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise ModelCompatError(f"model path {path!r} ({family}) has no tokenizer or processor "
+                               f"files; save the model with save_model (or copy the processor "
+                               f"files of the checkpoint it came from beside it)")
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    processor = FamilyProcessor.from_pretrained(path, family)
+    _sync_generation_config(model, processor.tokenizer, processor.family)
+    check_compat(model, processor)
+    return model, processor
+
+
+def _sync_generation_config(model: Any, tokenizer: Any, family: Any = None) -> None:
+    """Pad with the tokenizer's pad token; stop on eos and the end-of-turn tokens (the
+    family's; ``<|im_end|>`` for LLaVA-1.5). A family checkpoint keeps its own stop ids too."""
+    if family is not None:
+        from workloads.families.adapter import sync_generation_config
+
+        return sync_generation_config(model, tokenizer, family)
     gc = model.generation_config
     gc.pad_token_id = tokenizer.pad_token_id
     eos = [tokenizer.eos_token_id]
@@ -257,6 +383,14 @@ def _sync_generation_config(model: Any, tokenizer: Any) -> None:
 
 def check_compat(model: Any, processor: Any) -> None:
     """Raise ModelCompatError when model, tokenizer and image processor disagree."""
+    from workloads.families.adapter import FamilyProcessor, family_compat_problems
+
+    if isinstance(processor, FamilyProcessor):
+        problems = family_compat_problems(model, processor)
+        if problems:
+            raise ModelCompatError(f"{processor.family.name} model/processor mismatch: "
+                                   + "; ".join(problems))
+        return
     problems = []
     tok, cfg = processor.tokenizer, model.config
     vocab = tok.get_vocab()
@@ -282,15 +416,40 @@ def check_compat(model: Any, processor: Any) -> None:
 
 def model_parts(model: Any) -> dict[str, list[Any]]:
     """Part name → modules (transformers 5 attribute names). A JAM-Cross merge maps each part
-    over both parent decoders and adds ``bridges`` (its new layers)."""
+    over both parent decoders and adds ``bridges`` (its new layers). A family model (any but
+    LLaVA-1.5) has no module per part (Qwen's projector sits inside its vision module): each
+    part is one ``.parameters()``-able group, by ``part_parameters``."""
+    from workloads.families.adapter import ParameterGroup, family_of_model
+
     if hasattr(model, "new_parameters") and hasattr(model, "decoders"):
         per = [model_parts(d) for d in model.decoders]
         parts = {k: [m for p in per for m in p[k]] for k in ("vision", "projector", "llm")}
         parts["bridges"] = [model.bridges_ab, model.bridges_ba, model.fusion]
         return parts
+    family = family_of_model(model)
+    if family is not None and family.name != "llava":
+        return {k: [ParameterGroup(v)] for k, v in part_parameters(model).items()}
     inner = model.model
     return {"vision": [inner.vision_tower], "projector": [inner.multi_modal_projector],
             "llm": [inner.language_model, model.lm_head]}
+
+
+def part_parameters(model: Any) -> dict[str, list[Any]]:
+    """Part name → its parameters. For a family model each parameter is in exactly one part
+    (``families.parameter_part``; ModelCompatError names one that is in none)."""
+    from workloads.families.adapter import family_of_model
+    from workloads.families.adapter import part_parameters as by_name
+
+    family = family_of_model(model)
+    if family is not None and family.name != "llava" and not hasattr(model, "decoders"):
+        try:
+            return by_name(model, family)
+        except ValueError as e:
+            raise ModelCompatError(f"cannot freeze by part: {e}") from None
+    out = {}
+    for name, modules in model_parts(model).items():
+        out[name] = list({id(p): p for m in modules for p in m.parameters()}.values())
+    return out
 
 
 def set_trainable(model: Any, train: list[str]) -> dict[str, int]:
@@ -298,26 +457,22 @@ def set_trainable(model: Any, train: list[str]) -> dict[str, int]:
     unknown = sorted(set(train) - set(PARTS))
     if unknown or not train:
         raise ValueError(f"train: parts must be a non-empty subset of {list(PARTS)}, got {train}")
-    parts = model_parts(model)
+    parts = part_parameters(model)
     if "bridges" in train and "bridges" not in parts:
         raise ValueError("train: `bridges` are the new layers of a JAM-Cross merge; start the "
                          "stage from one (input `init: <cross merge stage>.model`) or train "
                          "vision / projector / llm")
     counts = {}
-    for name, modules in parts.items():
+    for name, params in parts.items():
         on = name in train
-        n = 0
-        for m in modules:
-            for p in m.parameters():
-                p.requires_grad_(on)
-                n += p.numel() if on else 0
-        counts[name] = n
+        for p in params:
+            p.requires_grad_(on)
+        counts[name] = sum(p.numel() for p in params) if on else 0
     return counts
 
 
 def count_params(model: Any) -> dict[str, int]:
-    out = {name: sum(p.numel() for m in mods for p in m.parameters())
-           for name, mods in model_parts(model).items()}
+    out = {name: sum(p.numel() for p in params) for name, params in part_parameters(model).items()}
     out["total"] = sum(out.values())
     return out
 
@@ -343,6 +498,20 @@ def save_processor(spec: ModelSpec | dict, tokenizer_dir: str | None, out_dir: s
     spec = ModelSpec.model_validate(spec)
     from transformers import AutoProcessor, AutoTokenizer
 
+    family = checkpoint_family(spec.path) if spec.path else spec.family
+    if spec.path:
+        _check_family(spec, family)
+    if family is not None:
+        from workloads.families import save_processor_parts, tiny_processor_parts
+        from workloads.families.adapter import FamilyProcessor
+
+        if spec.path:  # the checkpoint's own processor files
+            FamilyProcessor.from_pretrained(spec.path, family).save_pretrained(out_dir)
+            return out_dir
+        if not tokenizer_dir:
+            raise ModelCompatError(f"model: a {family} preset needs a tokenizer input")
+        # the tiny models' image geometry, which teacher and student share
+        return save_processor_parts(tiny_processor_parts(family, tokenizer_dir), out_dir)
     if spec.path and os.path.exists(os.path.join(spec.path, "processor_config.json")):
         processor = AutoProcessor.from_pretrained(spec.path)
     else:
