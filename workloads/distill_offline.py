@@ -9,10 +9,12 @@ Layout of the output ``logits/`` dir::
     shard_00000/*.npy        per-shard arrays, rows concatenated (see ``_Shard``)
 
 How a training row finds its entry: by a **content digest** of the preprocessed row (token ids,
-labels, image pixels rounded to bf16), not by the sample key — the shared training loop's
-collate does not carry keys, and a digest also proves the row was tokenized exactly as the
-teacher saw it. The index (one short string per sample) is held in memory by every worker; the
-arrays are memory-mapped ``.npy`` files, so a worker only pages in the rows it trains on.
+labels, image pixels rounded to bf16; for non-LLaVA families, whose pixels do not index by row,
+the digest ``collate`` takes of the row's image inputs before any cast), not by the sample key:
+the shared training loop's collate does not carry keys, and a digest also proves the row was
+tokenized exactly as the teacher saw it. The index (one short string per sample) is held in
+memory by every worker; the arrays are memory-mapped ``.npy`` files, so a worker only pages in
+the rows it trains on.
 Limitation: the index of a very large set (millions of samples) costs ~100 B per sample per
 worker; pixels of half-precision runs are digested after rounding to bf16 (fp16 runs may
 double-round and miss: use fp32 or bf16 with an offline teacher).
@@ -65,9 +67,16 @@ def tokenization_fingerprint(processor_dir: str, max_length: int) -> str:
                   if k not in ("processor_class", "_processor_class")}
     blob = {"vocab": sorted(tok.get_vocab().items()), "special": sorted(tok.all_special_tokens),
             "chat_template": tok.chat_template, "image_processor": image_proc,
-            "image_size": list(spec.image_size), "num_image_tokens": spec.num_image_tokens,
+            "image_size": list(spec.image_size) if spec.image_size else None,
+            "num_image_tokens": spec.num_image_tokens,
             "image_token_id": spec.image_token_id, "pad_token_id": spec.pad_token_id,
             "max_length": int(max_length)}
+    if spec.parts is not None:  # LLaVA's blob (and so its fingerprints) stays as it was
+        # the expansion settings only: a processor dir's processor_config.json also repeats the
+        # image processor and the token names, which a model dir's config.json does not
+        names = {"image_processor", "chat_template", *dict(spec.parts.family.named_tokens)}
+        blob.update(family=spec.family, processor_settings={
+            k: v for k, v in spec.parts.settings.items() if k not in names})
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -77,11 +86,15 @@ def row_digests(batch: dict[str, Any]) -> list[str]:
 
     out = []
     lengths = batch["attention_mask"].sum(1).tolist()
+    image_digests = batch.get("mm_digest")  # non-LLaVA families: per-row, from collate
     for b, n in enumerate(lengths):
         h = hashlib.blake2b(digest_size=16)
         h.update(batch["input_ids"][b, :n].to(torch.int64).cpu().numpy().tobytes())
         h.update(batch["labels"][b, :n].to(torch.int64).cpu().numpy().tobytes())
-        if bool(batch["has_image"][b]):
+        if image_digests is not None:
+            if bool(batch["has_image"][b]):
+                h.update(image_digests[b].cpu().numpy().tobytes())
+        elif bool(batch["has_image"][b]):
             px = batch["pixel_values"][b].detach().to(torch.bfloat16).cpu().contiguous()
             h.update(px.view(torch.int16).numpy().tobytes())
         out.append(h.hexdigest())
@@ -164,6 +177,8 @@ def teacher_logits(config: TeacherLogitsConfig, ctx: StageContext) -> dict[str, 
 
     from workloads.data.collate import collate
     from workloads.data.dataset import build_train_dataset
+    from workloads.data.processor import processor_family
+    from workloads.families import image_token_id as config_image_token_id
     from workloads.models import load_model
     from workloads.training import resolve_data_source
 
@@ -175,7 +190,9 @@ def teacher_logits(config: TeacherLogitsConfig, ctx: StageContext) -> dict[str, 
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
     model.to(dtype)
     tok = processor.tokenizer
-    vocab_size, image_token_id = len(tok), tok.convert_tokens_to_ids("<image>")
+    # the id the model replaces with image features (Gemma 3: the soft token, not <start_of_image>)
+    vocab_size, image_token_id = len(tok), config_image_token_id(model.config)
+    family = processor_family(teacher_dir)
     seed = ctx.seed if config.seed is None else config.seed
     ds = build_train_dataset(resolve_data_source(config, ctx), teacher_dir, config.max_length,
                              seed, keep_keys=True)
@@ -185,7 +202,7 @@ def teacher_logits(config: TeacherLogitsConfig, ctx: StageContext) -> dict[str, 
     from workloads.train_setup import model_inputs
 
     for raw in ds.iter_batches(batch_size=config.batch_size, batch_format="numpy"):
-        batch = collate(raw, tok.pad_token_id)
+        batch = collate(raw, tok.pad_token_id, family=family)
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
         with torch.no_grad():
             logits = model(**model_inputs(batch)).logits

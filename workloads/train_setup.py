@@ -62,11 +62,25 @@ class LossFn(Protocol):
                  ) -> tuple[Any, dict[str, float]]: ...
 
 
+_NOT_MODEL_INPUTS = ("labels", "has_image", "mm_digest")
+
+
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """Model kwargs for a collated batch. Text-only rows carry no ``<image>`` tokens, so only the
-    images of rows with ``has_image`` go in (LLaVA checks image tokens == image features)."""
-    out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    """Model kwargs for a collated batch. Text-only rows carry no image tokens, so only the
+    images of rows with ``has_image`` go in (the models check image tokens == image features).
+
+    LLaVA batches hold one image row per sample: the rows with ``has_image`` are picked here.
+    Other families' batches (``collate`` marks them with ``mm_digest``) already hold only the
+    images of the rows that have one (Idefics3/SmolVLM: an all-zero tile row for a text-only
+    sample, which the model drops), with the family's extra inputs (token-type ids,
+    ``image_grid_thw``, ``image_sizes``, ``pixel_attention_mask``): all go in as collated."""
     has = batch["has_image"].bool()
+    if "mm_digest" in batch:
+        out = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+        if not bool(has.any()):
+            out.pop("pixel_values", None)
+        return out
+    out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if bool(has.any()):
         out["pixel_values"] = batch["pixel_values"][has]
     return out

@@ -139,8 +139,20 @@ def run_train_stage(config: TrainConfig, ctx: StageContext, loss_fn: Any = None)
     # while streaming (after enough samples) and once more at the end of the stage.
     quality = SampleQuality.create(max_bad_fraction=config.max_bad_fraction,
                                    name=source.describe())
+    # A teacher that tokenizes images differently from the student (DistillLoss with
+    # teacher_inputs="own": response KD only) reads its own encoding of each row: the data
+    # path encodes every row with its processor too, into `teacher_` columns.
+    teacher_proc = None
+    if getattr(loss_fn, "teacher_inputs", "student") == "own":
+        teacher_dir = getattr(loss_fn, "teacher_dir", None)
+        if not teacher_dir:
+            raise ValueError(f"stage {ctx.stage!r}: the loss runs the teacher on its own "
+                             f"encoding of each row (teacher_inputs='own') but names no "
+                             f"teacher_dir")
+        teacher_proc = save_processor({"path": teacher_dir}, None,
+                                      os.path.join(ctx.output_dir, "_teacher_processor"))
     dataset = build_train_dataset(source, proc_dir, config.max_length, params_seed,
-                                  quality=quality)
+                                  quality=quality, teacher_processor_dir=teacher_proc)
     from transformers import AutoTokenizer
 
     pad = AutoTokenizer.from_pretrained(proc_dir).pad_token_id

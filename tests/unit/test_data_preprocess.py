@@ -169,3 +169,23 @@ def test_collate_pads_right():
     assert out["pixel_values"].shape == (2, 3, 4, 4) and out["has_image"].tolist() == [True, False]
     same_length = dict(batch, input_ids=np.array([[1, 2], [3, 4]]), labels=np.array([[1, 2], [3, 4]]))
     assert collate(same_length, 0)["input_ids"].shape == (2, 2)
+
+
+def test_llava_rows_and_batches_keep_their_exact_columns(tiny, spec):
+    """The family data path (tests/unit/test_family_data.py) leaves LLaVA dirs as they were:
+    no `mm`/`family` columns, one pixel row per sample, images picked by has_image."""
+    from workloads.train_setup import model_inputs
+
+    assert spec.family == "llava" and spec.parts is None
+    pre = Preprocessor(tiny["processor"], max_length=128, quality=None)
+    text = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
+    rows = pre({"key": np.array(["a", "b"], object), "source": np.array(["s", "s"], object),
+                "image": np.array([None, _png()], object),
+                "conversations": np.array([json.dumps(text), json.dumps(CONV)], object),
+                "extra": np.array(["{}", "{}"], object), "bad": np.array(["", ""], object)})
+    assert set(rows) == {"input_ids", "labels", "pixel_values", "has_image"}
+    batch = collate(rows, spec.pad_token_id)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "has_image"}
+    inputs = model_inputs(batch)
+    assert set(inputs) == {"input_ids", "attention_mask", "pixel_values"}
+    assert torch.equal(inputs["pixel_values"], batch["pixel_values"][1:])

@@ -40,7 +40,8 @@ def ordered(ds: Any) -> Any:
 
 def build_train_dataset(source: DataSource, processor_dir: str, max_length: int, seed: int,
                         *, quality: SampleQuality | None = None, num_workers: int = 1,
-                        batch_size: int = 64, keep_keys: bool = False) -> "ray.data.Dataset":  # noqa: F821
+                        batch_size: int = 64, keep_keys: bool = False,
+                        teacher_processor_dir: str | None = None) -> "ray.data.Dataset":  # noqa: F821
     """Lazy dataset of preprocessed rows (see ``preprocess.py`` for the row contract).
 
     ``quality``: where bad-sample counts go; create it with ``SampleQuality.create(...)`` to
@@ -48,6 +49,10 @@ def build_train_dataset(source: DataSource, processor_dir: str, max_length: int,
     with the default budget (1%) whose totals are then only visible through its failures.
     ``num_workers``: most preprocessing tasks running at once (one CPU each).
     ``keep_keys``: also emit a ``key`` column (``source/key``), for debugging and tests.
+    ``teacher_processor_dir``: also encode every row with this processor (a distill teacher
+    that tokenizes images differently: response KD on its own encoding) into ``teacher_``
+    columns, which ``iter_train_batches`` collates under ``teacher_`` keys; the rows and their
+    order are those of the student's encoding, less the rows bad for the teacher.
     """
     import ray.data
 
@@ -56,22 +61,29 @@ def build_train_dataset(source: DataSource, processor_dir: str, max_length: int,
     if quality is None:
         quality = SampleQuality.create(name=source.describe())
     ds = read_source(source, seed=seed)
+    fn_kwargs = {"processor_dir": str(processor_dir), "max_length": max_length,
+                 "quality": quality, "keep_keys": keep_keys}
+    if teacher_processor_dir:
+        fn_kwargs["teacher_dir"] = str(teacher_processor_dir)
     # Tasks, not an actor pool: see preprocess_batch for why.
     return ordered(ds.map_batches(
-        preprocess_batch, fn_kwargs={"processor_dir": str(processor_dir), "max_length": max_length,
-                                     "quality": quality, "keep_keys": keep_keys},
+        preprocess_batch, fn_kwargs=fn_kwargs,
         batch_size=batch_size, batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=max(1, num_workers))))
 
 
 def iter_train_batches(shard: Any, batch_size: int, pad_token_id: int, seed: int, epoch: int,
                        shuffle_window: int = SHUFFLE_WINDOW, drop_last: bool = False, *,
-                       rank: int = 0, skip_rows: int = 0) -> Iterator[dict]:
+                       rank: int = 0, skip_rows: int = 0,
+                       family: str | None = None) -> Iterator[dict]:
     """One epoch of collated torch batches from ``ray.train.get_dataset_shard("train")`` (or
     any Ray dataset/iterator), the rows permuted inside windows of ``shuffle_window`` rows
     (rounded up to whole batches; 0 keeps the stream's order) by a generator seeded with
     (seed, epoch, rank, window index). ``skip_rows``: rows of this epoch already taken (a
     resumed worker's position); the batches that follow are those an uninterrupted run gets.
+    ``family``: the rows' model family for ``collate`` (None: LLaVA, or the rows' own
+    ``family`` column). Rows with the teacher's own encoding give batches with its
+    ``teacher_`` keys too (see ``collate``).
     """
     import numpy as np
 
@@ -92,5 +104,5 @@ def iter_train_batches(shard: Any, batch_size: int, pad_token_id: int, seed: int
                 idx = order[i:i + batch_size]
                 if drop_last and len(idx) < batch_size:
                     return
-                yield collate({k: v[idx] for k, v in rows.items()}, pad_token_id)
+                yield collate({k: v[idx] for k, v in rows.items()}, pad_token_id, family=family)
             taken += min(batch_size, n - i)

@@ -1,20 +1,43 @@
 """Preprocessing: normalized reader rows -> model-ready training rows.
 
-Output row contract (what the training loop and ``collate`` rely on):
+Output row contract of a LLaVA-1.5 processor dir (what the training loop and ``collate`` rely on):
     input_ids     int64[T_i]      chat-template rendering, each ``<image>`` expanded to N tokens
     labels        int64[T_i]      token ids on assistant replies (incl. their end-of-turn token),
                                   -100 everywhere else (user/system turns, role markers, image)
     pixel_values  float32[3,H,W]  processed image; zeros when ``has_image`` is False
     has_image     bool
 
+Any other family (``spec.family != "llava"``, see ``workloads.families``) encodes with its own
+chat template, image-token expansion (a count per image) and image processor; its rows are
+    input_ids     int64[T_i]      as above, the family's expansion of each image
+    labels        int64[T_i]      as above
+    has_image     bool
+    mm            bytes           the row's image inputs as ``.npz`` (``pixel_values`` and the
+                                  family's extra inputs: ``image_grid_thw``, ``image_sizes``,
+                                  ``pixel_attention_mask``, the token-type ids), shapes varying
+                                  per family and image; ``b""`` for a text-only row
+    family        str             the family name (``collate`` batches by its rules)
+so every family's rows share one schema on Ray Data.
+
 Image/``<image>`` policy (LLaVA data carries at most one image per sample):
     * one image + exactly one ``<image>`` in a human turn: fine;
     * one image and no ``<image>``: ``<image>\\n`` is prepended to the first human turn, as
       LLaVA's own preprocessing does (not counted as bad);
     * ``<image>`` without an image, two or more ``<image>``, or ``<image>`` in a reply:
-      skipped as ``image_token_mismatch``.
+      skipped as ``image_token_mismatch``; so is a family's own image token written in the
+      text (e.g. ``<|image_pad|>``), which would give image tokens without image features.
 Over-long samples are truncated to ``max_length`` (counted as ``truncated``) unless that cuts
 through the image tokens or leaves no label token: then they are skipped as ``too_long``.
+
+The teacher's own encoding (``Preprocessor(..., teacher_dir=...)``, for a distill stage whose
+teacher tokenizes images differently from the student: response KD only, ``teacher_inputs=
+"own"`` in ``distill_loss``): every row is encoded a second time with the teacher's processor
+and its columns are added with a ``teacher_`` prefix (``teacher_input_ids``,
+``teacher_labels``, ``teacher_mm`` + ``teacher_family``, or ``teacher_pixel_values`` for
+LLaVA-1.5); ``has_image`` and ``key`` are shared. A row bad for either processor is dropped
+and counted once. Both encodings carry the same reply tokens (one tokenizer; anything else is
+an error): where ``max_length`` cuts one encoding's reply shorter than the other's, the longer
+one's surplus reply tokens are unlabelled, so ``L_res`` pairs the two row by row.
 """
 
 from __future__ import annotations
@@ -27,17 +50,21 @@ from typing import Any
 
 import numpy as np
 
-from workloads.data.processor import ProcessorSpec, load_processor
+from workloads.data.processor import LLAVA, ProcessorSpec, load_processor
 from workloads.data.quality import (CORRUPT_IMAGE, IMAGE_TOKEN_MISMATCH, MALFORMED_JSON,
                                     MAX_IMAGE_PIXELS, OVERSIZE_IMAGE, TOO_LONG, TRUNCATED,
                                     SampleQuality)
 from workloads.data.readers import bad_detail
 
 IGNORE_INDEX = -100
+TEACHER_PREFIX = "teacher_"  # columns of the teacher's own encoding (distill_loss's prefix)
 _ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
 
-__all__ = ["IGNORE_INDEX", "Encoded", "encode_conversation", "Preprocessor", "decode_image",
-           "preprocess_batch"]
+GENERIC_IMAGE = "<image>"  # LLaVA data's image marker, whatever the family's own token
+
+__all__ = ["IGNORE_INDEX", "TEACHER_PREFIX", "Encoded", "encode_conversation",
+           "encode_family_sample", "Preprocessor", "decode_image", "preprocess_batch",
+           "pack_image_inputs", "unpack_image_inputs"]
 
 
 class SampleError(ValueError):
@@ -54,6 +81,7 @@ class Encoded:
     labels: np.ndarray
     truncated: bool = False
     segments: list[tuple[str, bool]] = field(default_factory=list)
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)  # a family's image inputs
 
 
 def conversation_messages(conversations: list[dict[str, str]], has_image: bool,
@@ -122,17 +150,72 @@ def encode_conversation(conversations: list[dict[str, str]], has_image: bool,
             else:
                 ids.append(tok)
                 labels.append(tok if is_label else IGNORE_INDEX)
-    truncated = len(ids) > max_length
-    if truncated:
-        image_pos = [i for i, t in enumerate(ids) if t == spec.image_token_id]
-        if image_pos and image_pos[-1] >= max_length:
-            raise SampleError(TOO_LONG, f"{len(ids)} tokens; max_length={max_length} would "
-                                        f"cut through the image tokens")
-        ids, labels = ids[:max_length], labels[:max_length]
-        if all(lab == IGNORE_INDEX for lab in labels):
-            raise SampleError(TOO_LONG, f"no assistant token left within "
-                                        f"max_length={max_length}")
-    return Encoded(np.asarray(ids, np.int64), np.asarray(labels, np.int64), truncated, segments)
+    ids_arr, labels_arr = np.asarray(ids, np.int64), np.asarray(labels, np.int64)
+    keep = _kept_length(ids_arr, labels_arr, spec.image_token_id, max_length)
+    return Encoded(ids_arr[:keep], labels_arr[:keep], keep < len(ids_arr), segments)
+
+
+def _kept_length(ids: np.ndarray, labels: np.ndarray, image_token_id: int,
+                 max_length: int) -> int:
+    """How many tokens the truncation rule keeps; raises ``SampleError(too_long)`` when
+    truncating would cut through the image tokens or leave no label token."""
+    if len(ids) <= max_length:
+        return len(ids)
+    image_pos = np.flatnonzero(ids == image_token_id)
+    if len(image_pos) and image_pos[-1] >= max_length:
+        raise SampleError(TOO_LONG, f"{len(ids)} tokens; max_length={max_length} would "
+                                    f"cut through the image tokens")
+    if (labels[:max_length] == IGNORE_INDEX).all():
+        raise SampleError(TOO_LONG, f"no assistant token left within "
+                                    f"max_length={max_length}")
+    return max_length
+
+
+def encode_family_sample(conversations: list[dict[str, str]], image: Any, spec: ProcessorSpec,
+                         max_length: int) -> Encoded:
+    """Token ids, labels and image inputs of one conversation for a non-LLaVA family: the same
+    ``<image>`` policy, then the family's own chat template and expansion
+    (``workloads.families.encode``), then the same truncation rule. Text-aligned inputs (the
+    token-type ids) are truncated with the tokens. Raises ``SampleError`` for a bad sample."""
+    from workloads.families import encode
+
+    family = spec.parts.family
+    own = {family.image_placeholder, family.image_token} - {GENERIC_IMAGE}
+    for turn in conversations:
+        for token in own:
+            if token in turn["value"]:
+                raise SampleError(IMAGE_TOKEN_MISMATCH, f"{token} ({family.name}'s image token) "
+                                                        f"written in the text")
+    messages = conversation_messages(conversations, image is not None, GENERIC_IMAGE)
+    out = encode(family, spec.parts, messages, image)
+    ids, labels = out.pop("input_ids"), out.pop("labels")
+    if image is None:
+        if (ids == spec.image_token_id).any():
+            raise SampleError(IMAGE_TOKEN_MISMATCH, f"{spec.image_token} in a sample without "
+                                                    f"an image")
+        out = {}  # text-only: collate fills the token types with zeros
+    keep = _kept_length(ids, labels, spec.image_token_id, max_length)
+    if family.token_type_key in out:
+        out[family.token_type_key] = out[family.token_type_key][:keep]
+    return Encoded(ids[:keep], labels[:keep], keep < len(ids), inputs=out)
+
+
+def pack_image_inputs(inputs: dict[str, np.ndarray]) -> bytes:
+    """One row's image inputs as ``.npz`` bytes (``b""`` for none): one binary column holds
+    every family's variable shapes."""
+    if not inputs:
+        return b""
+    buf = io.BytesIO()
+    np.savez(buf, **inputs)
+    return buf.getvalue()
+
+
+def unpack_image_inputs(data: Any) -> dict[str, np.ndarray]:
+    """Inverse of ``pack_image_inputs``."""
+    if data is None or len(data) == 0:
+        return {}
+    with np.load(io.BytesIO(bytes(data)), allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
@@ -160,21 +243,31 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
 class Preprocessor:
     """``map_batches`` callable: builds the processor once per worker, then encodes batches.
 
-    Bad rows are dropped and tallied into ``quality`` (see ``quality.py``).
+    Bad rows are dropped and tallied into ``quality`` (see ``quality.py``). ``teacher_dir``: a
+    second processor dir (the teacher's) whose encoding of every row is added as ``teacher_``
+    columns (see the module docstring).
     """
 
     def __init__(self, processor_dir: str, max_length: int, quality: SampleQuality | None,
-                 keep_keys: bool = False):
+                 keep_keys: bool = False, teacher_dir: str | None = None):
         self.spec = load_processor(processor_dir)
+        self.family = self.spec.family
+        self.teacher_spec = load_processor(teacher_dir) if teacher_dir else None
         self.max_length = max_length
         self.quality = quality
         self.keep_keys = keep_keys
 
+    def _encode(self, spec: ProcessorSpec, conv: list[dict[str, str]], image: Any) -> Encoded:
+        if spec.family == LLAVA:
+            return encode_conversation(conv, image is not None, spec, self.max_length)
+        return encode_family_sample(conv, image, spec, self.max_length)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        spec = self.spec
+        spec, teacher = self.spec, self.teacher_spec
         counts: dict[str, int] = {}
         examples: list[tuple[str, str]] = []
         out_ids, out_labels, images, has_image, keys = [], [], [], [], []
+        t_ids, t_labels, t_images = [], [], []
 
         def skip(kind: str, i: int, detail: str) -> None:
             counts[kind] = counts.get(kind, 0) + 1
@@ -189,42 +282,85 @@ class Preprocessor:
                 raw = batch["image"][i]
                 image = decode_image(raw) if raw is not None else None
                 conv = json.loads(batch["conversations"][i])
-                enc = encode_conversation(conv, image is not None, spec, self.max_length)
+                enc = self._encode(spec, conv, image)
             except SampleError as e:
                 skip(e.kind, i, str(e))
                 continue
-            if enc.truncated:
+            t_enc = None
+            if teacher is not None:
+                try:
+                    t_enc = self._encode(teacher, conv, image)
+                except SampleError as e:  # bad for the teacher: dropped, counted once
+                    skip(e.kind, i, f"teacher processor: {e}")
+                    continue
+                _pair_reply_labels(enc, t_enc, f"{batch['source'][i]}:{batch['key'][i]}")
+            if enc.truncated or (t_enc is not None and t_enc.truncated):
                 counts[TRUNCATED] = counts.get(TRUNCATED, 0) + 1
             out_ids.append(enc.input_ids)
             out_labels.append(enc.labels)
-            images.append(image)
+            images.append(image if self.family == LLAVA else enc.inputs)
             has_image.append(image is not None)
             keys.append(f"{batch['source'][i]}/{batch['key'][i]}")
+            if t_enc is not None:
+                t_ids.append(t_enc.input_ids)
+                t_labels.append(t_enc.labels)
+                t_images.append(image if teacher.family == LLAVA else t_enc.inputs)
         if self.quality is not None:
             self.quality.record(len(batch["key"]), counts, examples)
-        return self._columns(out_ids, out_labels, images, has_image, keys)
-
-    def _columns(self, ids: list, labels: list, images: list, has_image: list,
-                 keys: list) -> dict[str, Any]:
-        h, w = self.spec.image_size
-        pixels = np.zeros((len(ids), 3, h, w), np.float32)
-        real = [i for i, img in enumerate(images) if img is not None]
-        if real:
-            processed = self.spec.image_processor(images=[images[i] for i in real],
-                                                  return_tensors="np")["pixel_values"]
-            pixels[real] = processed.astype(np.float32)
-        columns: dict[str, Any] = {
-            # Object arrays of 1-D int64 arrays: Ray stores them as variable-shaped tensors.
-            "input_ids": _ragged(ids), "labels": _ragged(labels),
-            "pixel_values": pixels, "has_image": np.asarray(has_image, dtype=bool)}
+        columns = self._columns(spec, out_ids, out_labels, images, has_image)
+        if teacher is not None:
+            t_columns = self._columns(teacher, t_ids, t_labels, t_images, has_image)
+            columns.update({TEACHER_PREFIX + k: v for k, v in t_columns.items()
+                            if k != "has_image"})
         if self.keep_keys:
             columns["key"] = np.asarray(keys, dtype=object)
         return columns
 
+    @staticmethod
+    def _columns(spec: ProcessorSpec, ids: list, labels: list, images: list,
+                 has_image: list) -> dict[str, Any]:
+        if spec.family != LLAVA:
+            return {
+                "input_ids": _ragged(ids), "labels": _ragged(labels),
+                "has_image": np.asarray(has_image, dtype=bool),
+                "mm": _ragged([pack_image_inputs(x) for x in images]),
+                "family": np.asarray([spec.family] * len(ids), dtype=object)}
+        h, w = spec.image_size
+        pixels = np.zeros((len(ids), 3, h, w), np.float32)
+        real = [i for i, img in enumerate(images) if img is not None]
+        if real:
+            processed = spec.image_processor(images=[images[i] for i in real],
+                                             return_tensors="np")["pixel_values"]
+            pixels[real] = processed.astype(np.float32)
+        # Object arrays of 1-D int64 arrays: Ray stores them as variable-shaped tensors.
+        return {"input_ids": _ragged(ids), "labels": _ragged(labels),
+                "pixel_values": pixels, "has_image": np.asarray(has_image, dtype=bool)}
+
+
+def _pair_reply_labels(student: Encoded, teacher: Encoded, where: str) -> None:
+    """Make the reply tokens (labels != -100) of a row's two encodings the same sequence, as
+    ``L_res`` pairs them in order: one tokenizer gives the same reply tokens, and where
+    ``max_length`` cut one encoding's reply shorter, the other's surplus reply tokens (the
+    last ones) are unlabelled. Different reply tokens otherwise: a ValueError (the pair was
+    built from different tokenizers)."""
+    s_pos = np.flatnonzero(student.labels != IGNORE_INDEX)
+    t_pos = np.flatnonzero(teacher.labels != IGNORE_INDEX)
+    n = min(len(s_pos), len(t_pos))
+    if not np.array_equal(student.labels[s_pos[:n]], teacher.labels[t_pos[:n]]):
+        raise ValueError(f"{where}: the teacher's processor gives other reply tokens than the "
+                         f"student's; response KD pairs them one by one, so teacher and student "
+                         f"must share the tokenizer")
+    for enc, pos in ((student, s_pos), (teacher, t_pos)):
+        if len(pos) > n:
+            enc.labels = enc.labels.copy()
+            enc.labels[pos[n:]] = IGNORE_INDEX
+
 
 @functools.lru_cache(maxsize=4)
-def _cached_preprocessor(processor_dir: str, max_length: int, keep_keys: bool) -> Preprocessor:
-    return Preprocessor(processor_dir, max_length, quality=None, keep_keys=keep_keys)
+def _cached_preprocessor(processor_dir: str, max_length: int, keep_keys: bool,
+                         teacher_dir: str | None = None) -> Preprocessor:
+    return Preprocessor(processor_dir, max_length, quality=None, keep_keys=keep_keys,
+                        teacher_dir=teacher_dir)
 
 
 def rows_to_columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -234,14 +370,15 @@ def rows_to_columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 def preprocess_batch(batch: dict[str, np.ndarray], processor_dir: str, max_length: int,
-                     quality: SampleQuality | None, keep_keys: bool = False) -> dict[str, Any]:
+                     quality: SampleQuality | None, keep_keys: bool = False,
+                     teacher_dir: str | None = None) -> dict[str, Any]:
     """``map_batches`` function form of ``Preprocessor``, for Ray *tasks*.
 
     The processor is loaded once per worker process and cached: Ray reuses task workers, so
     later datasets (the next epoch, the next test) skip the transformers import and load that
     a fresh actor pool would pay again.
     """
-    pre = _cached_preprocessor(processor_dir, max_length, keep_keys)
+    pre = _cached_preprocessor(processor_dir, max_length, keep_keys, teacher_dir)
     pre.quality = quality
     return pre(batch)
 
