@@ -13,13 +13,17 @@ Inputs (``ctx.inputs``, local paths):
   data            training shards dir (or ``params.data``)
 
 Checked at stage start (``mmkd validate`` only sees unresolved references, so it checks the
-wiring): teacher and student tokenizers are identical (vocabulary and special tokens), both
-models turn an image into the same number of tokens, and an offline teacher's logits were
-computed on exactly this tokenization (processor + max_length).
+wiring, and the families where both sides are presets or local dirs): teacher and student are of
+one family (``workloads.families``) with identical tokenizers (vocabulary and special tokens);
+for L_vis / L_rel both processors give identical ``input_ids`` (and pixel inputs) for a few
+synthetic images of different sizes and aspect ratios — response KD alone needs only the
+tokenizer; an offline teacher's logits were computed on exactly this tokenization (processor +
+max_length). LLaVA-1.5 pairs are compared by vision geometry (image size, patch size) as before.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Literal
 
@@ -27,19 +31,21 @@ from pydantic import Field
 
 from workloads import distill_offline  # noqa: F401  (registers `teacher_logits`)
 from orchestrator.plugin import StageContext
-from workloads.distill_loss import DistillLoss
+from workloads.distill_loss import DistillCompatError, DistillLoss
 from workloads.divergences import DivergenceSpec
 from orchestrator.plugin import workload
 from workloads.training import Part, TrainConfig, run_train_stage, resolve_model_spec
 
 __all__ = ["DistillConfig", "distill", "validate_distill", "check_teacher_student",
-           "build_distill_loss", "DistillCompatError"]
+           "check_family_pair", "check_distill_pair", "family_problem", "model_dir_family",
+           "spec_family", "student_processor_parts", "build_distill_loss", "DistillCompatError",
+           "PROBE_IMAGE_SIZES"]
 
-
-class DistillCompatError(ValueError):
-    """Teacher and student (or stored teacher logits) cannot be distilled together."""
-
-    deterministic = True  # Ray Train raises it at once (workloads/errors.py)
+# (width, height) of the synthetic probe images: square, portrait and a large landscape one, so
+# tiling, any-res grids and per-image token counts (Qwen, InternVL, Idefics3) all come into play.
+PROBE_IMAGE_SIZES = ((32, 32), (40, 64), (200, 120))
+PROBE_CONVERSATION = [{"role": "user", "content": "<image>\nWhat is in the picture?"},
+                      {"role": "assistant", "content": "A shape."}]
 
 
 class DistillConfig(TrainConfig):
@@ -87,7 +93,28 @@ def validate_distill(config: DistillConfig, inputs: dict[str, Any]) -> list[str]
                         "(the teacher's tokenizer)")
     if config.alpha == config.beta == config.gamma == 0:
         problems.append("distill: alpha, beta and gamma are all 0 — that is `sft`; use the sft workload")
+    problem = _validate_families(config, inputs)
+    if problem:
+        problems.append(problem)
     return problems
+
+
+def _local_dir(value: Any) -> str | None:
+    """A literal local directory given as an input (stage references are tuples/`stage.out`)."""
+    value = _ref(value)
+    return value if isinstance(value, str) and os.path.isdir(value) else None
+
+
+def _validate_families(config: DistillConfig, inputs: dict[str, Any]) -> str | None:
+    """The family check, offline, where both sides are known without running anything: a preset
+    (its `family`) or a local model dir (its config.json)."""
+    teacher = _local_dir(inputs.get("teacher")) if config.teacher == "online" else None
+    student: Any = _local_dir(inputs.get("init"))
+    if student is None and not inputs.get("init") and config.model is not None:
+        student = config.model.model_dump()
+    if teacher is None or student is None:
+        return None
+    return family_problem(teacher, student)
 
 
 # ----------------------------------------------------------------------------- stage-start checks
@@ -152,6 +179,199 @@ def check_teacher_student(teacher_dir: str, student_tok_dir: str,
             "(input `tokenizer`) and a matching vision geometry.")
 
 
+# ----------------------------------------------------------------------------- any family
+
+
+def model_dir_family(path: str) -> str | None:
+    """The family of the model dir ``path`` (its config.json's ``model_type``, no weights read);
+    None where there is no config.json (a merged wrapper, a dir not built yet). Raises
+    ValueError for a model type no family covers."""
+    from workloads.families import family_of
+
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_file):
+        return None
+    with open(cfg_file) as f:
+        return family_of(json.load(f).get("model_type")).name
+
+
+def spec_family(spec: dict[str, Any]) -> str | None:
+    """The family of the model a ModelSpec dict names: a preset's ``family`` (none: LLaVA), a
+    path's config.json, ``parts`` (always LLaVA); None where a path holds no model yet."""
+    if spec.get("path"):
+        return model_dir_family(spec["path"]) or spec.get("family")
+    if spec.get("parts"):
+        return "llava"
+    return spec.get("family") or "llava"
+
+
+def _describe(side: str | dict[str, Any], tokenizer_dir: str | None = None) -> str:
+    if isinstance(side, str):
+        return side
+    if side.get("path"):
+        return side["path"]
+    if side.get("preset"):
+        tok = f", tokenizer {tokenizer_dir}" if tokenizer_dir else ""
+        return f"preset {side['preset']} ({side.get('family') or 'llava'}{tok})"
+    return "parts model"
+
+
+def _family_mismatch(teacher_family: str, student_family: str, teacher: str, student: str) -> str:
+    return (f"teacher is {teacher_family}, student is {student_family}: distillation runs both "
+            f"models on the same input_ids, which needs one family (the same tokenizer, chat "
+            f"template and image-token expansion) — teacher {teacher}, student {student}. Give "
+            f"the student the teacher's family (e.g. `model: {{preset: tiny-student, family: "
+            f"{teacher_family}}}`, or input `init` from a {teacher_family} model) or use a "
+            f"{student_family} teacher")
+
+
+def family_problem(teacher: str | dict[str, Any], student: str | dict[str, Any]) -> str | None:
+    """A family mismatch between two sides, each a local model dir or a ModelSpec dict; None
+    when they match or a side's family cannot be known without building it."""
+    try:
+        tf = model_dir_family(teacher) if isinstance(teacher, str) else spec_family(teacher)
+        sf = model_dir_family(student) if isinstance(student, str) else spec_family(student)
+    except ValueError as e:
+        return f"distill: {e}"
+    if tf is None or sf is None or tf == sf:
+        return None
+    return "distill: " + _family_mismatch(tf, sf, _describe(teacher), _describe(student))
+
+
+def student_processor_parts(spec: dict[str, Any], tokenizer_dir: str | None) -> Any:
+    """The student's ``ProcessorParts``: its dir's (``path``), or a family preset's, built
+    offline from the tokenizer dir (teacher and student presets share the image geometry)."""
+    from workloads.families import load_processor_parts, tiny_processor_parts
+
+    if spec.get("path"):
+        return load_processor_parts(spec["path"])
+    if not tokenizer_dir:
+        raise DistillCompatError(f"distill: the {spec_family(spec)} preset student needs input "
+                                 f"`tokenizer: <stage>.tokenizer` (the teacher's tokenizer)")
+    return tiny_processor_parts(spec_family(spec), tokenizer_dir)
+
+
+def _probe_images() -> list[tuple[str, Any]]:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [(f"{w}x{h}", Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+            for w, h in PROBE_IMAGE_SIZES]
+
+
+def _token(parts: Any, ids: Any, i: int) -> str:
+    return parts.tokenizer.convert_ids_to_tokens(int(ids[i])) if i < len(ids) else "<end>"
+
+
+def _probe_difference(teacher: Any, student: Any) -> tuple[str, str] | None:
+    """How the two processors' encodings of the probe images first differ: ("ids", what) or
+    ("pixels", what); None when input_ids and every image input are equal."""
+    import numpy as np
+
+    from workloads.families import encode
+
+    family = student.family
+    encoded = [(size, encode(family, teacher, PROBE_CONVERSATION, image),
+                encode(family, student, PROBE_CONVERSATION, image))
+               for size, image in _probe_images()]
+    for size, t, s in encoded:  # token counts first: the likeliest and clearest difference
+        nt = int((t["input_ids"] == teacher.image_token_id).sum())
+        ns = int((s["input_ids"] == student.image_token_id).sum())
+        if nt != ns:
+            return "ids", (f"a {size} image becomes {nt} image tokens for the teacher and {ns} "
+                           f"for the student")
+    for size, t, s in encoded:
+        ti, si = t["input_ids"], s["input_ids"]
+        if not np.array_equal(ti, si):
+            i = next((k for k, (a, b) in enumerate(zip(ti, si)) if a != b), min(len(ti), len(si)))
+            return "ids", (f"a {size} image gives different input_ids (first at position {i}: "
+                           f"teacher {_token(teacher, ti, i)!r}, "
+                           f"student {_token(student, si, i)!r})")
+        for key in sorted((set(t) | set(s)) - {"input_ids", "labels"}):
+            a, b = t.get(key), s.get(key)
+            if a is None or b is None or a.shape != b.shape:
+                shape = lambda x: "none" if x is None else tuple(x.shape)  # noqa: E731
+                return "pixels", (f"a {size} image gives `{key}` of shape {shape(a)} for the "
+                                  f"teacher and {shape(b)} for the student")
+            if not np.allclose(a, b, atol=1e-6):
+                return "pixels", (f"a {size} image gives different `{key}` values (teacher and "
+                                  f"student normalise or resize it differently)")
+    return None
+
+
+def check_family_pair(teacher_dir: str, student: Any, *, image_kd: bool,
+                      student_desc: str = "", stage: str | None = None) -> str:
+    """Raise DistillCompatError unless the teacher at ``teacher_dir`` and the student (its
+    ``ProcessorParts``) can be distilled: one family, identical tokenizers and image token, and
+    — with ``image_kd`` (beta or gamma > 0) — identical encodings of the probe images.
+
+    Returns how the online teacher gets its inputs: ``"student"`` (the student's batch: the
+    encodings are identical) or ``"own"`` (response KD on the teacher's own encoding)."""
+    from transformers import AutoConfig
+
+    from workloads.families import image_token_id, load_processor_parts
+
+    where = f"stage {stage!r}: " if stage else ""
+    desc = student_desc or student.family.name
+    try:
+        tf = model_dir_family(teacher_dir)
+    except ValueError as e:
+        raise DistillCompatError(f"{where}teacher {teacher_dir}: {e}") from None
+    sf = student.family.name
+    if tf != sf:
+        raise DistillCompatError(where + _family_mismatch(tf or "not a model dir", sf, teacher_dir,
+                                                          desc))
+    teacher = load_processor_parts(teacher_dir)
+    problems = _tokenizer_diff(teacher.tokenizer, student.tokenizer)
+    t_id = image_token_id(AutoConfig.from_pretrained(teacher_dir))
+    if t_id != student.image_token_id:
+        problems.append(f"image token ids differ: teacher {t_id}, student {student.image_token_id}")
+    if problems:
+        raise DistillCompatError(
+            f"{where}{sf} teacher {teacher_dir} and student ({desc}) cannot be distilled: "
+            + "; ".join(problems) + ". Build the student with the teacher's tokenizer (input "
+            "`tokenizer`), or start it from a checkpoint that shares the teacher's vocabulary.")
+    diff = _probe_difference(teacher, student)
+    if diff is None:
+        return "student"
+    if not image_kd:
+        return "own"
+    kind, what = diff
+    verb = "tokenize" if kind == "ids" else "preprocess"
+    raise DistillCompatError(
+        f"{where}{sf} teacher {teacher_dir} and student ({desc}) {verb} images differently: "
+        f"{what}. L_vis (beta) and L_rel (gamma) compare the two models token by token on one "
+        f"batch, so they need identical input_ids and pixel inputs for every image; give the "
+        f"student the teacher's image processor settings (image size, tiling, patch merge), or "
+        f"set `beta: 0` and `gamma: 0` for response KD only.")
+
+
+def check_distill_pair(config: DistillConfig, spec: dict[str, Any], tokenizer_dir: str | None,
+                       teacher_dir: str, stage: str | None = None) -> str:
+    """The stage-start check of an online teacher against the student ``spec``: LLaVA-1.5
+    pairs by vision geometry (``check_teacher_student``), every other family by probing both
+    processors (``check_family_pair``). Returns the teacher's inputs (``"student"``/``"own"``)."""
+    where = f"stage {stage!r}: " if stage else ""
+    try:
+        tf, sf = model_dir_family(teacher_dir) or "llava", spec_family(spec) or "llava"
+    except ValueError as e:
+        raise DistillCompatError(f"{where}{e}") from None
+    desc = _describe(spec, tokenizer_dir)
+    if tf != sf:
+        raise DistillCompatError(where + _family_mismatch(tf, sf, teacher_dir, desc))
+    if sf == "llava":
+        try:
+            check_teacher_student(teacher_dir, spec.get("path") or tokenizer_dir,
+                                  _student_vision(spec))
+        except DistillCompatError as e:
+            raise DistillCompatError(where + str(e)) from None
+        return "student"
+    return check_family_pair(teacher_dir, student_processor_parts(spec, tokenizer_dir),
+                             image_kd=config.beta > 0 or config.gamma > 0, student_desc=desc,
+                             stage=stage)
+
+
 def build_distill_loss(config: DistillConfig, ctx: StageContext) -> DistillLoss:
     """Resolve and check inputs on the driver; return the picklable loss strategy."""
     from transformers import AutoTokenizer
@@ -160,16 +380,21 @@ def build_distill_loss(config: DistillConfig, ctx: StageContext) -> DistillLoss:
 
     spec, tokenizer_dir = resolve_model_spec(config, ctx)
     student_tok = spec.get("path") or tokenizer_dir
-    tok = AutoTokenizer.from_pretrained(student_tok)
-    common = dict(vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"),
+    if (spec_family(spec) or "llava") == "llava":
+        tok = AutoTokenizer.from_pretrained(student_tok)
+        image_token_id = tok.convert_tokens_to_ids("<image>")
+    else:  # the family's tokenizer (its special tokens added to a preset's trained vocabulary)
+        parts = student_processor_parts(spec, tokenizer_dir)
+        tok, image_token_id = parts.tokenizer, parts.image_token_id
+    common = dict(vocab_size=len(tok), image_token_id=image_token_id,
                   alpha=config.alpha, beta=config.beta, gamma=config.gamma,
                   temperature=config.temperature, divergence=config.divergence,
                   chunk_size=config.chunk_size,
                   grad_accum=config.grad_accum)
     if config.teacher == "online":
         teacher_dir = _ref(ctx.input("teacher"))
-        check_teacher_student(teacher_dir, student_tok, _student_vision(spec))
-        return DistillLoss(teacher_dir=teacher_dir, **common)
+        inputs = check_distill_pair(config, spec, tokenizer_dir, teacher_dir, stage=ctx.stage)
+        return DistillLoss(teacher_dir=teacher_dir, teacher_inputs=inputs, **common)
 
     from workloads.distill_offline import read_manifest, tokenization_fingerprint
 

@@ -8,6 +8,12 @@ picklable: only paths and numbers before ``setup``). ``setup`` loads the teacher
 DeepSpeed engine so its parameters are partitioned like the student's (TRL's
 ``prepare_deepspeed`` trick), instead of replicated as in LLaVA-KD's published code.
 
+The teacher runs on the student's batch (``model_inputs``: input_ids, pixels and the family's
+extra inputs such as Qwen's ``image_grid_thw``), so every KD term compares the two models
+position by position. A same-family pair whose processors tokenize images differently can only
+do response KD (``teacher_inputs="own"``): the batch then carries the teacher's own encoding of
+each row under ``teacher_``-prefixed keys and L_res is taken over the response tokens of both.
+
 With ``offline`` set, there is no teacher model: the teacher's top-k logits and relation matrices
 come from a ``teacher_logits`` stage (see ``distill_offline.py``).
 """
@@ -16,16 +22,24 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["DistillLoss", "teacher_state_digest"]
+__all__ = ["DistillLoss", "DistillCompatError", "teacher_state_digest", "TEACHER_PREFIX"]
+
+TEACHER_PREFIX = "teacher_"  # batch keys of the teacher's own encoding (teacher_inputs="own")
+
+
+class DistillCompatError(ValueError):
+    """Teacher and student (or stored teacher logits) cannot be distilled together."""
+
+    deterministic = True  # Ray Train raises it at once (workloads/errors.py)
 
 
 @dataclass
 class DistillLoss:
     vocab_size: int                  # len(tokenizer): logits are cut to it before any KD term
-    image_token_id: int
-    teacher_dir: str | None = None   # online teacher (a LLaVA-format model dir)
+    image_token_id: int              # the student's; setup re-reads it from the model config
+    teacher_dir: str | None = None   # online teacher (a model dir of any supported family)
     offline_dir: str | None = None   # offline teacher: a `teacher_logits` output dir
     alpha: float = 1.0
     beta: float = 1.0
@@ -38,12 +52,24 @@ class DistillLoss:
     # Hash the teacher's local parameters at setup and again on the last step, and log
     # `teacher_unchanged` (1.0/0.0, min over ranks): a guard that nothing ever updates the teacher.
     verify_teacher: bool = True
+    # "student": the teacher runs on the student's batch (identical input_ids: every KD term);
+    # "own": on the batch's `teacher_*` keys (its own tokenization; response KD only)
+    teacher_inputs: Literal["student", "own"] = "student"
+
+    def __post_init__(self) -> None:
+        if self.teacher_inputs == "own" and (self.beta > 0 or self.gamma > 0):
+            raise DistillCompatError(
+                "DistillLoss: a teacher that tokenizes images differently from the student "
+                "(teacher_inputs='own') supports response KD only; set beta: 0 and gamma: 0")
 
     # ------------------------------------------------------------------ setup (per worker)
 
     def setup(self, model: Any, sctx: Any) -> None:
         state = sctx.state
         state["micro"] = 0
+        # the image mask follows the model's own config (Gemma 3's processor reports the
+        # begin-of-image token; the model replaces `config.image_token_id`)
+        state["image_token_id"] = _config_image_token_id(model, self.image_token_id)
         if self.offline_dir:
             from workloads.distill_offline import OfflineTeacher
 
@@ -55,6 +81,13 @@ class DistillLoss:
         teacher = load_teacher(self.teacher_dir, sctx)
         state["teacher"] = teacher
         module = getattr(teacher, "module", teacher)
+        t_id = _config_image_token_id(module, state["image_token_id"])
+        if self.teacher_inputs == "student" and t_id != state["image_token_id"]:
+            raise DistillCompatError(
+                f"stage {sctx.stage.stage!r}: teacher {self.teacher_dir} marks image tokens with "
+                f"id {t_id}, the student with {state['image_token_id']}; teacher and student must "
+                f"share the tokenizer and image token (build the student from the teacher's "
+                f"tokenizer, or pick a teacher of the student's family and vocabulary)")
         local = sum(_local_param(p).numel() for p in module.parameters())
         full = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
         state["teacher_numel"] = (float(local), float(full))
@@ -71,15 +104,18 @@ class DistillLoss:
         from workloads.train_setup import model_inputs
 
         state = sctx.state
-        inputs = model_inputs(batch)
+        # the teacher's own encoding (teacher_inputs="own") is no input of the student
+        inputs = model_inputs({k: v for k, v in batch.items() if not k.startswith(TEACHER_PREFIX)})
         out = engine(**inputs, labels=batch["labels"])
         ce = out.loss
-        image_mask = batch["input_ids"] == self.image_token_id
+        image_mask = batch["input_ids"] == state.get("image_token_id", self.image_token_id)
         need = {"l_res": self.alpha > 0, "l_vis": self.beta > 0, "l_rel": self.gamma > 0}
         terms: dict[str, Any] = {}
         if any(need.values()):
             if "offline" in state:
                 terms = state["offline"].terms(out.logits, batch, image_mask, self, need)
+            elif self.teacher_inputs == "own":
+                terms["l_res"] = self._response_kd_own_inputs(out.logits, batch, sctx)
             else:
                 with torch.no_grad():
                     t_logits = state["teacher"](**inputs).logits
@@ -101,6 +137,39 @@ class DistillLoss:
         state["micro"] += 1
         return total, metrics
 
+    def _response_kd_own_inputs(self, student_logits: Any, batch: dict[str, Any], sctx: Any):
+        """L_res with the teacher on its own encoding of the same rows: both models' response
+        positions (same tokenizer, so the same reply tokens per row) are paired in order."""
+        import torch
+
+        from workloads.losses import align_vocab, kd_divergence, response_mask
+        from workloads.train_setup import model_inputs
+
+        n = len(TEACHER_PREFIX)
+        t_batch = {k[n:]: v for k, v in batch.items() if k.startswith(TEACHER_PREFIX)}
+        missing = [k for k in ("input_ids", "attention_mask", "labels") if k not in t_batch]
+        if missing:
+            raise DistillCompatError(
+                f"stage {sctx.stage.stage!r}: teacher {self.teacher_dir} tokenizes images "
+                f"differently from the student, so response KD runs it on its own encoding of "
+                f"each row, but the batch has no {', '.join(TEACHER_PREFIX + k for k in missing)}; "
+                f"the data path must add the teacher processor's encoding of every row, or give "
+                f"the student the teacher's image processor settings")
+        pixels = t_batch.get("pixel_values")
+        if pixels is not None and torch.is_floating_point(pixels):
+            t_batch["pixel_values"] = pixels.to(sctx.dtype)
+        s_mask, t_mask = response_mask(batch["labels"]), response_mask(t_batch["labels"])
+        s_reply = [row[row != -100] for row in batch["labels"]]
+        t_reply = [row[row != -100] for row in t_batch["labels"]]
+        if any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(s_reply, t_reply)):
+            raise DistillCompatError(
+                f"stage {sctx.stage.stage!r}: the teacher's encoding of a row has other reply "
+                f"tokens than the student's; both must come from the same rows and tokenizer")
+        with torch.no_grad():
+            t_logits = sctx.state["teacher"](**model_inputs(t_batch)).logits
+        s, t = align_vocab(student_logits[s_mask], t_logits[t_mask], self.vocab_size)
+        return kd_divergence(s, t, None, self.divergence, self.temperature, self.chunk_size)
+
     def _teacher_checks(self, sctx: Any) -> dict[str, float]:
         state = sctx.state
         if "teacher" not in state:
@@ -118,6 +187,20 @@ class DistillLoss:
                 dist.all_reduce(same, op=dist.ReduceOp.MIN)
             out["teacher_unchanged"] = float(same)
         return out
+
+
+def _config_image_token_id(model: Any, default: int) -> int:
+    """``config.image_token_id`` (or ``image_token_index``) of a model or DeepSpeed engine;
+    ``default`` where there is no model or its config names none (a merged wrapper)."""
+    from workloads.families import image_token_id
+
+    config = getattr(getattr(model, "module", model), "config", None)
+    if config is None:
+        return default
+    try:
+        return image_token_id(config)
+    except ValueError:
+        return default
 
 
 def _local_param(p: Any) -> Any:
