@@ -12,9 +12,12 @@ Inputs:
              for ``ensemble`` the model whose vision tower the partition stage embedded with
   partition  optional ``partition.partitions`` dir (``centroids.npy``), needed by ``ensemble``
 
-Output ``model/``: a LLaVA checkpoint (parameter averages, ``width``) or a wrapper dir with
-``mmkd_merged.json`` (``cross``, ``ensemble``); both hold the first parent's processor and load
-with ``workloads.merging.load_any_model``.
+Parents may be of any family of ``workloads.families`` (all of one family and, for parameter
+averages, one architecture). Output ``model/``: a checkpoint of the parents' family (parameter
+averages, ``width``) or a wrapper dir with ``mmkd_merged.json`` (``cross``, ``ensemble``); both
+hold the first parent's processor files and load with ``workloads.merging.load_any_model``.
+Before it is published, a coverage audit reads the written weights back and fails the merge if
+any parent tensor is missing (``workloads/merging/audit.py``).
 """
 
 from __future__ import annotations
@@ -92,13 +95,17 @@ def _one(path: Any) -> str | None:
 
 def run_merge(config: MergeConfig, model_dirs: list[str], out_dir: str,
               base_dir: str | None = None, partition_dir: str | None = None) -> dict[str, float]:
-    """Merge ``model_dirs`` into ``out_dir`` (atomically); returns metrics."""
+    """Merge ``model_dirs`` into ``out_dir`` (atomically); returns metrics. Parents of any
+    family load with ``AutoModelForImageTextToText``; the output gets the first parent's
+    processor files and passes the coverage audit (``workloads.merging.audit``) before it is
+    published."""
     import numpy as np
     import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from workloads.merging import (MergeInputError, check_merge_inputs, get_merge_method,
-                                   merge_state_dicts)
+    from workloads.merging import (MergeInputError, check_merge_inputs, check_same_shapes,
+                                   get_merge_method, merge_state_dicts)
+    from workloads.merging.anatomy import check_same_family, describe
+    from workloads.merging.io import copy_processor_files, load_plain
 
     params = config.params
     problems = check_merge_inputs(config.method, len(model_dirs), base_dir is not None,
@@ -106,19 +113,21 @@ def run_merge(config: MergeConfig, model_dirs: list[str], out_dir: str,
     if problems:
         raise MergeInputError("; ".join(problems))
     method = get_merge_method(config.method)
-    load = lambda p: LlavaForConditionalGeneration.from_pretrained(p).eval()  # noqa: E731
     t0 = time.perf_counter()
-    models = [load(p) for p in model_dirs]
-    base = load(base_dir) if base_dir else None
-    processor = AutoProcessor.from_pretrained(model_dirs[0])
+    names = [f"models[{i}] ({p})" for i, p in enumerate(model_dirs)]
+    models = [load_plain(p) for p in model_dirs]
+    base = load_plain(base_dir) if base_dir else None
     t_loaded = time.perf_counter()
     # fork_rng + seed: a model method's new layers (cross) are initialised from the stage seed
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         if method.kind == "tensor":
+            everyone = models + ([base] if base is not None else [])
+            every_name = names + ([f"base ({base_dir})"] if base is not None else [])
+            check_same_family(config.method, everyone, every_name)
             sd = merge_state_dicts(config.method, [m.state_dict() for m in models],
                                    base.state_dict() if base is not None else None, params,
-                                   seed=config.seed)
+                                   seed=config.seed, names=every_name, family=describe(models[0]))
             merged = models[0]
             merged.load_state_dict(sd)
         elif config.method == "ensemble":
@@ -128,6 +137,11 @@ def run_merge(config: MergeConfig, model_dirs: list[str], out_dir: str,
                                       f"`partition` must be a partition stage's `partitions`")
             merged = method.fn(models, base, params, centroids=np.load(cpath))
         else:
+            if config.method in ("width", "cross"):
+                check_same_family(config.method, models, names)
+            if config.method == "width":  # here, so the error names the input paths
+                check_same_shapes("width", [m.state_dict() for m in models], names,
+                                  describe(models[0]))
             merged = method.fn(models, base, params)
     merge_s = time.perf_counter() - t_loaded
     with atomic_dir(out_dir) as tmp:
@@ -135,12 +149,33 @@ def run_merge(config: MergeConfig, model_dirs: list[str], out_dir: str,
             merged.save_pretrained(tmp, safe_serialization=True)
         else:
             merged.save(tmp)
-        processor.save_pretrained(tmp)
+        copy_processor_files(model_dirs[0], tmp)
+        audited = _audit(tmp, merged, models, names, same_shapes=method.kind == "tensor")
     n_params = sum(p.numel() for p in merged.parameters())
     n_new = (sum(p.numel() for p in merged.new_parameters())
              if hasattr(merged, "new_parameters") else 0)
     return {"params": float(n_params), "new_params": float(n_new), "num_models": len(models),
-            "merge_s": merge_s, "total_s": time.perf_counter() - t0}
+            "audited_tensors": float(audited), "merge_s": merge_s,
+            "total_s": time.perf_counter() - t0}
+
+
+def _audit(out_dir: str, merged: Any, models: list[Any], names: list[str],
+           same_shapes: bool) -> int:
+    """Coverage audit of what was written: a plain checkpoint must hold every tensor of every
+    parent; a wrapper's ``decoder_k/`` (cross) or ``expert_k/`` (ensemble) every tensor of
+    parent k. Returns the number of tensors checked."""
+    from workloads.merging.audit import audit_coverage
+
+    if hasattr(merged, "save_pretrained"):
+        return audit_coverage(out_dir, merged, models, names, same_shapes=same_shapes)
+    subs = [("decoder", getattr(merged, "decoders", None)),
+            ("expert", getattr(merged, "experts", None))]
+    checked = 0
+    for sub, written in subs:
+        for k, (model, name) in enumerate(zip(written or [], names)):
+            checked += audit_coverage(os.path.join(out_dir, f"{sub}_{k}"), model, [models[k]],
+                                      [name])
+    return checked
 
 
 @workload("merge", config=MergeConfig, version="2", outputs=("model",), distributed=False,

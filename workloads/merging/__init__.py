@@ -1,7 +1,11 @@
 """Merge methods, one file each, in the registry ``MERGE_METHODS`` (see ``registry.py``).
 
 Importing this package imports every module in its folder, and each method's module registers
-it. A method declares its own typed parameters (a pydantic model); the ``merge`` stage's config
+it. Parents may be of any VLM family of ``workloads.families`` (loaded with the Auto class; one
+family per merge): parameter averages work for every family, ``width`` where an exact
+construction exists (``width.width_refusal``), ``cross`` where the decoder can be stepped by hand
+(``cross.cross_refusal``), ``ensemble`` for LLaVA-1.5. ``audit.py`` checks that what a merge wrote
+holds every parent tensor; ``anatomy.py`` finds a family's decoder. A method declares its own typed parameters (a pydantic model); the ``merge`` stage's config
 is ``method`` plus exactly those fields, validated by that model.
 
 Extending — a new merge method is one new file here, e.g. ``workloads/merging/my_method.py``::

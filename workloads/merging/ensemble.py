@@ -24,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from workloads.merging.anatomy import check_same_family
 from workloads.merging.generation import GreedyGenerationMixin
 from workloads.merging.registry import (MergeInputError, MergeMethod, method_params,
                                         register_merge_method)
@@ -96,9 +97,9 @@ class EnsembleModel(GreedyGenerationMixin, nn.Module):
 
 
 def load_ensemble(path: str, meta: dict[str, Any]) -> EnsembleModel:
-    from transformers import AutoModel, LlavaForConditionalGeneration
+    from transformers import AutoModel, AutoModelForImageTextToText
 
-    experts = [LlavaForConditionalGeneration.from_pretrained(os.path.join(path, f"expert_{k}"))
+    experts = [AutoModelForImageTextToText.from_pretrained(os.path.join(path, f"expert_{k}"))
                for k in range(meta["num_experts"])]
     router = AutoModel.from_pretrained(os.path.join(path, "router_vision"))
     centroids = torch.from_numpy(np.load(os.path.join(path, "centroids.npy")))
@@ -111,6 +112,14 @@ def ensemble_merge(models: list[Any], base: Any = None,
     """Experts = ``models`` in partition order; router tower = ``base``'s if given (pass the
     model the partition stage embedded with), else expert 0's."""
     params = method_params("ensemble", params)
+    family = check_same_family("ensemble", list(models),
+                               [f"model {i}" for i in range(len(models))])
+    if family.name != "llava":
+        raise MergeInputError(
+            f"merge method 'ensemble' routes by the vision tower's embedding of a [B, 3, H, W] "
+            f"image batch (model.vision_tower), which is LLaVA-1.5's layout; {family.name} "
+            f"({family.model_class}) batches its images as {family.pixel_layout!r} and is not "
+            f"supported yet. Use a parameter average (uniform, linear, ties) instead")
     if centroids is None:
         raise MergeInputError("merge method 'ensemble' needs input `partition` (centroids.npy "
                               "from the partition stage)")
