@@ -15,7 +15,7 @@ PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 
 
 @pytest.mark.parametrize("name", ["llava_kd", "kd_stage_ablation", "merge_ablation",
-                                  "kd_offline_teacher"])
+                                  "kd_offline_teacher", "qwen2_vl_kd"])
 def test_tiny_pipelines_validate(name):
     p = load_pipeline(PIPELINES / f"{name}.yaml")
     assert p.stages and "evaluate" in p.stages
@@ -70,3 +70,50 @@ def test_tune_spec_loads():
 
     chain = [s.name for s in select_chain(pipeline, dpt.stage, dpt.select.stage)]
     assert chain == ["student_sft", "student_dft", "evaluate"]
+
+
+@pytest.mark.parametrize("name,teacher,student", [
+    ("qwen2_5_vl_kd_7b_3b", "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct"),
+    ("internvl3_kd_8b_1b", "OpenGVLab/InternVL3-8B-hf", "OpenGVLab/InternVL3-1B-hf")])
+def test_family_paper_scale_pipelines_validate_and_plan_offline(name, teacher, student):
+    for command in ("validate", "plan"):
+        out = subprocess.run([sys.executable, "-m", "orchestrator.cli", command,
+                              str(PIPELINES / f"{name}.yaml"), "--offline"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+    p = load_pipeline(PIPELINES / f"{name}.yaml")
+    assert (p.stages["teacher"].config.repo, p.stages["student_init"].config.repo) == (teacher, student)
+    dft = p.stages["student_dft"]
+    assert dft.workload == "distill" and dft.deepspeed.zero_stage == 3
+    assert dft.deepspeed.precision == "bf16" and min(dft.config.beta, dft.config.gamma) > 0
+    assert p.stages["baseline_sft"].config.train == dft.config.train
+
+
+def test_qwen2_vl_pipeline_is_the_default_recipe_on_another_family():
+    p = load_pipeline(PIPELINES / "qwen2_vl_kd.yaml")
+    default = load_pipeline(PIPELINES / "llava_kd.yaml")
+    assert list(p.stages) == list(default.stages)
+    for name in ("teacher_pt", "baseline_pt", "student_dpt"):
+        assert p.stages[name].config.model.family == "qwen2_vl"
+
+
+@pytest.mark.parametrize("repo,expected", [
+    ("Qwen/Qwen2.5-VL-7B-Instruct", None),
+    ("not a repo id", "neither a local directory nor a hub id"),
+    ("./no/such/dir", "is not a directory"),
+])
+def test_hub_model_checks_the_repo_offline(repo, expected):
+    from workloads.hub_model import HubModelConfig, _problems
+
+    problems = _problems(HubModelConfig(repo=repo))
+    assert (problems == []) if expected is None else expected in problems[0]
+
+
+def test_hub_model_refuses_a_local_dir_of_an_unsupported_family(tmp_path):
+    import json
+
+    from workloads.hub_model import HubModelConfig, _problems
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    problems = _problems(HubModelConfig(repo=str(tmp_path)))
+    assert "bert" in problems[0] and "qwen2_vl" in problems[0]
