@@ -117,3 +117,24 @@ def test_hub_model_refuses_a_local_dir_of_an_unsupported_family(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     problems = _problems(HubModelConfig(repo=str(tmp_path)))
     assert "bert" in problems[0] and "qwen2_vl" in problems[0]
+
+
+def test_hub_model_stage_copies_a_local_checkpoint_that_loads(tmp_path):
+    """The stage body on a local directory (the hub path is the same after snapshot_download)."""
+    import json
+
+    from mmkd_test_plugins.data_tiny import build_tiny_data
+    from orchestrator.plugin import StageContext
+    from workloads.hub_model import HubModelConfig, hub_model
+    from workloads.models import build_model, load_model, save_model
+
+    data = build_tiny_data(tmp_path / "data", num_samples=4, vocab_size=300)
+    src = save_model(*build_model({"preset": "tiny-student", "family": "qwen2_vl"},
+                                  data["tokenizer"]), str(tmp_path / "published"))
+    ctx = StageContext(pipeline="p", stage="student_init", key="k",
+                       output_dir=str(tmp_path / "out"))
+    metrics = hub_model(HubModelConfig(repo=src), ctx)
+    assert metrics["hub_model/bytes"] > 0
+    assert json.loads((tmp_path / "out" / "source.json").read_text())["repo"] == src
+    model, processor = load_model(str(tmp_path / "out" / "model"))
+    assert model.config.model_type == "qwen2_vl" and processor.family.name == "qwen2_vl"
