@@ -367,9 +367,8 @@ def _save_final_model(module: Any, processor: Any, state_dict: dict | None, zero
 
     if zero3:  # the engine's own params are partitioned: save through a fresh full-size model
         if hasattr(module, "save_pretrained"):
-            from transformers import LlavaForConditionalGeneration
-
-            full = LlavaForConditionalGeneration(module.config)
+            # the module's own class: LLaVA-1.5 or any family's (Qwen2-VL, Idefics3, ...)
+            full = type(module)(module.config)
         else:  # a merged wrapper: the same structure, loaded again from where the stage began
             from workloads.merging.io import load_merged
 
