@@ -93,6 +93,19 @@ def test_every_family_trains_distils_evaluates_and_reloads(cli_env, tmp_path):
         plain = AutoModelForImageTextToText.from_pretrained(model_dir)
         ours, processor = load_model(model_dir)
         assert type(plain) is type(ours)
+        if family != "llava" and FAMILIES[family].processor_loads_on_cpu:  # (others: torchvision)
+            from transformers import AutoProcessor
+
+            hf = AutoProcessor.from_pretrained(model_dir)
+            prompt = processor.prompt([{"role": "user", "content": "<image>\nwhat?"}], True)
+            from PIL import Image
+
+            image = Image.new("RGB", (32, 32), (200, 30, 30))
+            import numpy as np
+
+            assert np.array_equal(hf(images=[image], text=prompt, return_tensors="np")["input_ids"],
+                                  processor(images=[image], text=prompt,
+                                            return_tensors="np")["input_ids"]), family
         assert table[f"student_{family}"]["n"] == 4
     for family in CHAIN:
         dft = record["stages"][f"dft_{family}"]
@@ -101,3 +114,39 @@ def test_every_family_trains_distils_evaluates_and_reloads(cli_env, tmp_path):
             assert values and all(v > 0 for v in values), (family, term, dft["metrics"])
         cfg = AutoConfig.from_pretrained(str(Path(dft["uri"]) / "model"))
         assert cfg.model_type == family and table[f"dft_{family}"]["n"] == 4
+
+
+def test_a_pair_of_two_families_fails_at_stage_start_in_one_paragraph(cli_env, tmp_path):
+    """A Qwen2-VL teacher (a published checkpoint, here a local directory through `hub_model`)
+    and a Gemma 3 student: the distill stage fails before any training, naming both families."""
+    from mmkd_test_plugins.data_tiny import build_tiny_data
+
+    from workloads.models import build_model, save_model
+
+    data = build_tiny_data(tmp_path / "data", num_samples=8, vocab_size=300)
+    teacher = save_model(*build_model({"preset": "tiny-teacher", "family": "qwen2_vl"},
+                                      data["tokenizer"]), str(tmp_path / "qwen_teacher"))
+    pipeline = {"name": "mismatch", "defaults": {"resources": {"num_workers": 1,
+                                                               "cpus_per_worker": 1}},
+                "stages": {
+                    "shapes": {"workload": "shapes", "params": {"num_captions": 16,
+                                                                "num_instruct": 16,
+                                                                "num_eval": 4}},
+                    "tokenizer": {"workload": "tokenizer", "inputs": {"corpus": "shapes.captions"},
+                                  "params": {"vocab_size": 300}},
+                    "teacher": {"workload": "hub_model", "params": {"repo": teacher}},
+                    "student": {"workload": "distill",
+                                "inputs": {"tokenizer": "tokenizer.tokenizer",
+                                           "teacher": "teacher.model", "data": "shapes.instruct"},
+                                "params": {"model": {"preset": "tiny-student", "family": "gemma3"},
+                                           **SMALL}}}}
+    pipe = tmp_path / "mismatch.yaml"
+    pipe.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    out = mmkd(["run", str(pipe), "--plain"], cli_env, tmp_path, timeout=900)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-3000:]
+    assert "teacher is qwen2_vl, student is gemma3" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    record = _record(tmp_path / "home", "mismatch")
+    assert record["stages"]["teacher"]["status"] == "done"  # what finished stays published
+    assert record["stages"]["student"]["status"] == "failed"
