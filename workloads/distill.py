@@ -8,9 +8,13 @@ LLM into the projector; DFT (distilled fine-tuning) is ``train: [projector, llm]
 Inputs (``ctx.inputs``, local paths):
   init            student model dir to start from (or ``params.model`` + input ``tokenizer``)
   tokenizer       tokenizer dir, needed when the student comes from a preset
-  teacher         teacher model dir (``teacher: online``)
+  teacher         teacher model dir (``teacher: online`` or ``service``)
   teacher_logits  ``logits`` output of a ``teacher_logits`` stage (``teacher: offline``)
   data            training shards dir (or ``params.data``)
+
+``teacher: service`` runs the teacher outside the student workers, in a shared Ray service
+(``workloads/teacher_service``) that returns the offline stage's payload per batch, one step
+ahead of the student; with ``top_k`` unset (full vocabulary) its losses equal ``online``'s.
 
 Checked at stage start (``mmkd validate`` only sees unresolved references, so it checks the
 wiring, and the families where both sides are presets or local dirs): teacher and student are of
@@ -23,11 +27,12 @@ max_length). LLaVA-1.5 pairs are compared by vision geometry (image size, patch 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from workloads import distill_offline  # noqa: F401  (registers `teacher_logits`)
 from orchestrator.plugin import StageContext
@@ -39,13 +44,33 @@ from workloads.training import Part, TrainConfig, run_train_stage, resolve_model
 __all__ = ["DistillConfig", "distill", "validate_distill", "check_teacher_student",
            "check_family_pair", "check_distill_pair", "family_problem", "model_dir_family",
            "spec_family", "student_processor_parts", "build_distill_loss", "DistillCompatError",
-           "PROBE_IMAGE_SIZES"]
+           "PROBE_IMAGE_SIZES", "TeacherResources", "service_spec"]
 
 # (width, height) of the synthetic probe images: square, portrait and a large landscape one, so
 # tiling, any-res grids and per-image token counts (Qwen, InternVL, Idefics3) all come into play.
 PROBE_IMAGE_SIZES = ((32, 32), (40, 64), (200, 120))
 PROBE_CONVERSATION = [{"role": "user", "content": "<image>\nWhat is in the picture?"},
                       {"role": "assistant", "content": "A shape."}]
+
+
+class TeacherResources(BaseModel):
+    """The teacher service's replicas (``teacher: service``) and how it serves them."""
+
+    model_config = ConfigDict(extra="forbid")
+    replicas: int = Field(1, ge=1, description="teacher copies answering requests")
+    cpus: float = Field(1.0, ge=0, description="CPUs per replica (its torch threads)")
+    gpus: float = Field(0.0, ge=0, description="GPUs per replica")
+    max_restarts: int = Field(3, ge=-1, description="restarts of a replica that died (-1: "
+                              "unlimited); its requests are retried meanwhile")
+    cache_mb: float = Field(1024.0, ge=0, description="LRU cache of per-row teacher outputs, by "
+                            "row digest: a row asked again (another stage, trial or epoch) "
+                            "costs no forward")
+    max_inflight: int = Field(2, ge=1, description="requests one replica works on at once; "
+                              "more wait in the service (back-pressure)")
+    lease_s: float = Field(30.0, gt=0, description="a stage that stops heartbeating (a killed "
+                           "driver) is dropped after this long; the service stops with no users")
+    linger_s: float = Field(0.0, ge=0, description="keep the service (and its loaded teacher) "
+                            "this long after its last user left, for a pipeline's next stage")
 
 
 class DistillConfig(TrainConfig):
@@ -63,9 +88,17 @@ class DistillConfig(TrainConfig):
         description="divergence of L_res / L_vis: a name (fkl, rkl, jsd, skew_kl, skew_rkl, or any "
                     "file in workloads/divergences/) or {name: skew_kl, alpha: 0.1} with its own "
                     "parameters")
-    teacher: Literal["online", "offline"] = Field(
-        "online", description="online: run the teacher each step (input `teacher`); offline: read "
-                              "stored top-k logits (input `teacher_logits`)")
+    teacher: Literal["online", "offline", "service"] = Field(
+        "online", description="online: run the teacher in every student worker each step "
+                              "(input `teacher`); offline: read stored top-k logits (input "
+                              "`teacher_logits`); service: a shared Ray service of teacher "
+                              "replicas answers each batch, one step ahead (input `teacher`)")
+    teacher_resources: TeacherResources = Field(
+        default_factory=TeacherResources, description="`teacher: service`: replicas, their "
+        "cpus/gpus, restarts, cache and lease; stages naming the same teacher, top_k, "
+        "precision, replicas, cpus and gpus share one service")
+    top_k: int | None = Field(None, ge=1, description="`teacher: service`: teacher logits kept "
+                              "per position; omit for the full vocabulary (equals `online`)")
     chunk_size: int | None = Field(128, ge=1, description="positions per chunk of the KD "
                                    "divergences (online); None = unchunked reference")
 
@@ -77,7 +110,7 @@ def _ref(value: Any) -> Any:
 def validate_distill(config: DistillConfig, inputs: dict[str, Any]) -> list[str]:
     """Wiring checks for ``mmkd validate`` (inputs are unresolved references here)."""
     problems = []
-    need = "teacher" if config.teacher == "online" else "teacher_logits"
+    need = "teacher_logits" if config.teacher == "offline" else "teacher"
     other = "teacher_logits" if need == "teacher" else "teacher"
     if not inputs.get(need):
         problems.append(f"distill with `teacher: {config.teacher}` needs input `{need}: <stage>."
@@ -93,6 +126,11 @@ def validate_distill(config: DistillConfig, inputs: dict[str, Any]) -> list[str]
                         "(the teacher's tokenizer)")
     if config.alpha == config.beta == config.gamma == 0:
         problems.append("distill: alpha, beta and gamma are all 0 — that is `sft`; use the sft workload")
+    if config.top_k is not None and config.teacher != "service":
+        where = ("an online teacher uses the full vocabulary" if config.teacher == "online"
+                 else "stored logits keep the `teacher_logits` stage's top_k")
+        problems.append(f"distill: `top_k` applies to `teacher: service` only ({where}); "
+                        f"remove it or set `teacher: service`")
     problem = _validate_families(config, inputs)
     if problem:
         problems.append(problem)
@@ -108,7 +146,7 @@ def _local_dir(value: Any) -> str | None:
 def _validate_families(config: DistillConfig, inputs: dict[str, Any]) -> str | None:
     """The family check, offline, where both sides are known without running anything: a preset
     (its `family`) or a local model dir (its config.json)."""
-    teacher = _local_dir(inputs.get("teacher")) if config.teacher == "online" else None
+    teacher = _local_dir(inputs.get("teacher")) if config.teacher != "offline" else None
     student: Any = _local_dir(inputs.get("init"))
     if student is None and not inputs.get("init") and config.model is not None:
         student = config.model.model_dump()
@@ -395,6 +433,16 @@ def build_distill_loss(config: DistillConfig, ctx: StageContext) -> DistillLoss:
         teacher_dir = _ref(ctx.input("teacher"))
         inputs = check_distill_pair(config, spec, tokenizer_dir, teacher_dir, stage=ctx.stage)
         return DistillLoss(teacher_dir=teacher_dir, teacher_inputs=inputs, **common)
+    if config.teacher == "service":  # the service is started by `distill`, around the loop
+        teacher_dir = _ref(ctx.input("teacher"))
+        inputs = check_distill_pair(config, spec, tokenizer_dir, teacher_dir, stage=ctx.stage)
+        if inputs != "student":
+            raise DistillCompatError(
+                f"stage {ctx.stage!r}: teacher {teacher_dir} tokenizes images differently from "
+                f"the student; `teacher: service` runs it on the student's batch, so it needs "
+                f"identical encodings. Use `teacher: online` (response KD on the teacher's own "
+                f"encoding) or give the student the teacher's image processor settings")
+        return DistillLoss(service={}, **common)
 
     from workloads.distill_offline import read_manifest, tokenization_fingerprint
 
@@ -427,4 +475,29 @@ def distill(config: DistillConfig, ctx: StageContext) -> dict[str, Any]:
     problems = validate_distill(config, {k: v for k, v in ctx.inputs.items() if v})
     if problems:
         raise DistillCompatError(f"stage {ctx.stage!r}: " + "; ".join(problems))
-    return run_train_stage(config, ctx, loss_fn=build_distill_loss(config, ctx))
+    loss_fn = build_distill_loss(config, ctx)
+    if config.teacher != "service":
+        return run_train_stage(config, ctx, loss_fn=loss_fn)
+    from workloads.teacher_service import ServiceLease
+
+    res = ctx.resources
+    with ServiceLease(service_spec(config, ctx), stage=ctx.stage,
+                      need_cpus=res.num_workers * res.cpus_per_worker,
+                      need_gpus=res.num_workers * res.gpus_per_worker) as lease:
+        loss_fn = dataclasses.replace(loss_fn, service={"name": lease.name, "user": lease.user})
+        metrics = run_train_stage(config, ctx, loss_fn=loss_fn)
+    metrics.update({f"teacher_service/{k}": v for k, v in lease.final_metrics.items()})
+    return metrics
+
+
+def service_spec(config: DistillConfig, ctx: StageContext) -> Any:
+    """The ``ServiceSpec`` of a ``teacher: service`` stage: its teacher, top_k, the stage's
+    precision (the teacher's forward dtype, as online) and ``teacher_resources``."""
+    from workloads.teacher_service import ServiceSpec
+
+    r = config.teacher_resources
+    return ServiceSpec(teacher_dir=_ref(ctx.input("teacher")), top_k=config.top_k,
+                       precision=(ctx.deepspeed or {}).get("precision", "fp32"),
+                       replicas=r.replicas, cpus=r.cpus, gpus=r.gpus,
+                       max_restarts=r.max_restarts, max_inflight=r.max_inflight,
+                       cache_mb=r.cache_mb, lease_s=r.lease_s, linger_s=r.linger_s)

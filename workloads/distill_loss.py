@@ -15,7 +15,10 @@ do response KD (``teacher_inputs="own"``): the batch then carries the teacher's 
 each row under ``teacher_``-prefixed keys and L_res is taken over the response tokens of both.
 
 With ``offline`` set, there is no teacher model: the teacher's top-k logits and relation matrices
-come from a ``teacher_logits`` stage (see ``distill_offline.py``).
+come from a ``teacher_logits`` stage (see ``distill_offline.py``). With ``service`` set, neither:
+a shared Ray service computes the same payload on demand (see ``teacher_service/``); each
+batch's request is sent one step ahead (``wrap_batches``), so the teacher's forward of batch
+i+1 overlaps the student's step i.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class DistillLoss:
     # "student": the teacher runs on the student's batch (identical input_ids: every KD term);
     # "own": on the batch's `teacher_*` keys (its own tokenization; response KD only)
     teacher_inputs: Literal["student", "own"] = "student"
+    # `teacher: service`: {"name": the service actor, "user": this stage's lease}
+    service: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.teacher_inputs == "own" and (self.beta > 0 or self.gamma > 0):
@@ -74,6 +79,17 @@ class DistillLoss:
             from workloads.distill_offline import OfflineTeacher
 
             state["offline"] = OfflineTeacher(self.offline_dir)
+            return
+        if self.service:
+            from workloads.teacher_service import ServiceClient
+
+            client = ServiceClient(self.service["name"], self.service["user"])
+            if client.info["image_token_id"] != state["image_token_id"]:
+                raise DistillCompatError(
+                    f"stage {sctx.stage.stage!r}: the service's teacher marks image tokens with "
+                    f"id {client.info['image_token_id']}, the student with "
+                    f"{state['image_token_id']}; they must share the tokenizer and image token")
+            state["service"] = client
             return
         if not self.teacher_dir:
             raise ValueError(f"stage {sctx.stage.stage!r}: distill needs input `teacher` (online) "
@@ -114,6 +130,9 @@ class DistillLoss:
         if any(need.values()):
             if "offline" in state:
                 terms = state["offline"].terms(out.logits, batch, image_mask, self, need)
+            elif "service" in state:  # the offline path's terms, on entries served just now
+                served = state["service"].teacher_for(batch)
+                terms = served.terms(out.logits, batch, image_mask, self, need)
             elif self.teacher_inputs == "own":
                 terms["l_res"] = self._response_kd_own_inputs(out.logits, batch, sctx)
             else:
@@ -136,6 +155,12 @@ class DistillLoss:
         metrics.update(self._teacher_checks(sctx))
         state["micro"] += 1
         return total, metrics
+
+    def wrap_batches(self, batches: Any, sctx: Any) -> Any:
+        """The training loop's batches, each one's teacher request sent a step ahead
+        (``teacher: service``); unchanged otherwise."""
+        client = sctx.state.get("service")
+        return client.ahead(batches) if client is not None else batches
 
     def _response_kd_own_inputs(self, student_logits: Any, batch: dict[str, Any], sctx: Any):
         """L_res with the teacher on its own encoding of the same rows: both models' response

@@ -215,8 +215,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     epoch, skip_rows = position["epoch"], position["rows"]
     while step < total_steps:
         n_batches, rows = 0, skip_rows
-        for batch in iter_train_batches(shard, p.batch_size, p.pad_token_id, p.seed, epoch,
-                                        rank=rank, skip_rows=skip_rows):
+        batches = iter_train_batches(shard, p.batch_size, p.pad_token_id, p.seed, epoch,
+                                     rank=rank, skip_rows=skip_rows)
+        if hasattr(loss_fn, "wrap_batches"):  # a loss that looks a batch ahead (teacher service)
+            batches = loss_fn.wrap_batches(batches, sctx)
+        for batch in batches:
             n_batches += 1
             rows += int(batch["input_ids"].shape[0])
             batch = {k: v.to(device) for k, v in batch.items()}

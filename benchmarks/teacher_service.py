@@ -1,0 +1,225 @@
+"""DFT step time and student memory with ``teacher: service`` vs ``online``, same total CPUs.
+
+    python benchmarks/teacher_service.py [--steps 20] [--warmup 3] [--batch-size 8]
+                                         [--pairs tiny,wide] [--out PATH]
+
+On a local Ray instance with 2 CPUs, each mode in fresh actors (processes), one after the other:
+
+* ``online``: one student actor (2 CPUs, 2 torch threads) with the teacher resident in it
+  (``DistillLoss(teacher_dir=...)``), as a colocated Ray Train worker runs it;
+* ``service``: one student actor (1 CPU, 1 thread) + one teacher replica (1 CPU, 1 thread),
+  ``DistillLoss(service=...)`` fed through ``ServiceClient.ahead``: batch i+1's teacher forward
+  runs while the student computes step i;
+* ``floor``: in a 1-thread actor, the student's CE step (forward + backward + AdamW) and the
+  teacher's forward, each alone: a serial KD step costs at least their sum.
+
+Every step uses a new batch of new rows (pixels shifted per row: no dedup, each step needs a
+whole-batch teacher forward). Reported: median
+step seconds, ``service / floor`` (aim <= 0.75: the overlap hides most of the teacher),
+``online / floor``, and each student process's peak RSS (``ru_maxrss``). Pairs: ``tiny``
+(tiny-teacher -> tiny-student) and ``wide`` (a 4x wider, 2x deeper teacher text model, same
+vision geometry) where the teacher forward dominates. Writes ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# the tiny-teacher's vision tower (same image tokens) with a bigger language model
+WIDE_TEXT = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                 num_attention_heads=8, num_key_value_heads=4)
+
+
+def _batches(tok, n, batch_size):
+    import numpy as np
+    import torch
+
+    from mmkd_test_plugins.train_fixtures import shapes_rows
+    from workloads.data.collate import collate
+
+    out = []
+    for i in range(n):
+        rows = shapes_rows(tok, batch_size, seed=1000 + i)
+        cols = {k: [r[k] for r in rows] for k in rows[0]}
+        for k in ("input_ids", "labels"):
+            arr = np.empty(batch_size, dtype=object)
+            arr[:] = [np.asarray(x, dtype=np.int64) for x in cols[k]]
+            cols[k] = arr
+        batch = collate(cols, tok.pad_token_id)
+        # the generator repeats rows; shift each row's pixels so that every row is new to the
+        # service (no dedup: each step's teacher forward is a whole batch, as online)
+        shift = torch.arange(i * batch_size, (i + 1) * batch_size, dtype=torch.float32) + 1
+        batch["pixel_values"] = batch["pixel_values"] + 0.01 * shift[:, None, None, None]
+        out.append(batch)
+    return out
+
+
+class Student:
+    """A student process: builds the student, runs steps, reports times and peak RSS."""
+
+    def __init__(self, tok_dir: str, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.tok_dir = tok_dir
+
+    def run(self, loss_kw: dict, batches: list, warmup: int, mode: str) -> dict:
+        import resource
+
+        import torch
+
+        from orchestrator.plugin import StageContext
+        from workloads.distill_loss import DistillLoss
+        from workloads.models import build_model
+        from workloads.train_setup import CausalLMLoss, StepContext, model_inputs
+
+        torch.manual_seed(1)
+        model = build_model({"preset": "tiny-student"}, self.tok_dir)[0]
+        model.model.vision_tower.requires_grad_(False)  # DFT: projector + LLM
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        stage = StageContext(pipeline="bench", stage="teacher_service", key="k",
+                             output_dir=tempfile.gettempdir())
+        sctx = StepContext(step=0, total_steps=10**9, rank=0, world_size=1,
+                           device=torch.device("cpu"), dtype=torch.float32, stage=stage)
+        times: dict[str, list[float]] = {}
+        if mode == "floor":  # the student's CE step, and the teacher's forward, each alone
+            from workloads.models import load_model
+
+            teacher = load_model(loss_kw["teacher_dir"])[0].eval()
+            ce = CausalLMLoss()
+            for i, b in enumerate(batches):
+                t0 = time.perf_counter()
+                loss, _ = ce(model, b, sctx)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                t1 = time.perf_counter()
+                with torch.no_grad():
+                    teacher(**model_inputs(b))
+                t2 = time.perf_counter()
+                if i >= warmup:
+                    times.setdefault("student_step", []).append(t1 - t0)
+                    times.setdefault("teacher_forward", []).append(t2 - t1)
+        else:
+            loss_fn = DistillLoss(**loss_kw)
+            loss_fn.setup(model, sctx)
+            t0 = time.perf_counter()
+            for i, b in enumerate(loss_fn.wrap_batches(iter(batches), sctx)):
+                loss, _ = loss_fn(model, b, sctx)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                t1 = time.perf_counter()
+                if i >= warmup:
+                    times.setdefault("kd_step", []).append(t1 - t0)
+                t0 = t1
+        return {"median_s": {k: statistics.median(v) for k, v in times.items()},
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def bench_pair(name: str, text: dict | None, args) -> dict:
+    import ray
+    import torch
+
+    from mmkd_test_plugins.train_fixtures import build_tiny_tokenizer
+    from workloads.models import build_model, count_params, save_model
+    from workloads.teacher_service import ServiceLease, ServiceSpec
+
+    tmp = tempfile.mkdtemp(prefix=f"ts-bench-{name}-")
+    tok_dir = build_tiny_tokenizer(os.path.join(tmp, "tok"))
+    torch.manual_seed(0)
+    teacher, proc = build_model({"preset": "tiny-teacher"}, tok_dir)
+    if text is not None:  # a bigger language model behind the same vision tower
+        import copy
+
+        from transformers import LlavaForConditionalGeneration
+
+        config = copy.deepcopy(teacher.config)
+        for k, v in text.items():
+            setattr(config.text_config, k, v)
+        config.text_config.head_dim = text["hidden_size"] // text["num_attention_heads"]
+        config.text_config.layer_types = ["full_attention"] * text["num_hidden_layers"]
+        teacher = LlavaForConditionalGeneration(config)
+    teacher_dir = save_model(teacher, proc, os.path.join(tmp, "teacher"))
+    n_params = count_params(teacher)["total"]
+    tok = proc.tokenizer
+    batches = _batches(tok, args.warmup + args.steps, args.batch_size)
+    common = dict(vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"))
+    actor = ray.remote(Student)
+    out = {"teacher_params": n_params}
+
+    s = actor.options(num_cpus=1).remote(tok_dir, 1)
+    out["floor"] = ray.get(s.run.remote({"teacher_dir": teacher_dir}, batches, args.warmup,
+                                        "floor"))
+    ray.kill(s)
+    s = actor.options(num_cpus=2).remote(tok_dir, 2)
+    out["online"] = ray.get(s.run.remote({"teacher_dir": teacher_dir, **common}, batches,
+                                         args.warmup, "online"))
+    ray.kill(s)
+    spec = ServiceSpec(teacher_dir=teacher_dir, cpus=1, cache_mb=0)
+    with ServiceLease(spec, stage=f"bench-{name}") as lease:
+        s = actor.options(num_cpus=1).remote(tok_dir, 1)
+        kw = {"service": {"name": lease.name, "user": lease.user}, **common}
+        out["service"] = ray.get(s.run.remote(kw, batches, args.warmup, "service"))
+        ray.kill(s)
+    out["service_metrics"] = lease.final_metrics
+    f = out["floor"]["median_s"]
+    floor = f["student_step"] + f["teacher_forward"]
+    out["ratios"] = {"service_over_floor": out["service"]["median_s"]["kd_step"] / floor,
+                     "online_2threads_over_floor": out["online"]["median_s"]["kd_step"] / floor,
+                     "teacher_forward_share_of_floor": f["teacher_forward"] / floor}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--pairs", default="tiny,wide")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                  "results", "teacher_service.json"))
+    args = ap.parse_args()
+
+    import ray
+
+    from benchmarks._env import environment
+    from orchestrator.ray_setup import start_local_ray
+
+    temp_dir = tempfile.mkdtemp(prefix="mmkdray-", dir="/tmp")
+    start_local_ray(num_cpus=2, _temp_dir=temp_dir, log_to_driver=False, configure_logging=False)
+    load0 = os.getloadavg()
+    pairs = {}
+    try:
+        for p in args.pairs.split(","):
+            pairs[p] = bench_pair(p, WIDE_TEXT if p == "wide" else None, args)
+            print(p, json.dumps(pairs[p]["ratios"]), flush=True)
+    finally:
+        ray.shutdown()
+    result = {
+        "what": "median seconds per DFT step (a new batch each step): teacher service (student "
+                "1 CPU + replica 1 CPU, request sent a step ahead) vs online (one 2-thread "
+                "process); floor = student CE step + teacher forward, 1 thread each, serial",
+        "aim": {"service_over_floor": 0.75}, "args": vars(args), "pairs": pairs,
+        "loadavg": {"start": load0, "end": os.getloadavg()}, "environment": environment(),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps({p: {"ratios": r["ratios"], "floor": r["floor"]["median_s"],
+                          "service": r["service"], "online": r["online"]}
+                      for p, r in pairs.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""``distill`` with ``teacher: service`` on real Ray Train + DeepSpeed (CPU), against the online
+and offline teachers, shared by two concurrent stages, and through a killed teacher replica."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from orchestrator.plugin import Resources, StageContext
+from workloads.distill import DistillConfig, distill, service_spec, validate_distill
+from workloads.distill_offline import TeacherLogitsConfig, teacher_logits
+from workloads.teacher_service import ServiceLease, ServiceSpec, find_service
+
+TERMS = ("loss", "ce", "l_res", "l_vis", "l_rel")
+# 3 steps over the same seeded batches in every run (1 worker, preserved row order)
+RUN = dict(max_steps=3, batch_size=8, lr=1e-3, checkpoint_every=0, warmup_ratio=0,
+           train=["projector"])
+SMALL_K = 8
+
+
+def _ctx(root, stage, inputs):
+    return StageContext(pipeline="test", stage=stage, key=f"{stage}-key",
+                        output_dir=str(root / stage), inputs=inputs,
+                        resources=Resources(num_workers=1, cpus_per_worker=1),
+                        deepspeed={"zero_stage": 2, "precision": "fp32"},
+                        checkpoint_storage=str(root / "ckpt"), run_name=f"{stage}-run", seed=1)
+
+
+def _steps(ctx):
+    return [e["metrics"] for e in ctx.local_metrics]
+
+
+def _assert_same_losses(a, b, what):
+    assert len(a) == len(b) == RUN["max_steps"], what
+    for step, (ma, mb) in enumerate(zip(a, b)):
+        for k in TERMS:
+            assert mb[k] == pytest.approx(ma[k], rel=1e-4, abs=1e-6), (what, step, k, ma, mb)
+
+
+def _run_as_task(config, ctx):
+    """Run a stage as the runner does: in a Ray task of its own (num_cpus=0)."""
+    import ray
+
+    def stage(config, ctx):
+        final = distill(config, ctx)
+        return final, ctx.local_metrics
+
+    return ray.remote(num_cpus=0, max_retries=0)(stage).remote(config, ctx)
+
+
+def _wait_gone(name, timeout=30.0):
+    t0 = time.monotonic()
+    while find_service(name) is not None and time.monotonic() - t0 < timeout:
+        time.sleep(0.2)
+    return find_service(name) is None
+
+
+@pytest.fixture(scope="module")
+def setup(ray_session, tmp_path_factory):
+    from mmkd_test_plugins.data_tiny import build_tiny_data
+    from workloads.models import build_model, save_model
+
+    root = tmp_path_factory.mktemp("teacher_service")
+    data = build_tiny_data(root / "data", num_samples=32, vocab_size=320)
+    torch.manual_seed(0)
+    teacher_dir = save_model(*build_model({"preset": "tiny-teacher"}, data["tokenizer"]),
+                             str(root / "teacher" / "model"))
+    torch.manual_seed(1)
+    student_dir = save_model(*build_model({"preset": "tiny-student"}, data["tokenizer"]),
+                             str(root / "student" / "model"))
+    inputs = {"init": student_dir, "teacher": teacher_dir, "data": data["instruct"]}
+    return {"root": root, "data": data, "teacher": teacher_dir, "inputs": inputs}
+
+
+@pytest.fixture(scope="module")
+def online(setup):
+    ctx = _ctx(setup["root"], "online", setup["inputs"])
+    distill(DistillConfig(teacher="online", **RUN), ctx)
+    return _steps(ctx)
+
+
+@pytest.fixture(scope="module")
+def shared(setup):
+    """Two service stages at k = V running at once (each a Ray task, as the runner runs them)."""
+    import ray
+
+    config = DistillConfig(teacher="service", **RUN)
+    ctxs = [_ctx(setup["root"], f"shared_{i}", setup["inputs"]) for i in range(2)]
+    name = service_spec(config, ctxs[0]).name
+    results = ray.get([_run_as_task(config, c) for c in ctxs])
+    return {"name": name, "finals": [r[0] for r in results],
+            "steps": [[e["metrics"] for e in r[1]] for r in results],
+            "gone": _wait_gone(name)}
+
+
+def test_service_at_full_k_equals_online(online, shared):
+    for steps in shared["steps"]:
+        _assert_same_losses(online, steps, "service (k = V) vs online")
+
+
+def test_two_concurrent_stages_share_one_service(shared):
+    finals = shared["finals"]
+    # the stage that left last saw the service's totals: both stages were its users
+    last = min(finals, key=lambda f: (f["teacher_service/users"], -f["teacher_service/requests"]))
+    assert last["teacher_service/users"] == 0, finals  # its unregister ended the service
+    assert last["teacher_service/users_seen"] == 2, finals
+    assert last["teacher_service/loads"] == 1, finals  # one teacher load served both
+    assert last["teacher_service/replicas"] == 1
+    # both stages ask for the same 32 rows (3 batches of 8 + one sent ahead): each row is
+    # forwarded once; the other stage's ask is a cache or in-flight hit
+    stats = {k: last[f"teacher_service/{k}"] for k in
+             ("requests", "rows_requested", "rows_forwarded", "dedup_hits")}
+    assert stats["requests"] >= 6, stats
+    assert stats["rows_forwarded"] + stats["dedup_hits"] == stats["rows_requested"], stats
+    assert stats["rows_forwarded"] <= 32 and stats["dedup_hits"] >= stats["rows_requested"] / 2
+    assert shared["gone"], f"service {shared['name']} still running after both stages ended"
+
+
+@pytest.fixture(scope="module")
+def offline_small_k(setup):
+    s = setup
+    tl = _ctx(s["root"], "tlogits", {"teacher": s["teacher"], "data": s["data"]["instruct"]})
+    teacher_logits(TeacherLogitsConfig(top_k=SMALL_K, batch_size=16, max_length=256), tl)
+    ctx = _ctx(s["root"], "offline", {"init": s["inputs"]["init"],
+                                      "teacher_logits": tl.output_dir,
+                                      "data": s["data"]["instruct"]})
+    distill(DistillConfig(teacher="offline", **RUN), ctx)
+    return _steps(ctx)
+
+
+def test_service_equals_offline_at_the_same_k(setup, offline_small_k):
+    ctx = _ctx(setup["root"], "service_k", setup["inputs"])
+    final = distill(DistillConfig(teacher="service", top_k=SMALL_K, **RUN), ctx)
+    _assert_same_losses(offline_small_k, _steps(ctx), f"service vs offline at k = {SMALL_K}")
+    assert final["teacher_service/loads"] == 1 and final["teacher_service/users"] == 0
+
+
+def test_a_killed_replica_restarts_and_the_stage_completes(setup, offline_small_k):
+    import ray
+
+    config = DistillConfig(teacher="service", top_k=SMALL_K, **RUN)
+    ctx = _ctx(setup["root"], "killed", setup["inputs"])
+    name = service_spec(config, ctx).name
+    assert _wait_gone(name)  # the previous test's service (same name) has ended
+    task = _run_as_task(config, ctx)
+    killed = threading.Event()
+    deadline = time.monotonic() + 300
+    while not killed.is_set() and time.monotonic() < deadline:
+        service = find_service(name)
+        try:
+            # at the first request: later ones (batch 3 is sent after step 0) need the restart
+            if service is not None and ray.get(service.metrics.remote())["requests"] >= 1:
+                ray.kill(ray.get(service.replicas.remote())[0], no_restart=False)
+                killed.set()
+        except ray.exceptions.RayActorError:
+            pass
+        time.sleep(0.05)
+    assert killed.is_set(), "the stage never sent a request"
+    final, events = ray.get(task)
+    assert final["steps"] == RUN["max_steps"]
+    assert final["teacher_service/loads"] == 2, final  # the first load and the restart
+    # the restarted teacher is the same frozen model: the losses are the offline ones
+    _assert_same_losses(offline_small_k, [e["metrics"] for e in events], "after a replica kill")
+    assert _wait_gone(name)
+
+
+def test_a_user_that_stops_heartbeating_is_dropped_and_the_service_ends(setup):
+    """A stage whose driver died (registered, then silent): its lease expires, and the
+    service, left without users, kills its replica and itself."""
+    spec = ServiceSpec(teacher_dir=setup["teacher"], top_k=3, lease_s=2.0)
+    lease = ServiceLease(spec, stage="dies").__enter__()
+    lease._stop.set()  # the driver "dies": no more heartbeats, no unregister
+    lease._beat.join()
+    replicas = __import__("ray").get(find_service(spec.name).replicas.remote())
+    assert _wait_gone(spec.name, timeout=60)
+    assert all(_wait_dead(r) for r in replicas)
+
+
+def _wait_dead(handle, timeout=30.0):
+    import ray
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            ray.get(handle.info.remote(), timeout=5)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_validate_the_service_wiring():
+    cfg = DistillConfig(teacher="service", top_k=16, max_steps=2)
+    assert validate_distill(cfg, {"init": "s.model", "teacher": "t.model"}) == []
+    probs = validate_distill(cfg, {"init": "s.model", "teacher_logits": "tl.logits"})
+    assert any("needs input `teacher" in p for p in probs), probs
+    assert any("top_k` applies to `teacher: service` only" in p
+               for p in validate_distill(DistillConfig(top_k=16, max_steps=2),
+                                         {"init": "s.model", "teacher": "t.model"}))
+    with pytest.raises(ValueError, match="replicas"):
+        DistillConfig(teacher="service", teacher_resources={"replicas": 0}, max_steps=2)

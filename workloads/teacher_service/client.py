@@ -1,0 +1,235 @@
+"""Both ends of a stage's use of the teacher service.
+
+``ServiceLease`` (the stage's driver): find the service by name or start it, register the stage
+as a user, heartbeat while the stage runs, unregister at the end (the last user out stops the
+service). A driver that dies stops heartbeating; the service drops it after ``lease_s``.
+
+``ServiceClient`` (each student worker): send each batch's request one step ahead
+(``ahead``), and turn the reply into a ``ServedTeacher`` — an ``OfflineTeacher`` whose entries
+came from the service instead of ``.npy`` files, so ``terms`` is the offline path's own code.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from typing import Any, Iterable, Iterator
+
+from workloads.distill_offline import OfflineTeacher, row_digests
+from workloads.teacher_service.actors import TeacherService
+from workloads.teacher_service.spec import NAMESPACE, ServiceSpec
+
+__all__ = ["ServiceLease", "ServiceClient", "ServedTeacher", "TeacherServiceError", "find_service"]
+
+_TEACHER_PREFIX = "teacher_"  # the teacher's own encoding (distill_loss.TEACHER_PREFIX): not sent
+
+
+class TeacherServiceError(RuntimeError):
+    """The teacher service could not be started, reached or asked."""
+
+    deterministic = True  # a gone service stays gone: Ray Train raises it, no group restart
+
+
+def find_service(name: str) -> Any | None:
+    """The running service's handle, or None."""
+    import ray
+
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+# ----------------------------------------------------------------------------- driver side
+
+
+class ServiceLease:
+    """``with ServiceLease(spec, stage=...) as lease:`` — the stage is a user of the service for
+    the duration of the block; ``lease.final_metrics`` holds the service's counters at exit."""
+
+    def __init__(self, spec: ServiceSpec, *, stage: str, user: str | None = None,
+                 need_cpus: float = 0.0, need_gpus: float = 0.0, start_timeout_s: float = 600.0):
+        self.spec, self.stage, self.name = spec, stage, spec.name
+        self.user = user or f"{stage}/{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.need_cpus, self.need_gpus = need_cpus, need_gpus
+        self.start_timeout_s = start_timeout_s
+        self.handle: Any = None
+        self.final_metrics: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def __enter__(self) -> "ServiceLease":
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            if find_service(self.name) is None:
+                self._check_fits(ray.cluster_resources())
+            self.handle = ray.remote(TeacherService).options(
+                name=self.name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+                num_cpus=0, max_concurrency=256, max_restarts=0,
+            ).remote(self.spec.to_dict(), self.name)
+            try:
+                if ray.get(self.handle.register.remote(self.user), timeout=60):
+                    break
+            except (RayActorError, GetTimeoutError):
+                pass  # the service was shutting down: its name frees when it is dead
+            if time.monotonic() > deadline:
+                raise TeacherServiceError(f"stage {self.stage!r}: could not register with "
+                                          f"teacher service {self.name} in "
+                                          f"{self.start_timeout_s:.0f}s")
+            time.sleep(0.5)
+        # heartbeat from now on: loading the replicas can take longer than a lease
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True,
+                                      name=f"mmkd-teacher-lease-{self.stage}")
+        self._beat.start()
+        return self  # no wait for the replicas: they load while the student workers start
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=5)
+        self._leave()
+
+    def _leave(self) -> None:
+        import ray
+
+        try:
+            self.final_metrics = ray.get(self.handle.unregister.remote(self.user), timeout=60)
+        except Exception:  # noqa: BLE001 - gone already: its leases ended it
+            pass
+
+    def _heartbeat(self) -> None:
+        import ray
+
+        while not self._stop.wait(self.spec.lease_s / 4):
+            try:
+                if not ray.get(self.handle.heartbeat.remote(self.user), timeout=self.spec.lease_s):
+                    ray.get(self.handle.register.remote(self.user), timeout=self.spec.lease_s)
+            except Exception:  # noqa: BLE001 - the workers' requests report a dead service
+                pass
+
+    def _check_fits(self, cluster: dict[str, float]) -> None:
+        s = self.spec
+        need_cpu = s.replicas * s.cpus + self.need_cpus
+        need_gpu = s.replicas * s.gpus + self.need_gpus
+        problems = []
+        if need_cpu > cluster.get("CPU", 0.0):
+            problems.append(f"{s.replicas} teacher replica(s) × {s.cpus:g} CPUs + "
+                            f"{self.need_cpus:g} for the student workers = {need_cpu:g} CPUs but "
+                            f"the cluster has {cluster.get('CPU', 0.0):g}")
+        if need_gpu > cluster.get("GPU", 0.0):
+            problems.append(f"{s.replicas} teacher replica(s) × {s.gpus:g} GPUs + "
+                            f"{self.need_gpus:g} for the student workers = {need_gpu:g} GPUs but "
+                            f"the cluster has {cluster.get('GPU', 0.0):g}")
+        if problems:
+            raise TeacherServiceError(
+                f"stage {self.stage!r}: `teacher: service` cannot start: " + "; ".join(problems)
+                + ". Lower `teacher_resources` (replicas, cpus, gpus) or `resources`")
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+class ServedTeacher(OfflineTeacher):
+    """The entries of one batch as the service returned them, read like stored logits."""
+
+    def __init__(self, entries: dict[str, dict[str, Any]], top_k: int, name: str):
+        self.dir = f"(teacher service {name})"
+        self.manifest = {"top_k": top_k}
+        self._entries = entries
+        self._shards = {}
+
+    def entry(self, digest: str) -> dict[str, Any]:
+        e = self._entries.get(digest)
+        if e is None:
+            raise KeyError(f"teacher service: no entry for a training row; the batch changed "
+                           f"between the request and the loss (digest {digest})")
+        return e
+
+
+class ServiceClient:
+    """A student worker's connection to the service (created in ``DistillLoss.setup``)."""
+
+    def __init__(self, name: str, user: str, start_timeout_s: float = 600.0):
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        self.name, self.user = name, user
+        self.handle = find_service(name)
+        if self.handle is None:
+            raise TeacherServiceError(f"teacher service {name} is not running (its users' "
+                                      f"leases ended, or it was stopped); rerun the stage")
+        try:  # the replicas load while the student is built: wait for them here
+            self.info = ray.get(self.handle.ready.remote(), timeout=start_timeout_s)
+        except GetTimeoutError:
+            raise TeacherServiceError(
+                f"teacher service {name}: its teacher replicas did not load within "
+                f"{start_timeout_s:.0f}s; the cluster may lack free resources for them (lower "
+                f"`teacher_resources` or the stage's workers)") from None
+        except (RayActorError, ray.exceptions.RayTaskError) as e:
+            raise TeacherServiceError(f"teacher service {name}: a teacher replica failed to "
+                                      f"load: {e}") from e
+        self.top_k = int(self.info["top_k"])
+        self._ahead: deque = deque()  # (digests, reply ref) of batches sent before their step
+
+    def submit(self, batch: dict[str, Any]) -> tuple[list[str], Any]:
+        """Send ``batch``'s request (the batch itself goes into the object store)."""
+        import ray
+        import torch
+
+        payload = {}
+        for k, v in batch.items():
+            if k.startswith(_TEACHER_PREFIX):
+                continue
+            v = v.detach().cpu()
+            if v.dtype in (torch.bfloat16, torch.float16):
+                v = v.float()  # numpy has no bf16; the replica casts to its own precision
+            payload[k] = v.numpy()
+        digests = row_digests(batch)
+        ref = self.handle.request.remote(self.user, digests, [ray.put(payload)],
+                                         "mm_digest" not in batch)
+        return digests, ref
+
+    def ahead(self, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Yield ``batches`` unchanged, each one's request already sent, and the next batch's
+        sent before this one is yielded: the teacher works on batch i+1 during step i."""
+        it = iter(batches)
+        try:
+            nxt = next(it, None)
+            if nxt is not None:
+                self._ahead.append(self.submit(nxt))
+            while nxt is not None:
+                cur, nxt = nxt, next(it, None)
+                if nxt is not None:
+                    self._ahead.append(self.submit(nxt))
+                yield cur
+        finally:
+            self._ahead.clear()  # an unfinished epoch: its replies are not needed
+
+    def teacher_for(self, batch: dict[str, Any]) -> ServedTeacher:
+        """The teacher's entries for ``batch``: the reply sent ahead, or a request now."""
+        import ray
+
+        digests, ref = row_digests(batch), None
+        while self._ahead and ref is None:
+            sent, r = self._ahead.popleft()
+            if sent == digests:
+                ref = r
+        if ref is None:
+            ref = self.submit(batch)[1]
+        try:
+            entries = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            raise TeacherServiceError(f"teacher service {self.name} is gone ({e}); its users' "
+                                      f"leases ended or it was stopped") from e
+        except ray.exceptions.RayTaskError as e:  # the service's own error, unwrapped
+            msg = str(e.cause)
+            if not msg.startswith("teacher service"):
+                msg = f"teacher service {self.name}: {msg}"
+            raise TeacherServiceError(msg) from e
+        return ServedTeacher(dict(zip(digests, entries)), self.top_k, self.name)
