@@ -612,6 +612,60 @@ def _fkd_load(d: dict) -> str:
     return span(loads, lambda x: f"{x:.1f}")
 
 
+def row_teacher_service(R: Results) -> str:
+    d = R.load("teacher_service")
+    parts = []
+    for name, pair in d["pairs"].items():
+        r = pair["summary"]["ratios"]
+        parts.append(f"{name} ({pair['summary']['teacher_params'] / 1e6:.1f}M-parameter teacher): "
+                     f"service {_mm(r['service_over_floor'])}, online on 2 threads "
+                     f"{_mm(r['online_2threads_over_floor'])}")
+    reps = next(iter(d["pairs"].values()))["summary"]["repeats"]
+    return (f"DFT step / (student step + teacher forward), median (min-max) of {reps} "
+            f"repetitions: " + "; ".join(parts) + f" (load {_load(d)}); "
+            "[details](../README.md#where-the-teacher-runs)")
+
+
+def _mm(x: dict) -> str:
+    return f"{x['median']:.2f} ({x['min']:.2f}-{x['max']:.2f})"
+
+
+def _load(d: dict) -> str:
+    return f"{d['loadavg']['start'][0]:.1f}-{d['loadavg']['end'][0]:.1f}"
+
+
+@block("teacher-service")
+def teacher_service(R: Results) -> str:
+    """The teacher modes side by side (teacher_service.json)."""
+    d = R.load("teacher_service")
+    lines = ["| pair | teacher parameters | student step | teacher forward | online KD step "
+             "(2 threads) | service KD step (1 + 1 CPU) | service / floor | online / floor | "
+             "student peak RSS, service / online |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, pair in d["pairs"].items():
+        s = pair["summary"]
+        sec = {k: f"{1e3 * v['median']:.0f} ms" for k, v in s["seconds"].items()}
+        rss = s["peak_rss_mb"]
+        lines.append(f"| {name} | {s['teacher_params'] / 1e6:.1f}M | {sec['student_step']} | "
+                     f"{sec['teacher_forward']} | {sec['online_kd_step']} | "
+                     f"{sec['service_kd_step']} | {_mm(s['ratios']['service_over_floor'])} | "
+                     f"{_mm(s['ratios']['online_2threads_over_floor'])} | "
+                     f"{rss['service']['median']:.0f} / {rss['online']['median']:.0f} MB |")
+    s = next(iter(d["pairs"].values()))["summary"]
+    a = d["args"]
+    best = {n: p["summary"]["ratios"]["teacher_forward_share_of_floor"]["median"]
+            for n, p in d["pairs"].items()}
+    bound = ", ".join(f"{n} {max(v, 1 - v):.2f}" for n, v in best.items())
+    return ("\n".join(lines) + "\n\n"
+            f"`benchmarks/teacher_service.py`: median seconds per DFT step over {a['steps']} steps "
+            f"(after {a['warmup']} untimed), batch {a['batch_size']}, every row new to the "
+            f"service; {s['repeats']} repetitions, pairs interleaved; load {_load(d)} on "
+            f"{d['environment']['machine']['cpu_count']} cores. Floor: the student's CE step plus "
+            "the teacher's forward, 1 thread each, one after the other. Overlap cannot beat "
+            f"max(student, teacher) / (student + teacher) ({bound}), and each request costs a Ray "
+            "round trip, so the service pays off when the teacher is large next to the student, "
+            "or shared, or must leave the student's memory.\n")
+
+
 ROWS = [
     Row("orchestration.py", "runner overhead per stage (a chain of no-op stages), fan-out of "
         "sleeping stages on 2 CPU slots vs the ideal, fully cached reruns as fresh `mmkd run` "
@@ -655,6 +709,10 @@ ROWS = [
         "shapes samples through the real data path: the KD step (`DistillLoss`, all three KD "
         "terms) over its floor (student CE step + teacher forward); `Preprocessor` samples/s",
         row_family_kd_step),
+    Row("teacher_service.py", "DFT step with `teacher: service` (student 1 CPU + one replica 1 "
+        "CPU, requests a step ahead) vs `online` (one process, 2 threads), over the floor "
+        "(student step + teacher forward); a tiny and a wide (32M) teacher", row_teacher_service,
+        "service ≤ 0.75 × floor"),
     Row("eval_generation.py", "questions/s of `evaluate`'s greedy generation: the one-by-one loop "
         "vs batched with left padding and the KV cache (1 torch thread, 64 shapes questions, 8 "
         "new tokens)", row_eval_generation, "≥ 4x at batch 16"),

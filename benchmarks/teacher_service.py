@@ -187,6 +187,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--pairs", default="tiny,wide")
+    ap.add_argument("--repeats", type=int, default=3, help="repetitions of every pair")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results", "teacher_service.json"))
     args = ap.parse_args()
@@ -199,15 +200,18 @@ def main() -> None:
     temp_dir = tempfile.mkdtemp(prefix="mmkdray-", dir="/tmp")
     start_local_ray(num_cpus=2, _temp_dir=temp_dir, log_to_driver=False, configure_logging=False)
     load0 = os.getloadavg()
-    pairs = {}
+    names = args.pairs.split(",")
+    runs: dict[str, list[dict]] = {p: [] for p in names}
     try:
-        for p in args.pairs.split(","):
-            pairs[p] = bench_pair(p, WIDE_TEXT if p == "wide" else None, args)
-            print(p, json.dumps(pairs[p]["ratios"]), flush=True)
+        for rep in range(args.repeats):  # interleaved: every pair once per repetition
+            for p in names:
+                runs[p].append(bench_pair(p, WIDE_TEXT if p == "wide" else None, args))
+                print(rep, p, json.dumps(runs[p][-1]["ratios"]), flush=True)
     finally:
         ray.shutdown()
+    pairs = {p: _summary(r) for p, r in runs.items()}
     result = {
-        "what": "median seconds per DFT step (a new batch each step): teacher service (student "
+        "what": "per repetition, median seconds per DFT step (a new batch each step): teacher service (student "
                 "1 CPU + replica 1 CPU, request sent a step ahead) vs online (one 2-thread "
                 "process); floor = student CE step + teacher forward, 1 thread each, serial",
         "aim": {"service_over_floor": 0.75}, "args": vars(args), "pairs": pairs,
@@ -216,9 +220,25 @@ def main() -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(json.dumps({p: {"ratios": r["ratios"], "floor": r["floor"]["median_s"],
-                          "service": r["service"], "online": r["online"]}
-                      for p, r in pairs.items()}, indent=2))
+    print(json.dumps({p: r["summary"] for p, r in pairs.items()}, indent=2))
+
+
+def _summary(reps: list[dict]) -> dict:
+    """Median and range over repetitions of each ratio and step time (and the raw runs)."""
+    def spread(values: list[float]) -> dict:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    times = {"student_step": [r["floor"]["median_s"]["student_step"] for r in reps],
+             "teacher_forward": [r["floor"]["median_s"]["teacher_forward"] for r in reps],
+             "online_kd_step": [r["online"]["median_s"]["kd_step"] for r in reps],
+             "service_kd_step": [r["service"]["median_s"]["kd_step"] for r in reps]}
+    summary = {"repeats": len(reps), "teacher_params": reps[0]["teacher_params"],
+               "ratios": {k: spread([r["ratios"][k] for r in reps]) for k in reps[0]["ratios"]},
+               "seconds": {k: spread(v) for k, v in times.items()},
+               "peak_rss_mb": {m: spread([r[m]["peak_rss_mb"] for r in reps])
+                               for m in ("floor", "online", "service")},
+               "teacher_loads": [r["service_metrics"]["loads"] for r in reps]}
+    return {"summary": summary, "runs": reps}
 
 
 if __name__ == "__main__":
