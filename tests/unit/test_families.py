@@ -8,6 +8,7 @@ import inspect
 
 import numpy as np
 import pytest
+from family_fixtures import random_image
 import torch
 
 from workloads.families import (FAMILIES, IGNORE_INDEX, PART_NAMES, build_tiny, collate, encode,
@@ -19,23 +20,6 @@ CONV = [{"role": "user", "content": "<image>\nWhat color is the shape?"},
         {"role": "assistant", "content": "It is a red square."}]
 TWO_ROUNDS = CONV + [{"role": "user", "content": "And its shape?"},
                      {"role": "assistant", "content": "A square."}]
-
-
-def _image(h: int, w: int, seed: int = 0):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    """A tokenizer trained by mmkd's own trainer (the tokenizer stage's output layout)."""
-    from workloads.data.tokenizer import train_tokenizer
-
-    texts = ["What color is the shape?", "It is a red square.", "And its shape?", "A square.",
-             "Describe the picture: a blue circle on a white background."] * 20
-    return str(train_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=320))
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +77,7 @@ def test_tiny_pair_reloads_and_runs(name, built):
 
     family = get_family(name)
     dirs = built(name)
-    image = _image(30, 50)
+    image = random_image(30, 50)
     encoded, sizes = {}, {}
     for role, path in dirs.items():
         model = AutoModelForImageTextToText.from_pretrained(path).eval()
@@ -129,7 +113,7 @@ def test_saved_processor_loads_with_auto_processor(name, built):
     processor = AutoProcessor.from_pretrained(path)
     assert type(processor).__name__ == FAMILIES[name].processor_class
     parts = load_processor_parts(path)
-    image = _image(40, 24, seed=1)
+    image = random_image(40, 24, seed=1)
     ref = processor(text=[render(parts, CONV)], images=[image], add_special_tokens=False,
                     return_tensors="np")
     np.testing.assert_array_equal(ref["input_ids"][0], encode(name, parts, CONV, image)["input_ids"])
@@ -161,7 +145,7 @@ def test_encode_equals_the_family_processor(name, tok_dir, monkeypatch):
     processor = _reference_processor(family, parts, monkeypatch)
     text = render(parts, CONV)
     for h, w in [(30, 50), (64, 20), (32, 32), (100, 120)]:
-        image = _image(h, w, seed=h)
+        image = random_image(h, w, seed=h)
         ref = processor(text=[text], images=[image], add_special_tokens=False, return_tensors="np")
         enc = encode(name, parts, CONV, image)
         np.testing.assert_array_equal(ref["input_ids"][0], enc["input_ids"], err_msg=f"{h}x{w}")
@@ -184,7 +168,7 @@ def test_onevision_pools_grids_above_anyres_max(tok_dir, monkeypatch):
     parts = tiny_processor_parts("llava_onevision", tok_dir)
     parts = replace(parts, settings={**parts.settings, "vision_aspect_ratio": "anyres_max_1"})
     processor = _reference_processor(FAMILIES["llava_onevision"], parts, monkeypatch)
-    image = _image(60, 64)
+    image = random_image(60, 64)
     ref = processor(text=[render(parts, CONV)], images=[image], add_special_tokens=False)
     enc = encode("llava_onevision", parts, CONV, image)
     assert ref["input_ids"][0] == enc["input_ids"].tolist()
@@ -194,7 +178,7 @@ def test_onevision_pools_grids_above_anyres_max(tok_dir, monkeypatch):
 def test_labels_are_the_assistant_replies_and_their_end_of_turn(name, tok_dir):
     family = FAMILIES[name]
     parts = tiny_processor_parts(name, tok_dir)
-    enc = encode(name, parts, TWO_ROUNDS, _image(32, 32))
+    enc = encode(name, parts, TWO_ROUNDS, random_image(32, 32))
     ids, labels = enc["input_ids"], enc["labels"]
     on = labels != IGNORE_INDEX
     assert np.array_equal(labels[on], ids[on])
@@ -218,8 +202,8 @@ def test_batch_collation_keeps_each_sample_with_its_image(name, tok_dir):
     model = tiny_model(name, "student", parts.tokenizer).eval()
     text_only = [{"role": "user", "content": "Describe the picture."},
                  {"role": "assistant", "content": "A blue circle."}]
-    samples = [encode(name, parts, CONV, _image(30, 50)), encode(name, parts, text_only),
-               encode(name, parts, CONV, _image(64, 20, seed=2))]
+    samples = [encode(name, parts, CONV, random_image(30, 50)), encode(name, parts, text_only),
+               encode(name, parts, CONV, random_image(64, 20, seed=2))]
     pad = parts.tokenizer.pad_token_id
     with torch.no_grad():
         together = model(**collate(name, samples, pad)).logits
@@ -233,7 +217,7 @@ def test_mismatches_and_unknown_names_are_explained(tok_dir):
     with pytest.raises(ValueError, match="qwen2_vl: the conversation has 1 image"):
         encode("qwen2_vl", parts, CONV)
     with pytest.raises(ValueError, match=r"qwen2_vl: 0 <\|image_pad\|> placeholder"):
-        expand_image_tokens("qwen2_vl", parts, "no image here", _image(32, 32))
+        expand_image_tokens("qwen2_vl", parts, "no image here", random_image(32, 32))
     with pytest.raises(ValueError, match="unknown model family 'qwen9'"):
         get_family("qwen9")
     with pytest.raises(ValueError, match="'mllama' is not a supported VLM family"):

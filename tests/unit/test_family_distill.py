@@ -36,15 +36,6 @@ def _image(w: int, h: int, seed: int = 0):
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    from workloads.data.tokenizer import train_tokenizer
-
-    texts = ["What color is the shape?", "It is a red square.", "Describe the picture.",
-             "A blue circle on a white background."] * 20
-    return str(train_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=320))
-
-
-@pytest.fixture(scope="module")
 def built(tmp_path_factory, tok_dir):
     """family -> {role: model dir}: one tokenizer, teacher and student of one family."""
     cache: dict[str, dict[str, str]] = {}

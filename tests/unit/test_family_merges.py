@@ -12,6 +12,7 @@ import copy
 
 import numpy as np
 import pytest
+from family_fixtures import random_image
 import torch
 
 from workloads.families import (FAMILIES, build_tiny, collate, encode, get_family,
@@ -35,22 +36,6 @@ CONV = [{"role": "user", "content": "<image>\nWhat color is the shape?"},
 PROMPT = CONV[:1]
 
 
-def _image(h: int, w: int, seed: int = 0):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    from workloads.data.tokenizer import train_tokenizer
-
-    texts = ["What color is the shape?", "It is a red square.", "And its shape?", "A square.",
-             "Describe the picture: a blue circle on a white background."] * 20
-    return str(train_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=320))
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tok_dir):
     """(family, seed) -> a saved tiny student dir (seed 0 serves as the base), built once."""
@@ -72,7 +57,7 @@ def _state(path: str) -> dict[str, torch.Tensor]:
 
 
 def _batch(name: str, parts, conversations=(CONV,), images=None, generation=False):
-    images = images or [_image(30, 50)] * len(conversations)
+    images = images or [random_image(30, 50)] * len(conversations)
     samples = [encode(name, parts, c, im, add_generation_prompt=generation)
                for c, im in zip(conversations, images)]
     batch = collate(name, samples, parts.tokenizer.pad_token_id)
@@ -260,7 +245,7 @@ def test_width_equals_the_weighted_ensemble_of_its_parents(name, tok_dir):
     coupling), the widened model's logits are exactly w_1 logits_1 + w_2 logits_2; merged with
     itself (equal halves: no coupling) it is exactly the parent."""
     parts, (m1, m2) = _width_parents(name, tok_dir)
-    batch = _batch(name, parts, (CONV, CONV), [_image(30, 50), _image(64, 20, seed=2)])
+    batch = _batch(name, parts, (CONV, CONV), [random_image(30, 50), random_image(64, 20, seed=2)])
     with torch.no_grad():
         l1, l2 = m1(**batch).logits, m2(**batch).logits
         merged = width_merge([m1, m2], params={"weights": [0.3, 0.7]}).eval()
@@ -317,7 +302,7 @@ def test_cross_at_init_equals_the_fused_parents(name, tok_dir):
                or k == text_prefix(fam) + "embed_tokens.weight"})
     b_on_a.load_state_dict(sd)
     short = CONV[:1] + [{"role": "assistant", "content": "Red."}]
-    batch = _batch(name, parts, (CONV, short), [_image(30, 50), _image(64, 20, seed=2)])
+    batch = _batch(name, parts, (CONV, short), [random_image(30, 50), random_image(64, 20, seed=2)])
     real = batch["attention_mask"].bool()
     cross = CrossMergedModel(a, b, cross_every=1).eval()
     assert cross.bridge_layers == [0, 1]
@@ -340,7 +325,7 @@ def test_cross_merge_stage_qwen2_vl_trains_new_layers_saves_reloads_and_generate
     assert metrics["audited_tensors"] == 2 * len(_state(parents[0]))
     model, processor = load_any_model(str(tmp_path / "c"))
     batch = _batch("qwen2_vl", processor.parts, (CONV,))
-    labels = encode("qwen2_vl", processor.parts, CONV, _image(30, 50))["labels"]
+    labels = encode("qwen2_vl", processor.parts, CONV, random_image(30, 50))["labels"]
     model.train()
     out = model(**batch, labels=torch.as_tensor(labels)[None])
     out.loss.backward()

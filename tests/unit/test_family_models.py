@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+from family_fixtures import random_image
 import torch
 
 from workloads.families import (FAMILIES, FamilyProcessor, encode, hf_processor, parameter_part,
@@ -20,23 +21,6 @@ from workloads.models import (ModelCompatError, ModelSpec, build_model, check_co
 NAMES = sorted(FAMILIES)
 FAMILY_NAMES = [n for n in NAMES if n != "llava"]  # llava is the family-less LLaVA-1.5 path
 QUESTION = "What color is the shape?"
-
-
-def _image(h: int, w: int, seed: int = 0):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    """A tokenizer trained by mmkd's own trainer (the tokenizer stage's output layout)."""
-    from workloads.data.tokenizer import train_tokenizer
-
-    texts = ["What color is the shape?", "It is a red square.", "And its shape?", "A square.",
-             "Describe the picture: a blue circle on a white background."] * 20
-    return str(train_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=320))
 
 
 def _ids(processor, question: str, image) -> list[int]:
@@ -73,7 +57,7 @@ def test_processor_input_ids_equal_encode_and_the_hf_processor(name, tok_dir):
     assert processor.apply_chat_template(conv, add_generation_prompt=True) == \
         render(parts, conv, add_generation_prompt=True)
     for h, w in [(30, 50), (100, 120)]:
-        image = _image(h, w, seed=h)
+        image = random_image(h, w, seed=h)
         ref = encode(name, parts, conv, image, add_generation_prompt=True)
         # no marker in the question: the image goes first, as for LLaVA's eval prompts
         text = processor.prompt([{"role": "user", "content": QUESTION}], has_image=True)
@@ -108,8 +92,8 @@ def test_left_padded_batch_generates_as_one_by_one(name, tok_dir):
     tiles) and a text-only prompt in one left-padded batch: the greedy tokens of one by one."""
     model, processor = build_model({"preset": "tiny-student", "family": name}, tok_dir)
     model.eval()
-    questions = [(QUESTION, _image(30, 50)), ("Describe the picture: a blue circle", None),
-                 ("A square.", _image(64, 20, seed=2)), ("And its shape?", _image(100, 120))]
+    questions = [(QUESTION, random_image(30, 50)), ("Describe the picture: a blue circle", None),
+                 ("A square.", random_image(64, 20, seed=2)), ("And its shape?", random_image(100, 120))]
     texts = [processor.prompt([{"role": "user", "content": q}], image is not None)
              for q, image in questions]
     eos = model.generation_config.eos_token_id
@@ -147,7 +131,7 @@ def test_preset_builds_saves_reloads_and_freezes_by_part(name, tok_dir, tmp_path
     assert isinstance(loaded, AutoModelForImageTextToText._model_mapping[type(model.config)])
     state = loaded.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    image = _image(40, 24, seed=1)
+    image = random_image(40, 24, seed=1)
     assert _ids(proc2, QUESTION, image) == _ids(processor, QUESTION, image)
     assert proc2.parts.settings == processor.parts.settings
     if family.processor_loads_on_cpu:  # and plain AutoProcessor reads what save_model wrote
