@@ -40,7 +40,8 @@ def test_a_plugin_workload_divergence_and_merge_method_run_in_one_pipeline(tmp_p
     assert "mmkd-test-plugins" in rows["tiny_pair"] and "mmkd-test-plugins" in rows["noop"]
     product = {n for n, line in rows.items() if "│ mmkd " in line}
     assert product == {"shapes", "tokenizer", "pretrain", "sft", "distill", "teacher_logits",
-                       "evaluate", "partition", "merge"}, "no test-only workload in the product"
+                       "evaluate", "partition", "merge", "hub_model"}, \
+        "no test-only workload in the product"
 
     pipe = tmp_path / "plugins.yaml"
     pipe.write_text(textwrap.dedent(PIPE))
