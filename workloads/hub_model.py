@@ -81,8 +81,17 @@ def hub_model(config: HubModelConfig, ctx: StageContext) -> dict[str, Any]:
             raise ModelCompatError(f"stage {ctx.stage!r}: {problems[0]}")
         from huggingface_hub import snapshot_download
 
-        path = snapshot_download(config.repo, revision=config.revision, local_dir=out,
-                                 allow_patterns=_PATTERNS)
+        try:
+            path = snapshot_download(config.repo, revision=config.revision, local_dir=out,
+                                     allow_patterns=_PATTERNS)
+        except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated, no disk...
+            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise ModelCompatError(
+                f"stage {ctx.stage!r}: could not fetch {config.repo}"
+                f"{'@' + config.revision if config.revision else ''} from the Hugging Face hub "
+                f"({type(e).__name__}: {reason}). The machine running this stage needs hub "
+                f"access (and a token for a gated model) or the model in its HF cache "
+                f"(HF_HOME); or set `repo` to a local model directory") from e
         source = {"repo": config.repo, "revision": config.revision, "path": path}
     problem = _family_problem(out)
     if problem:

@@ -138,3 +138,23 @@ def test_hub_model_stage_copies_a_local_checkpoint_that_loads(tmp_path):
     assert json.loads((tmp_path / "out" / "source.json").read_text())["repo"] == src
     model, processor = load_model(str(tmp_path / "out" / "model"))
     assert model.config.model_type == "qwen2_vl" and processor.family.name == "qwen2_vl"
+
+
+def test_hub_model_without_hub_access_says_what_to_do(tmp_path, monkeypatch):
+    """Offline (HF_HUB_OFFLINE) and the model not cached: one message naming the repo and the
+    ways out, not the hub client's exception."""
+    from orchestrator.plugin import StageContext
+    from workloads.hub_model import HubModelConfig, hub_model
+    from workloads.models import ModelCompatError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    ctx = StageContext(pipeline="p", stage="teacher", key="k", output_dir=str(tmp_path / "out"))
+    with pytest.raises(ModelCompatError) as e:
+        hub_model(HubModelConfig(repo="Qwen/Qwen2.5-VL-7B-Instruct"), ctx)
+    text = str(e.value)
+    assert "stage 'teacher': could not fetch Qwen/Qwen2.5-VL-7B-Instruct" in text
+    assert "HF_HOME" in text and "local model directory" in text
