@@ -3,39 +3,22 @@ runner calls it, on the data layer's tiny shapes set with real Ray Train + DeepS
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import os
 
 import pytest
 import torch
 
-from orchestrator.plugin import Resources, StageContext
+from stage_helpers import files_digest, stage_ctx
 from workloads.distill import DistillConfig, distill
 from workloads.distill_offline import TeacherLogitsConfig, read_manifest, teacher_logits
 
 TERMS = ("loss", "ce", "l_res", "l_vis", "l_rel")
 
 
-def _ctx(root, stage, inputs, workers=2, zero=2):
-    return StageContext(pipeline="test", stage=stage, key=f"{stage}-key",
-                        output_dir=str(root / stage), inputs=inputs,
-                        resources=Resources(num_workers=workers, cpus_per_worker=1),
-                        deepspeed={"zero_stage": zero, "precision": "fp32"},
-                        checkpoint_storage=str(root / "ckpt"), run_name=f"{stage}-run", seed=1)
-
-
 def _state(path):
     from transformers import LlavaForConditionalGeneration
 
     return LlavaForConditionalGeneration.from_pretrained(path).state_dict()
-
-
-def _files_digest(model_dir):
-    h = hashlib.sha256()
-    for f in sorted(glob.glob(os.path.join(model_dir, "*"))):
-        h.update(open(f, "rb").read())
-    return h.hexdigest()
 
 
 def _series(ctx, name):
@@ -56,7 +39,7 @@ def setup(ray_session, tmp_path_factory):
     student_dir = save_model(*build_model({"preset": "tiny-student"}, data["tokenizer"]),
                              str(root / "student" / "model"))
     return {"root": root, "data": data, "teacher": teacher_dir, "student": student_dir,
-            "teacher_digest": _files_digest(teacher_dir)}
+            "teacher_digest": files_digest(teacher_dir)}
 
 
 def _changed(before, after, part):
@@ -65,7 +48,7 @@ def _changed(before, after, part):
 
 def test_dft_online_zero2_learns_logs_all_terms_and_keeps_teacher(setup):
     s = setup
-    ctx = _ctx(s["root"], "dft", {"init": s["student"], "teacher": s["teacher"],
+    ctx = stage_ctx(s["root"], "dft", {"init": s["student"], "teacher": s["teacher"],
                                   "data": s["data"]["instruct"]})
     final = distill(DistillConfig(max_steps=8, batch_size=4, lr=3e-3, checkpoint_every=0), ctx)
     assert final["steps"] == 8
@@ -76,7 +59,7 @@ def test_dft_online_zero2_learns_logs_all_terms_and_keeps_teacher(setup):
         m = e["metrics"]
         assert m["l_res"] > 0 and m["l_vis"] > 0 and m["l_rel"] > 0, m
     assert ctx.local_metrics[-1]["metrics"]["teacher_unchanged"] == 1.0  # min over both workers
-    assert _files_digest(s["teacher"]) == s["teacher_digest"]
+    assert files_digest(s["teacher"]) == s["teacher_digest"]
     before, after = _state(s["student"]), _state(os.path.join(ctx.output_dir, "model"))
     assert all(_changed(before, after, "multi_modal_projector").values())
     assert any(_changed(before, after, "language_model").values())
@@ -91,7 +74,7 @@ FULL = dict(max_steps=1, batch_size=32, lr=1e-3, checkpoint_every=0, warmup_rati
 @pytest.fixture(scope="module")
 def dpt_online(setup):
     s = setup
-    ctx = _ctx(s["root"], "dpt", {"init": s["student"], "teacher": s["teacher"],
+    ctx = stage_ctx(s["root"], "dpt", {"init": s["student"], "teacher": s["teacher"],
                                   "data": s["data"]["instruct"]}, workers=1)
     distill(DistillConfig(train=["projector"], **FULL), ctx)
     return ctx
@@ -107,30 +90,30 @@ def test_dpt_only_changes_the_projector(setup, dpt_online):
 def test_offline_teacher_matches_online_at_full_k(setup, dpt_online):
     """k = vocab size: the step-0 terms from stored logits equal the online ones."""
     s = setup
-    tl = _ctx(s["root"], "tlogits", {"teacher": s["teacher"], "data": s["data"]["instruct"]},
+    tl = stage_ctx(s["root"], "tlogits", {"teacher": s["teacher"], "data": s["data"]["instruct"]},
               workers=1)
     out = teacher_logits(TeacherLogitsConfig(top_k=10**6, batch_size=16, max_length=256), tl)
     manifest = read_manifest(os.path.join(tl.output_dir, "logits"))
     assert out["samples"] == 32 and manifest["top_k"] == manifest["vocab_size"]
-    off = _ctx(s["root"], "full_off", {"init": s["student"], "teacher_logits": tl.output_dir,
+    off = stage_ctx(s["root"], "full_off", {"init": s["student"], "teacher_logits": tl.output_dir,
                                        "data": s["data"]["instruct"]}, workers=1)
     distill(DistillConfig(teacher="offline", train=["projector"], **FULL), off)
     m_on, m_off = dpt_online.local_metrics[0]["metrics"], off.local_metrics[0]["metrics"]
     for k in ("ce", "l_res", "l_vis", "l_rel"):
         assert m_off[k] == pytest.approx(m_on[k], rel=1e-4), (k, m_on, m_off)
     # Another max_length means another tokenization: refused before training starts.
-    bad = _ctx(s["root"], "bad_off", dict(off.inputs), workers=1)
+    bad = stage_ctx(s["root"], "bad_off", dict(off.inputs), workers=1)
     with pytest.raises(ValueError, match="different tokenization"):
         distill(DistillConfig(teacher="offline", max_length=128, **FULL), bad)
 
 
 def test_zero3_teacher_is_partitioned(setup):
     s = setup
-    ctx = _ctx(s["root"], "z3", {"init": s["student"], "teacher": s["teacher"],
+    ctx = stage_ctx(s["root"], "z3", {"init": s["student"], "teacher": s["teacher"],
                                  "data": s["data"]["instruct"]}, zero=3)
     final = distill(DistillConfig(max_steps=2, batch_size=4, lr=1e-3, checkpoint_every=0), ctx)
     assert final["steps"] == 2
     m = ctx.local_metrics[-1]["metrics"]
     assert m["teacher_local_numel"] < 0.75 * m["teacher_numel"], m
     assert m["teacher_unchanged"] == 1.0 and m["l_res"] > 0
-    assert _files_digest(s["teacher"]) == s["teacher_digest"]
+    assert files_digest(s["teacher"]) == s["teacher_digest"]

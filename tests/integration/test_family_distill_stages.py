@@ -7,15 +7,13 @@ Train + DeepSpeed on CPU. (The DPT -> SFT -> DFT -> evaluate chain: tests/e2e.)"
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import math
 import os
 
 import pytest
 import torch
 
-from orchestrator.plugin import Resources, StageContext
+from stage_helpers import files_digest, stage_ctx
 from workloads.distill import DistillConfig, distill
 from workloads.distill_offline import TeacherLogitsConfig, read_manifest, teacher_logits
 
@@ -24,25 +22,10 @@ TERMS = ("loss", "ce", "l_res", "l_vis", "l_rel")
 NUM_SAMPLES = 16  # instruct rows
 
 
-def _ctx(root, stage, inputs, workers=2, zero=2):
-    return StageContext(pipeline="test", stage=stage, key=f"{stage}-key",
-                        output_dir=str(root / stage), inputs=inputs,
-                        resources=Resources(num_workers=workers, cpus_per_worker=1),
-                        deepspeed={"zero_stage": zero, "precision": "fp32"},
-                        checkpoint_storage=str(root / "ckpt"), run_name=f"{stage}-run", seed=1)
-
-
 def _state(path):
     from transformers import AutoModelForImageTextToText
 
     return AutoModelForImageTextToText.from_pretrained(path).state_dict()
-
-
-def _files_digest(model_dir):
-    h = hashlib.sha256()
-    for f in sorted(glob.glob(os.path.join(model_dir, "*"))):
-        h.update(open(f, "rb").read())
-    return h.hexdigest()
 
 
 def _finite_terms(m):
@@ -71,7 +54,7 @@ def setup(request, data, tmp_path_factory):
     student_dir = save_model(*build_model({"preset": "tiny-student", "family": family},
                                           data["tokenizer"]), str(root / "student" / "model"))
     return {"family": family, "root": root, "data": data, "teacher": teacher_dir,
-            "student": student_dir, "teacher_digest": _files_digest(teacher_dir)}
+            "student": student_dir, "teacher_digest": files_digest(teacher_dir)}
 
 
 # DFT, small batches and a few steps; the offline and ZeRO-3 runs repeat it with the same
@@ -83,7 +66,7 @@ DFT = dict(max_steps=3, batch_size=2, lr=3e-3, checkpoint_every=0, max_length=25
 @pytest.fixture(scope="module")
 def dft_online(setup):
     s = setup
-    ctx = _ctx(s["root"], "dft", {"init": s["student"], "teacher": s["teacher"],
+    ctx = stage_ctx(s["root"], "dft", {"init": s["student"], "teacher": s["teacher"],
                                   "data": s["data"]["instruct"]})
     final = distill(DistillConfig(**DFT), ctx)
     return ctx, final
@@ -97,7 +80,7 @@ def test_dft_online_zero2_logs_all_terms_and_keeps_teacher(setup, dft_online):
         _finite_terms(m)
         assert m["l_res"] > 0 and m["l_vis"] > 0 and m["l_rel"] > 0, (s["family"], m)
     assert ctx.local_metrics[-1]["metrics"]["teacher_unchanged"] == 1.0  # min over both workers
-    assert _files_digest(s["teacher"]) == s["teacher_digest"]
+    assert files_digest(s["teacher"]) == s["teacher_digest"]
     from workloads.families import parameter_part
 
     before = _state(s["student"])
@@ -112,13 +95,13 @@ def test_dft_online_zero2_logs_all_terms_and_keeps_teacher(setup, dft_online):
 def test_offline_teacher_matches_online_at_full_k(setup, dft_online):
     """k = vocab size: every step's terms from stored logits equal the online teacher's."""
     s, (on, _) = setup, dft_online
-    tl = _ctx(s["root"], "tlogits", {"teacher": s["teacher"], "data": s["data"]["instruct"]},
+    tl = stage_ctx(s["root"], "tlogits", {"teacher": s["teacher"], "data": s["data"]["instruct"]},
               workers=1)
     out = teacher_logits(TeacherLogitsConfig(top_k=10**6, batch_size=8,
                                              max_length=DFT["max_length"]), tl)
     manifest = read_manifest(os.path.join(tl.output_dir, "logits"))
     assert out["samples"] == NUM_SAMPLES and manifest["top_k"] == manifest["vocab_size"]
-    off = _ctx(s["root"], "dft_off", {"init": s["student"], "teacher_logits": tl.output_dir,
+    off = stage_ctx(s["root"], "dft_off", {"init": s["student"], "teacher_logits": tl.output_dir,
                                       "data": s["data"]["instruct"]})
     distill(DistillConfig(teacher="offline", **DFT), off)
     assert len(off.local_metrics) == len(on.local_metrics) == DFT["max_steps"]
@@ -128,14 +111,14 @@ def test_offline_teacher_matches_online_at_full_k(setup, dft_online):
             assert m_off[k] == pytest.approx(m_on[k], rel=1e-4), (s["family"], e_on["step"], k,
                                                                    m_on, m_off)
     # Another max_length means another tokenization: refused before training starts.
-    bad = _ctx(s["root"], "bad_off", dict(off.inputs), workers=1)
+    bad = stage_ctx(s["root"], "bad_off", dict(off.inputs), workers=1)
     with pytest.raises(ValueError, match="different tokenization"):
         distill(DistillConfig(teacher="offline", **{**DFT, "max_length": 128}), bad)
 
 
 def test_zero3_teacher_is_partitioned(setup, dft_online):
     s, (on, _) = setup, dft_online
-    ctx = _ctx(s["root"], "z3", {"init": s["student"], "teacher": s["teacher"],
+    ctx = stage_ctx(s["root"], "z3", {"init": s["student"], "teacher": s["teacher"],
                                  "data": s["data"]["instruct"]}, zero=3)
     final = distill(DistillConfig(**{**DFT, "max_steps": 2}), ctx)
     assert final["steps"] == 2
@@ -145,7 +128,7 @@ def test_zero3_teacher_is_partitioned(setup, dft_online):
     assert m["teacher_local_numel"] < 0.75 * m["teacher_numel"], m
     assert m["teacher_unchanged"] == 1.0
     assert m["l_res"] > 0 and m["l_vis"] > 0 and m["l_rel"] > 0, (s["family"], m)
-    assert _files_digest(s["teacher"]) == s["teacher_digest"]
+    assert files_digest(s["teacher"]) == s["teacher_digest"]
     # the gathered teacher gives the replicated one's logits: step 0 (same batch, same student)
     m3, m2 = ctx.local_metrics[0]["metrics"], on.local_metrics[0]["metrics"]
     for k in TERMS:

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from orchestrator.plugin import Resources, StageContext
+from stage_helpers import stage_ctx
 from workloads.distill import DistillConfig, distill, service_spec, validate_distill
 from workloads.distill_offline import TeacherLogitsConfig, teacher_logits
 from workloads.teacher_service import ServiceLease, ServiceSpec, find_service
@@ -21,12 +21,8 @@ RUN = dict(max_steps=3, batch_size=8, lr=1e-3, checkpoint_every=0, warmup_ratio=
 SMALL_K = 8
 
 
-def _ctx(root, stage, inputs):
-    return StageContext(pipeline="test", stage=stage, key=f"{stage}-key",
-                        output_dir=str(root / stage), inputs=inputs,
-                        resources=Resources(num_workers=1, cpus_per_worker=1),
-                        deepspeed={"zero_stage": 2, "precision": "fp32"},
-                        checkpoint_storage=str(root / "ckpt"), run_name=f"{stage}-run", seed=1)
+def _one(root, stage, inputs):
+    return stage_ctx(root, stage, inputs, workers=1)
 
 
 def _steps(ctx):
@@ -77,7 +73,7 @@ def setup(ray_session, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def online(setup):
-    ctx = _ctx(setup["root"], "online", setup["inputs"])
+    ctx = _one(setup["root"], "online", setup["inputs"])
     distill(DistillConfig(teacher="online", **RUN), ctx)
     return _steps(ctx)
 
@@ -88,7 +84,7 @@ def shared(setup):
     import ray
 
     config = DistillConfig(teacher="service", **RUN)
-    ctxs = [_ctx(setup["root"], f"shared_{i}", setup["inputs"]) for i in range(2)]
+    ctxs = [_one(setup["root"], f"shared_{i}", setup["inputs"]) for i in range(2)]
     name = service_spec(config, ctxs[0]).name
     results = ray.get([_run_as_task(config, c) for c in ctxs])
     return {"name": name, "finals": [r[0] for r in results],
@@ -122,9 +118,9 @@ def test_two_concurrent_stages_share_one_service(shared):
 @pytest.fixture(scope="module")
 def offline_small_k(setup):
     s = setup
-    tl = _ctx(s["root"], "tlogits", {"teacher": s["teacher"], "data": s["data"]["instruct"]})
+    tl = _one(s["root"], "tlogits", {"teacher": s["teacher"], "data": s["data"]["instruct"]})
     teacher_logits(TeacherLogitsConfig(top_k=SMALL_K, batch_size=16, max_length=256), tl)
-    ctx = _ctx(s["root"], "offline", {"init": s["inputs"]["init"],
+    ctx = _one(s["root"], "offline", {"init": s["inputs"]["init"],
                                       "teacher_logits": tl.output_dir,
                                       "data": s["data"]["instruct"]})
     distill(DistillConfig(teacher="offline", **RUN), ctx)
@@ -132,7 +128,7 @@ def offline_small_k(setup):
 
 
 def test_service_equals_offline_at_the_same_k(setup, offline_small_k):
-    ctx = _ctx(setup["root"], "service_k", setup["inputs"])
+    ctx = _one(setup["root"], "service_k", setup["inputs"])
     final = distill(DistillConfig(teacher="service", top_k=SMALL_K, **RUN), ctx)
     _assert_same_losses(offline_small_k, _steps(ctx), f"service vs offline at k = {SMALL_K}")
     assert final["teacher_service/loads"] == 1 and final["teacher_service/users"] == 0
@@ -142,7 +138,7 @@ def test_a_killed_replica_restarts_and_the_stage_completes(setup, offline_small_
     import ray
 
     config = DistillConfig(teacher="service", top_k=SMALL_K, **RUN)
-    ctx = _ctx(setup["root"], "killed", setup["inputs"])
+    ctx = _one(setup["root"], "killed", setup["inputs"])
     name = service_spec(config, ctx).name
     assert _wait_gone(name)  # the previous test's service (same name) has ended
     task = _run_as_task(config, ctx)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import tarfile
+
 import numpy as np
 
 
@@ -11,3 +14,15 @@ def random_image(h: int, w: int, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def webdataset_shard(path, rows) -> None:
+    """Reader-style rows (key, conversations JSON, image bytes or None) as one webdataset tar."""
+    from workloads.data.shapes import _add
+
+    with tarfile.open(path, "w") as tar:
+        for row in rows:
+            _add(tar, f"{row['key']}.json",
+                 json.dumps({"conversations": json.loads(row["conversations"])}).encode())
+            if row["image"] is not None:
+                _add(tar, f"{row['key']}.png", row["image"])

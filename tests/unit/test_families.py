@@ -11,7 +11,7 @@ import pytest
 from family_fixtures import random_image
 import torch
 
-from workloads.families import (FAMILIES, IGNORE_INDEX, PART_NAMES, build_tiny, collate, encode,
+from workloads.families import (FAMILIES, IGNORE_INDEX, PART_NAMES, collate, encode,
                                 expand_image_tokens, family_of, get_family, load_processor_parts,
                                 parameter_part, render, tiny_model, tiny_processor_parts)
 
@@ -20,21 +20,6 @@ CONV = [{"role": "user", "content": "<image>\nWhat color is the shape?"},
         {"role": "assistant", "content": "It is a red square."}]
 TWO_ROUNDS = CONV + [{"role": "user", "content": "And its shape?"},
                      {"role": "assistant", "content": "A square."}]
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, tok_dir):
-    """family -> {role: model dir}, built once per family on first use."""
-    cache: dict[str, dict[str, str]] = {}
-
-    def get(family: str) -> dict[str, str]:
-        if family not in cache:
-            root = tmp_path_factory.mktemp(family)
-            cache[family] = {role: build_tiny(family, role, tok_dir, str(root / role))
-                             for role in ("teacher", "student")}
-        return cache[family]
-
-    return get
 
 
 def _reference_processor(family, parts, monkeypatch):

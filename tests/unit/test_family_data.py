@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from family_fixtures import webdataset_shard
 import torch
 
 from workloads.data.collate import collate, make_collate_fn
@@ -281,19 +281,6 @@ def test_offline_teacher_full_topk_equals_online(proc_dir, tmp_path):
         assert float(off[key]) == pytest.approx(float(value), rel=1e-4, abs=1e-6), key
 
 
-def _webdataset_shard(path, rows) -> None:
-    with tarfile.open(path, "w") as tar:
-        for row in rows:
-            members = {f"{row['key']}.json": json.dumps(
-                {"conversations": json.loads(row["conversations"])}).encode()}
-            if row["image"] is not None:
-                members[f"{row['key']}.png"] = row["image"]
-            for name, data in members.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
 def test_qwen2_vl_rows_round_trip_through_ray_data(ray_session, proc_dir, tmp_path):
     """Ragged pixels through a real map_batches: the `mm` bytes, the ragged ids and the
     collated batch equal the in-process ones."""
@@ -305,7 +292,7 @@ def test_qwen2_vl_rows_round_trip_through_ray_data(ray_session, proc_dir, tmp_pa
     spec = load_processor(path)
     rows = ROWS + [_row("square", CONV, _png(48, 48, seed=3))]
     (tmp_path / "data").mkdir()
-    _webdataset_shard(tmp_path / "data" / "shard-0.tar", rows)
+    webdataset_shard(tmp_path / "data" / "shard-0.tar", rows)
     source = DataSource(format="webdataset", paths=str(tmp_path / "data"))
     local = Preprocessor(path, max_length=512, quality=None, keep_keys=True)(
         rows_to_columns(list(iter_rows(source))))

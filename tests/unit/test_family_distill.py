@@ -35,21 +35,6 @@ def _image(w: int, h: int, seed: int = 0):
     return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, tok_dir):
-    """family -> {role: model dir}: one tokenizer, teacher and student of one family."""
-    cache: dict[str, dict[str, str]] = {}
-
-    def get(family: str) -> dict[str, str]:
-        if family not in cache:
-            root = tmp_path_factory.mktemp(family)
-            cache[family] = {role: families.build_tiny(family, role, tok_dir, str(root / role))
-                             for role in ("teacher", "student")}
-        return cache[family]
-
-    return get
-
-
 # A student processor that tokenizes images differently from the teacher's, per family: Qwen
 # with a smaller pixel budget, Idefics3 with smaller tiles (SmolVLM2-2.2B vs 256M), Gemma 3
 # with fewer soft tokens per image.

@@ -9,11 +9,11 @@ from __future__ import annotations
 import io
 import json
 import math
-import tarfile
 from dataclasses import replace
 
 import numpy as np
 import pytest
+from family_fixtures import webdataset_shard
 import torch
 
 from orchestrator.plugin import StageContext
@@ -200,25 +200,12 @@ def test_response_kd_runs_the_teacher_on_its_own_encoding(pair):
     assert m["teacher_unchanged"] == 1.0
 
 
-def _webdataset_shard(path, rows) -> None:
-    with tarfile.open(path, "w") as tar:
-        for row in rows:
-            members = {f"{row['key']}.json": json.dumps(
-                {"conversations": json.loads(row["conversations"])}).encode()}
-            if row["image"] is not None:
-                members[f"{row['key']}.png"] = row["image"]
-            for name, data in members.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
 @pytest.fixture(scope="module")
 def shard_source(tmp_path_factory):
     from workloads.data.source import DataSource
 
     root = tmp_path_factory.mktemp("shards")
-    _webdataset_shard(root / "shard-0.tar", ROWS + [_row("square", CONV, _png(48, 48, seed=3))])
+    webdataset_shard(root / "shard-0.tar", ROWS + [_row("square", CONV, _png(48, 48, seed=3))])
     return DataSource(format="webdataset", paths=str(root))
 
 
