@@ -103,7 +103,12 @@ class ModelSpec(BaseModel):
         from workloads.families import FAMILIES
 
         if value is not None and value not in FAMILIES:
-            raise ValueError(f"model.family: unknown family {value!r}; known: {sorted(FAMILIES)}")
+            import difflib
+
+            close = difflib.get_close_matches(value, FAMILIES, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"model.family: unknown family {value!r}; {hint}known: "
+                             f"{sorted(FAMILIES)}")
         return None if value == "llava" else value  # LLaVA-1.5 is the family-less path
 
     @model_validator(mode="after")
