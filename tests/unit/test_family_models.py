@@ -38,7 +38,7 @@ def test_llava_specs_dump_as_before_and_family_is_checked():
     assert ModelSpec(preset="tiny-student", family="llava").model_dump() == old
     assert ModelSpec(preset="tiny-student", family="qwen2_vl").model_dump() == {
         **old, "family": "qwen2_vl"}
-    with pytest.raises(ValueError, match=r"unknown family 'qwen9'; known: \['gemma3'"):
+    with pytest.raises(ValueError, match=r"unknown family 'qwen9'; did you mean 'qwen3_vl'\? known: \['gemma3'"):
         ModelSpec(preset="tiny-student", family="qwen9")
     with pytest.raises(ValueError, match="`parts` builds a LLaVA-1.5 model"):
         ModelSpec(parts={"vision": "a", "llm": "b"}, family="internvl")
