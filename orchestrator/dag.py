@@ -116,7 +116,9 @@ def expand_and_lint(
                 name=name, base=base, workload=info.name, version=info.version,
                 config=config, inputs=dict(concrete.inputs), resources=resources,
                 deepspeed=deepspeed, distributed=info.distributed,
-                streams_data=info.streams_data, matrix_values=values)
+                streams_data=info.streams_data, matrix_values=values,
+                side=info.side_resources(config, dict(concrete.inputs))
+                if info.side_resources else None)
             members[base].append(name)
 
     for stage in stages.values():

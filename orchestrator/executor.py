@@ -6,6 +6,7 @@ every ``mmkd tune`` trial run stages through this same code."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -65,7 +66,8 @@ def execute_stage(payload: dict[str, Any], reporter: Any = None) -> dict[str, An
             output_dir=out_dir, inputs=inputs, resources=Resources(**payload["resources"]),
             deepspeed=payload["deepspeed"], checkpoint_storage=store.checkpoint_storage(),
             run_name=payload["run_name"], seed=int(payload["params"].get("seed", 0) or 0),
-            reporter=reporter, input_stages=payload.get("input_stages", {}))
+            reporter=reporter, input_stages=payload.get("input_stages", {}),
+            run_id=payload.get("run_id", ""), side_later=int(payload.get("side_later", 0)))
         metrics = info.fn(config, ctx) or {}
         missing = missing_outputs(info, out_dir)
         if missing:
@@ -90,8 +92,8 @@ def execute_stage(payload: dict[str, Any], reporter: Any = None) -> dict[str, An
 DATA_CPUS = 1.0  # a stage's Ray Data pipeline (read, decode, tokenize): Ray Train, teacher_logits
 
 
-def stage_cpus(stage: Stage) -> float:
-    """CPUs a running stage occupies, including its data pipeline."""
+def own_cpus(stage: Stage) -> float:
+    """CPUs a running stage occupies itself: its workers (or task) and its data pipeline."""
     r = stage.resources
     data = DATA_CPUS if stage.streams_data else 0.0
     if stage.distributed:
@@ -99,10 +101,24 @@ def stage_cpus(stage: Stage) -> float:
     return r.cpus_per_worker + data
 
 
+def stage_cpus(stage: Stage) -> float:
+    """CPUs a running stage occupies, including its data pipeline and what it holds beside
+    its workers (``plugin.SideResources``, e.g. a teacher service's replicas)."""
+    return own_cpus(stage) + (stage.side.cpus if stage.side else 0.0)
+
+
+def stages_cpus(stages: list[Stage]) -> float:
+    """CPUs of stages running at once: side resources with the same key counted once (stages
+    sharing one teacher service share its replicas)."""
+    sides = {s.side.key: s.side.cpus for s in stages if s.side}
+    return sum(own_cpus(s) for s in stages) + sum(sides.values())
+
+
 def stage_payload(pipeline: Pipeline, stage: Stage, keys: dict[str, str], store: ArtifactStore,
                   mlflow_run_id: str | None = None, **extra: Any) -> dict[str, Any]:
     """Everything a stage task needs, as plain data (it may run on another node). ``extra``:
-    ``run_name`` (default: from the key), ``lease_token``, ``replace``, ``key_parts``."""
+    ``run_name`` (default: from the key), ``lease_token``, ``replace``, ``key_parts``,
+    ``run_id``, ``side_later`` (see ``StageContext``)."""
     key = keys[stage.name]
     return {
         "pipeline": pipeline.name, "stage": stage.name, "workload": stage.workload,
@@ -115,6 +131,28 @@ def stage_payload(pipeline: Pipeline, stage: Stage, keys: dict[str, str], store:
                    for n, refs in stage.resolved_inputs.items()},
         "input_stages": {n: [s for s, _ in refs] for n, refs in stage.resolved_inputs.items()},
     }
+
+
+def side_later(stage: Stage, pending: list[Stage]) -> int:
+    """How many of ``pending`` (stages not started yet) share ``stage``'s side resources."""
+    if stage.side is None:
+        return 0
+    return sum(1 for s in pending if s is not stage and s.side and s.side.key == stage.side.key)
+
+
+def release_sides(stages: list[Stage], run_id: str) -> None:
+    """The run has ended: free what its stages kept for later ones (``SideResources.release``),
+    once per side; a release that fails is logged, never raised."""
+    seen = set()
+    for s in stages:
+        if s.side is None or s.side.release is None or s.side.key in seen:
+            continue
+        seen.add(s.side.key)
+        try:
+            s.side.release(run_id)
+        except Exception as e:  # noqa: BLE001 - they expire on their own (hold_s)
+            logging.getLogger("mmkd").warning("stage %s: releasing its %s failed: %s",
+                                              s.name, s.side.what, e)
 
 
 def stage_task(stage: Stage):

@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict
 __all__ = ["WorkloadConfig", "WorkloadInfo", "workload", "get_workload", "list_workloads",
            "UnknownWorkloadError", "PluginError", "Resources", "StageContext", "ENTRY_POINTS",
            "load_entry_points", "missing_outputs", "SUMMARY_FILE", "HEADLINE_FILE", "StageError",
-           "iter_causes", "root_stage_error", "root_cause"]
+           "iter_causes", "root_stage_error", "root_cause", "SideResources"]
 
 logger = logging.getLogger("mmkd")
 
@@ -60,6 +60,26 @@ class WorkloadConfig(BaseModel):
     """Base class for workload configs: unknown keys are errors, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+@dataclass(frozen=True)
+class SideResources:
+    """Resources a stage holds outside its own workers (or task) while it runs, e.g. the
+    replicas of a teacher service. Stages running at once with the same ``key`` share them:
+    the runner and ``mmkd tune`` count them once per key. ``what`` names them in messages
+    ("teacher service replicas (`teacher_resources`)"); ``hint`` says how to lower them.
+
+    A stage told that later stages of its run share its side resources (``ctx.side_later``)
+    may keep them for those (a teacher service stays loaded); ``release(run_id)`` (a module-level
+    function) is called by the runner, or ``mmkd tune``, when the run ends, to free what was
+    kept for it."""
+
+    key: str
+    cpus: float = 0.0
+    gpus: float = 0.0
+    what: str = "side resources"
+    hint: str = ""
+    release: Callable[[str], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +102,9 @@ class WorkloadInfo:
     # Optional fn(config, inputs: dict[str, list[str] | str]) -> list[str] of problems, run by
     # `mmkd validate` before Ray starts (paths exist, vocabularies match, ...).
     validate: Callable[..., list[str]] | None = None
+    # Optional fn(config, inputs) -> SideResources | None: what the stage holds beside its
+    # workers while it runs (admission control, the cluster-fit check, tune's concurrency).
+    side_resources: Callable[..., SideResources | None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -122,6 +145,7 @@ def workload(
     streams_data: bool = False,
     fingerprint: Callable[[Any], dict[str, str]] | None = None,
     validate: Callable[..., list[str]] | None = None,
+    side_resources: Callable[..., SideResources | None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn`` as the workload ``name`` (snake_case)."""
     if not name.replace("_", "").isalnum() or name.lower() != name:
@@ -136,7 +160,8 @@ def workload(
         _REGISTRY[name] = WorkloadInfo(
             name=name, fn=fn, config=config, version=str(version), outputs=tuple(outputs),
             distributed=distributed, streams_data=streams_data or distributed,
-            description=doc[0] if doc else "", fingerprint=fingerprint, validate=validate)
+            description=doc[0] if doc else "", fingerprint=fingerprint, validate=validate,
+            side_resources=side_resources)
         return fn
 
     return register
@@ -285,6 +310,11 @@ class StageContext:
     # Input name -> the upstream stage names behind it, in the order of ``inputs`` (a matrix
     # reference lists every member: ``sft_seed-0``, ``sft_seed-1``, ...).
     input_stages: dict[str, list[str]] = field(default_factory=dict)
+    # The pipeline run's id (``run-...``; ``tune-<name>`` for a tune's trials); "" outside runs.
+    run_id: str = ""
+    # Stages of this run, not started yet, that share this stage's side resources (the same
+    # ``SideResources.key``): a workload may keep them for those (see ``SideResources``).
+    side_later: int = 0
 
     def report(self, metrics: dict[str, float], step: int | None = None,
                total_steps: int | None = None) -> None:

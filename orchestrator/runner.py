@@ -19,7 +19,8 @@ from typing import Any
 from orchestrator.cache import mmkd_home
 from orchestrator.dag import ready_stages
 from orchestrator.executor import (DATA_CPUS, StageFailed, progress_hub_class, run_name_for,
-                                   stage_cpus, stage_payload, stage_task)
+                                   release_sides, side_later, stage_cpus, stage_payload,
+                                   stage_task, stages_cpus)
 from orchestrator.lease import Lease
 from orchestrator.placement import Reaper
 from orchestrator.plan import pipeline_keys, resolve_force, store_for
@@ -50,6 +51,7 @@ class PipelineRunner(StageOutcomes):
         self.record.tracking_uri = self.tracker.uri
         self._last_save = 0.0
         self.ray_started = False  # a fully cached pipeline never needs Ray
+        self._started: set[str] = set()  # stages of this run the loop has started
         self.leases: dict[str, Lease] = {}  # stage name -> the key lease this driver holds
 
     # -- setup ----------------------------------------------------------------------------
@@ -133,6 +135,12 @@ class PipelineRunner(StageOutcomes):
             if name not in self.forced and (rec.status in ("done", "cached") or self._cached(name)):
                 self._mark_cached(stage, rec)
                 done.add(name)
+        view, self.view = self.view, None  # a run that cannot start prints no stage table
+        try:
+            if self._misfit([s for n, s in p.stages.items() if n not in done]):
+                return
+        finally:
+            self.view = view
         self._save(force=True)
         if self.view is not None:
             self.view.start(self.record)
@@ -143,6 +151,8 @@ class PipelineRunner(StageOutcomes):
                          "--resume to continue")
             raise
         finally:
+            if self.ray_started:
+                release_sides(list(p.stages.values()), self.record.run_id)
             if self.view is not None:
                 self.view.stop(self.record)
 
@@ -167,10 +177,34 @@ class PipelineRunner(StageOutcomes):
         if lease is not None:
             lease.release()
 
+    def _pending(self) -> list[Stage]:
+        """Stages of this run not started yet."""
+        return [s for n, s in self.pipeline.stages.items() if n not in self._started]
+
+    def _misfit(self, to_run: list[Stage]) -> bool:
+        """Before anything runs: a stage that can never fit the cluster fails the run now,
+        not after its upstream stages trained for an hour (True: the run has failed)."""
+        if not to_run or os.environ.get("MMKD_SKIP_RESOURCE_CHECK"):
+            return False
+        ensure_ray()
+        self.ray_started = True
+        for stage in to_run:
+            try:
+                self._check_resources(stage)
+            except StageFailed as e:  # no stage run or MLflow run exists yet: record it only
+                rec = self.record.stages[stage.name]
+                rec.status, rec.ended, rec.error = "failed", time.time(), str(e)
+                for other in to_run:
+                    if other is not stage:
+                        self.record.stages[other.name].status = "skipped"
+                self._finish("failed", f"stage {stage.name!r} failed: {e}")
+                return True
+        return False
+
     def _loop(self, done: set[str]) -> None:
         stages = self.pipeline.stages
         failed: set[str] = set()
-        started = set(done)
+        started = self._started = set(done)
         inflight: dict[Any, str] = {}
         waiting: set[str] = set()
         hub = None
@@ -272,7 +306,8 @@ class PipelineRunner(StageOutcomes):
         payload = stage_payload(self.pipeline, stage, self.keys, self.store, rec.mlflow_run_id,
                                 run_name=rec.run_name, lease_token=self.leases[stage.name].token,
                                 replace=stage.name in self.forced,
-                                key_parts=self.key_parts[stage.name])
+                                key_parts=self.key_parts[stage.name], run_id=self.record.run_id,
+                                side_later=side_later(stage, self._pending()))
         self._save(force=True)
         return stage_task(stage).remote(payload, hub)
 
@@ -289,7 +324,7 @@ class PipelineRunner(StageOutcomes):
         if os.environ.get("MMKD_SKIP_RESOURCE_CHECK"):
             return True
         total = ray.cluster_resources().get("CPU", 0)
-        return sum(stage_cpus(s) for s in running) + stage_cpus(stage) <= total + 1e-9
+        return stages_cpus(running + [stage]) <= total + 1e-9
 
     def _check_resources(self, stage: Stage) -> None:
         import ray
@@ -298,17 +333,24 @@ class PipelineRunner(StageOutcomes):
             return
         total = ray.cluster_resources()
         r = stage.resources
+        side = stage.side if stage.side and (stage.side.cpus or stage.side.gpus) else None
         need_cpu = stage_cpus(stage)
-        need_gpu = r.num_workers * r.gpus_per_worker
+        need_gpu = r.num_workers * r.gpus_per_worker + (side.gpus if side else 0.0)
         have_cpu, have_gpu = total.get("CPU", 0), total.get("GPU", 0)
         if need_cpu > have_cpu or need_gpu > have_gpu:
-            data = f" + {DATA_CPUS:g} CPU for its data pipeline" if stage.streams_data else ""
+            parts = [f"{r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU, "
+                     f"{r.gpus_per_worker:g} GPU"]
+            if stage.streams_data:
+                parts.append(f"{DATA_CPUS:g} CPU for its data pipeline (Ray Data's read and "
+                             f"preprocess tasks: without a free CPU the stage waits forever)")
+            if side:
+                parts.append(f"{side.cpus:g} CPU, {side.gpus:g} GPU for its {side.what}")
             raise StageFailed(
-                f"asks for {r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU{data} / "
-                f"{r.gpus_per_worker:g} GPU = {need_cpu:g} CPU, {need_gpu:g} GPU, but the Ray "
+                f"needs {need_cpu:g} CPU, {need_gpu:g} GPU ({' + '.join(parts)}) but the Ray "
                 f"cluster has {have_cpu:g} CPU, {have_gpu:g} GPU. Lower `resources` of stage "
-                f"{stage.name!r} (e.g. --set stages.{stage.base}.resources.num_workers=1) or "
-                f"add nodes (set MMKD_SKIP_RESOURCE_CHECK=1 for an autoscaling cluster).")
+                f"{stage.name!r} (e.g. --set stages.{stage.base}.resources.num_workers=1)"
+                + (f" or {side.hint}" if side and side.hint else "")
+                + ", or add nodes (set MMKD_SKIP_RESOURCE_CHECK=1 for an autoscaling cluster).")
 
 
 def relog_in_background(record: RunRecord) -> None:

@@ -107,6 +107,7 @@ class Stage:
     deepspeed: DeepSpeedSpec
     distributed: bool
     streams_data: bool = False  # runs a Ray Data pipeline that needs a CPU of its own
+    side: Any = None  # plugin.SideResources it holds beside its workers while it runs
     matrix_values: dict[str, Any] = field(default_factory=dict)
     upstream: list[str] = field(default_factory=list)
     # input name -> list of (stage, output) it resolves to; single refs are 1-element lists

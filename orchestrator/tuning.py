@@ -197,10 +197,13 @@ def select_chain(pipeline: Pipeline, stage: str, select: str) -> list[Any]:
 
 def default_concurrency(pipeline: Pipeline, stage: str) -> int:
     """Trials that fit at once: the cluster's CPUs over what one trial's stage occupies
-    (workers, plus a CPU for its data pipeline: ``runner.stage_cpus``)."""
+    (workers, plus a CPU for its data pipeline: ``executor.own_cpus``), after what the trials
+    share once (a teacher service's replicas: ``Stage.side``)."""
     import ray
 
-    from orchestrator.executor import stage_cpus
+    from orchestrator.executor import own_cpus
 
-    need = max(stage_cpus(pipeline.stages[stage]), 0.1)
-    return max(1, int(ray.cluster_resources().get("CPU", 1) // need))
+    s = pipeline.stages[stage]
+    shared = s.side.cpus if s.side else 0.0
+    need = max(own_cpus(s), 0.1)
+    return max(1, int((ray.cluster_resources().get("CPU", 1) - shared) // need))

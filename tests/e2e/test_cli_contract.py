@@ -100,6 +100,10 @@ CASES = [
     (["plan", "good.yaml", "--set", "stages.nosuch.params.x=1"], 2, "nosuch"),
     (["run", "failing.yaml"], 1, "this stage fails on purpose"),
     (["run", "bad.yaml"], 2, "no stage 'nowhere'"),
+    # a teacher service that leaves the data pipeline no CPU fails before any stage runs
+    (["run", "LLAVA_KD", "--set", "stages.student_dft.params.teacher=service", "--set",
+      "stages.student_dft.params.teacher_resources={replicas: 4}"], 1,
+     "for its teacher service: 4 replica(s)"),
     (["runs"], 0, "contract"),
     (["runs", "--limit", "many"], 2, "--limit"),
     (["show", "RUN"], 0, LONG),
@@ -125,7 +129,8 @@ CASES = [
 @pytest.mark.parametrize("args,code,expected", CASES, ids=[" ".join(c[0][:3]) for c in CASES])
 def test_command_exit_code_and_one_paragraph(world, args, code, expected):
     fill = {"RUN": world["run"], "NOWHERE": world["nowhere"],
-            "RELOG_DB": f"sqlite:///{world['root'] / 'relogged.db'}"}
+            "RELOG_DB": f"sqlite:///{world['root'] / 'relogged.db'}",
+            "LLAVA_KD": str(Path(__file__).resolve().parents[2] / "pipelines" / "llava_kd.yaml")}
     args = [fill.get(a, a) for a in args]
     out = mmkd(args, world["env"], world["root"], timeout=400)
     text = out.stdout + out.stderr
