@@ -23,7 +23,7 @@ from typing import Any
 from orchestrator.cache import compute_keys, mmkd_home
 from orchestrator.placement import Reaper
 from orchestrator.console import RAY_OUTPUT_ENV
-from orchestrator.executor import progress_hub_class, stage_payload, stage_task
+from orchestrator.executor import progress_hub_class, release_sides, stage_payload, stage_task
 from orchestrator.plan import code_fingerprints, fingerprints, store_for
 from orchestrator.ray_setup import ensure_ray
 from orchestrator.runner import PipelineRunner
@@ -65,7 +65,8 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
     if lease is None:  # same params seen before
         final = _numeric(store.read_json(stage.workload, keys[stage.name], "metrics.json") or {})
     else:
-        payload = stage_payload(base["pipeline"], stage, keys, store, lease_token=lease.token)
+        payload = stage_payload(base["pipeline"], stage, keys, store, lease_token=lease.token,
+                                run_id=base["run_id"], side_later=base["side_later"])
         hub = progress_hub_class().remote()
         ref = stage_task(stage).remote(payload, hub)
         while True:
@@ -233,7 +234,10 @@ def run_tune(spec: TuneSpec, pipeline: Pipeline, tune_file: str, *, resume: bool
             "store_root": store.root if not store.is_local else store.base,
             "local_cache": str(store.local_cache), "metric": spec.metric, "smooth": spec.smooth,
             "chain": select_chain(pipeline, spec.stage, spec.select.stage)
-            if spec.select else [], "fingerprints": prints}
+            if spec.select else [], "fingerprints": prints,
+            # the trials share the stage's side resources (a teacher service): each keeps them
+            # for the next, and the tune's end frees them (release_sides below)
+            "run_id": f"tune-{name}", "side_later": 1}
     budget = spec.scheduler.max_t or _stage_steps(stage)
 
     # 2. MLflow parent run for the tune; one writer (this process). A resumed tune continues
@@ -301,6 +305,7 @@ def run_tune(spec: TuneSpec, pipeline: Pipeline, tune_file: str, *, resume: bool
         status = "KILLED"
         raise
     finally:
+        release_sides([stage], base["run_id"])
         if status != "FINISHED":
             tracker.end_pipeline(status)
     return _summarise(spec, pipeline, grid, callback, tracker, out_dir, name, budget, tune_file)

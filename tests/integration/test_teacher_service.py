@@ -134,11 +134,16 @@ def test_service_equals_offline_at_the_same_k(setup, offline_small_k):
     assert final["teacher_service/loads"] == 1 and final["teacher_service/users"] == 0
 
 
-def test_a_killed_replica_restarts_and_the_stage_completes(setup, offline_small_k):
+@pytest.mark.parametrize("victim", ["replica", "coordinator"])
+def test_a_killed_service_process_restarts_and_the_stage_completes(setup, offline_small_k,
+                                                                    victim):
+    """A teacher replica killed at the first request is restarted and the request retried;
+    a killed coordinator is restarted by Ray (with new replicas) and the calls in flight are
+    retried on it. Either way the stage completes with the offline losses."""
     import ray
 
     config = DistillConfig(teacher="service", top_k=SMALL_K, **RUN)
-    ctx = _one(setup["root"], "killed", setup["inputs"])
+    ctx = _one(setup["root"], f"killed_{victim}", setup["inputs"])
     name = service_spec(config, ctx).name
     assert _wait_gone(name)  # the previous test's service (same name) has ended
     task = _run_as_task(config, ctx)
@@ -149,7 +154,9 @@ def test_a_killed_replica_restarts_and_the_stage_completes(setup, offline_small_
         try:
             # at the first request: later ones (batch 3 is sent after step 0) need the restart
             if service is not None and ray.get(service.metrics.remote())["requests"] >= 1:
-                ray.kill(ray.get(service.replicas.remote())[0], no_restart=False)
+                target = (ray.get(service.replicas.remote())[0] if victim == "replica"
+                          else service)
+                ray.kill(target, no_restart=False)
                 killed.set()
         except ray.exceptions.RayActorError:
             pass
@@ -157,9 +164,13 @@ def test_a_killed_replica_restarts_and_the_stage_completes(setup, offline_small_
     assert killed.is_set(), "the stage never sent a request"
     final, events = ray.get(task)
     assert final["steps"] == RUN["max_steps"]
-    assert final["teacher_service/loads"] == 2, final  # the first load and the restart
+    if victim == "replica":
+        assert final["teacher_service/loads"] == 2, final  # the first load and the restart
+    else:  # the restarted coordinator's counters start again, with its new replica's load
+        assert final["teacher_service/restarted"] == 1 and \
+            final["teacher_service/loads"] == 1, final
     # the restarted teacher is the same frozen model: the losses are the offline ones
-    _assert_same_losses(offline_small_k, [e["metrics"] for e in events], "after a replica kill")
+    _assert_same_losses(offline_small_k, [e["metrics"] for e in events], f"after a {victim} kill")
     assert _wait_gone(name)
 
 
@@ -173,6 +184,41 @@ def test_a_user_that_stops_heartbeating_is_dropped_and_the_service_ends(setup):
     replicas = __import__("ray").get(find_service(spec.name).replicas.remote())
     assert _wait_gone(spec.name, timeout=60)
     assert all(_wait_dead(r) for r in replicas)
+
+
+def test_consecutive_stages_of_a_run_share_one_load(setup):
+    """A stage told that later stages of its run use the service (``side_later``) leaves the
+    run holding it: the next stage finds the teacher loaded (one load for both), and the last
+    stage drops the hold, so the service ends with it."""
+    config = DistillConfig(teacher="service", top_k=5, **RUN)
+    ctxs = [_one(setup["root"], f"seq_{i}", setup["inputs"]) for i in range(2)]
+    for i, c in enumerate(ctxs):
+        c.run_id, c.side_later = "run-seq", 1 - i
+    name = service_spec(config, ctxs[0]).name
+    distill(config, ctxs[0])
+    assert find_service(name) is not None, "the run's hold kept no service for the next stage"
+    final = distill(config, ctxs[1])
+    assert final["teacher_service/loads"] == 1, final
+    assert final["teacher_service/users_seen"] == 3, final  # stage, the run's hold, stage
+    assert _wait_gone(name)
+
+
+def test_a_runs_hold_ends_with_the_run_or_after_hold_s(setup):
+    """The runner's ``release_run`` at the end of a run drops the hold at once; a hold nobody
+    releases (its driver died) ends after ``hold_s``."""
+    from workloads.teacher_service import release_run
+
+    spec = ServiceSpec(teacher_dir=setup["teacher"], top_k=4)
+    with ServiceLease(spec, stage="a", run_id="run-held", hold_s=600):
+        pass
+    service = find_service(spec.name)
+    assert service is not None and __import__("ray").get(service.metrics.remote())["users"] == 1
+    release_run("run-held")
+    assert _wait_gone(spec.name)
+    with ServiceLease(spec, stage="b", run_id="run-dead-driver", hold_s=2):
+        pass
+    assert find_service(spec.name) is not None
+    assert _wait_gone(spec.name, timeout=30)
 
 
 def _wait_dead(handle, timeout=30.0):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -315,3 +316,60 @@ def test_a_killed_trial_gives_its_training_resources_back(ray_session, files):
             f"{ray.available_resources().get('CPU', 0)} CPUs free, {free} before it")
         reaper.maybe_reap()
         time.sleep(0.5)
+
+
+SERVICE_PIPE = """
+name: tune_service
+stages:
+  teacher: {workload: hub_model, params: {repo: TEACHER}}
+  dft:
+    workload: distill
+    inputs: {teacher: teacher.model}
+    resources: {num_workers: 1, cpus_per_worker: 1}
+    params: {teacher: service, teacher_resources: {replicas: 1, cpus: 1}, train: [projector],
+             model: {path: STUDENT}, data: {format: webdataset, paths: [DATA]},
+             max_steps: 2, batch_size: 4, checkpoint_every: 0}
+"""
+
+
+@pytest.mark.timeout(420)
+def test_tune_trials_share_one_teacher_service(ray_session, files):
+    """`teacher: service` in a tune: the replica's CPU counts once, so on the session's 4 CPUs
+    one trial (worker + data pipeline) runs at a time beside it; the tune holds the service
+    between trials (one teacher load serves both) and frees it when it ends."""
+    from mmkd_test_plugins.data_tiny import build_tiny_data
+    from workloads.models import build_model, save_model
+    from workloads.teacher_service.spec import SERVICE_PREFIX
+
+    import ray
+
+    data = build_tiny_data(files / "data", num_samples=16, vocab_size=320)
+    paths = {}
+    for name in ("teacher", "student"):
+        paths[name.upper()] = save_model(*build_model({"preset": f"tiny-{name}"},
+                                                      data["tokenizer"]), str(files / name))
+    text = SERVICE_PIPE.replace("DATA", data["instruct"])
+    for k, v in paths.items():
+        text = text.replace(k, v)
+    (files / "pipe.yaml").write_text(textwrap.dedent(text))
+    (files / "tune.yaml").write_text(textwrap.dedent(TRAIN_TUNE).replace(
+        "metric: loss", "metric: ce").replace("stage: fit", "stage: dft"))
+    spec, pipeline = load_tune(str(files / "tune.yaml"))
+    from orchestrator.tuning import default_concurrency
+
+    assert default_concurrency(pipeline, "dft") == 1  # (4 CPUs - 1 replica) // (1 + 1)
+    out = run_tune(spec, pipeline, str(files / "tune.yaml"))
+    assert all(t["completed"] and not t["error"] for t in out.trials), out.trials
+    finals = [json.loads(p.read_text())
+              for p in (files / "home" / "artifacts" / "stages").glob("distill-*/metrics.json")]
+    assert len(finals) == 2
+    assert [f["teacher_service/loads"] for f in finals] == [1.0, 1.0], finals
+    assert max(f["teacher_service/users_seen"] for f in finals) == 3  # trial, hold, trial
+    deadline = time.monotonic() + 30  # the service ends itself a moment after the release
+    while True:
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith(SERVICE_PREFIX)]
+        if not names or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not names, f"the tune's end left teacher services running: {names}"

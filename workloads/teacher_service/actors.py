@@ -100,7 +100,8 @@ class TeacherService:
         self._replicas = [replica.remote(spec) for _ in range(spec["replicas"])]
         self._self = ray.get_runtime_context().current_actor
         self._lock = threading.Lock()  # users/closing: shared with the lease watcher thread
-        self._users: dict[str, float] = {}
+        self._users: dict[str, float] = {}  # user -> last heartbeat (monotonic)
+        self._ttl: dict[str, float] = {}    # user -> its lease if not lease_s (a run's hold)
         self._closing = False
         self._empty_since = time.monotonic()  # when the last user left (here: none came yet)
         self._cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
@@ -112,19 +113,25 @@ class TeacherService:
         self._stats = dict.fromkeys(("requests", "rows_requested", "rows_forwarded",
                                      "dedup_hits", "forwards", "retries", "users_seen",
                                      "expired_users"), 0)
+        # a restarted coordinator (counters, cache and users start again; users re-register)
+        self._stats["restarted"] = int(ray.get_runtime_context().was_current_actor_reconstructed)
         self._wake = threading.Event()
         threading.Thread(target=self._watch_leases, daemon=True).start()
 
     # ------------------------------------------------------------------ users and leases
 
-    def register(self, user: str) -> bool:
-        """Add ``user``; False while the service is shutting down (start a new one)."""
+    def register(self, user: str, ttl_s: float | None = None) -> bool:
+        """Add ``user`` (dropped after ``ttl_s`` without a heartbeat, default ``lease_s``: a
+        run's hold on the service for its later stages uses its own); False while the service
+        is shutting down (start a new one)."""
         with self._lock:
             if self._closing:
                 return False
             if user not in self._users:
                 self._stats["users_seen"] += 1
             self._users[user] = time.monotonic()
+            if ttl_s is not None:
+                self._ttl[user] = float(ttl_s)
             self._empty_since = None
             return True
 
@@ -141,6 +148,7 @@ class TeacherService:
         Returns the metrics."""
         with self._lock:
             self._users.pop(user, None)
+            self._ttl.pop(user, None)
             if not self._users:
                 self._empty_since = time.monotonic()
                 self._closing = self.spec["linger_s"] <= 0
@@ -156,8 +164,9 @@ class TeacherService:
             with self._lock:
                 now = time.monotonic()
                 for user, seen in list(self._users.items()):
-                    if now - seen > self.spec["lease_s"]:
+                    if now - seen > self._ttl.get(user, self.spec["lease_s"]):
                         del self._users[user]
+                        self._ttl.pop(user, None)
                         self._stats["expired_users"] += 1
                         if not self._users:
                             self._empty_since = now
@@ -294,7 +303,8 @@ class TeacherService:
     def metrics(self) -> dict[str, float]:
         """Counters: ``loads`` (teacher loads, restarts included), ``requests``,
         ``rows_requested``, ``rows_forwarded``, ``dedup_hits`` (rows served from the cache or
-        from another request's forward), ``forwards``, ``retries``, users and cache size."""
+        from another request's forward), ``forwards``, ``retries``, users and cache size;
+        ``restarted``: 1 in a coordinator that Ray restarted (the counters started again)."""
         with self._lock:
             users = len(self._users)
         return {**{k: float(v) for k, v in self._stats.items()},

@@ -2,7 +2,8 @@
 
 ``ServiceLease`` (the stage's driver): find the service by name or start it, register the stage
 as a user, heartbeat while the stage runs, unregister at the end (the last user out stops the
-service). A driver that dies stops heartbeating; the service drops it after ``lease_s``.
+service). A driver that dies stops heartbeating; the service drops it after ``lease_s``. A run
+whose later stages use the service holds it between them (``release_run`` at the run's end).
 
 ``ServiceClient`` (each student worker): send each batch's request one step ahead
 (``ahead``), and turn the reply into a ``ServedTeacher`` — an ``OfflineTeacher`` whose entries
@@ -20,9 +21,10 @@ from typing import Any, Iterable, Iterator
 
 from workloads.distill_offline import OfflineTeacher, row_digests
 from workloads.teacher_service.actors import TeacherService
-from workloads.teacher_service.spec import NAMESPACE, ServiceSpec
+from workloads.teacher_service.spec import NAMESPACE, SERVICE_PREFIX, ServiceSpec
 
-__all__ = ["ServiceLease", "ServiceClient", "ServedTeacher", "TeacherServiceError", "find_service"]
+__all__ = ["ServiceLease", "ServiceClient", "ServedTeacher", "TeacherServiceError", "find_service",
+           "release_run", "run_user"]
 
 _TEACHER_PREFIX = "teacher_"  # the teacher's own encoding (distill_loss.TEACHER_PREFIX): not sent
 
@@ -48,12 +50,19 @@ def find_service(name: str) -> Any | None:
 
 class ServiceLease:
     """``with ServiceLease(spec, stage=...) as lease:`` — the stage is a user of the service for
-    the duration of the block; ``lease.final_metrics`` holds the service's counters at exit."""
+    the duration of the block; ``lease.final_metrics`` holds the service's counters at exit.
+
+    ``run_id`` with ``hold_s > 0``: later stages of the run use the service too, so at exit the
+    run holds it (user ``run/<run_id>``, dropped after ``hold_s``, or by ``release_run`` when
+    the run ends) and the next stage finds the teacher loaded. ``run_id`` without ``hold_s``:
+    the last such stage, which drops the run's hold as it leaves."""
 
     def __init__(self, spec: ServiceSpec, *, stage: str, user: str | None = None,
-                 need_cpus: float = 0.0, need_gpus: float = 0.0, start_timeout_s: float = 600.0):
+                 need_cpus: float = 0.0, need_gpus: float = 0.0, start_timeout_s: float = 600.0,
+                 run_id: str = "", hold_s: float = 0.0):
         self.spec, self.stage, self.name = spec, stage, spec.name
         self.user = user or f"{stage}/{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.hold_user, self.hold_s = (run_user(run_id) if run_id else None), hold_s
         self.need_cpus, self.need_gpus = need_cpus, need_gpus
         self.start_timeout_s = start_timeout_s
         self.handle: Any = None
@@ -69,9 +78,13 @@ class ServiceLease:
         while True:
             if find_service(self.name) is None:
                 self._check_fits(ray.cluster_resources())
+            # a coordinator that dies (its node, an OOM) is restarted with new replicas and
+            # every call in flight is retried (all its methods are idempotent); its own
+            # shutdown is final (ray.kill no_restart)
             self.handle = ray.remote(TeacherService).options(
                 name=self.name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-                num_cpus=0, max_concurrency=256, max_restarts=0,
+                num_cpus=0, max_concurrency=256, max_restarts=self.spec.max_restarts,
+                max_task_retries=self.spec.max_restarts,
             ).remote(self.spec.to_dict(), self.name)
             try:
                 if ray.get(self.handle.register.remote(self.user), timeout=60):
@@ -90,18 +103,29 @@ class ServiceLease:
         return self  # no wait for the replicas: they load while the student workers start
 
     def __exit__(self, *exc: Any) -> None:
+        import ray
+
         self._stop.set()
         if self._beat is not None:
             self._beat.join(timeout=5)
+        if self.hold_user and self.hold_s > 0:  # before leaving: the service never empties
+            try:
+                ray.get(self.handle.register.remote(self.hold_user, self.hold_s), timeout=60)
+            except Exception:  # noqa: BLE001 - gone: the next stage starts a new one
+                pass
         self._leave()
+        if self.hold_user and self.hold_s <= 0:
+            self._leave(self.hold_user)
 
-    def _leave(self) -> None:
+    def _leave(self, user: str | None = None) -> None:
         import ray
 
         try:
-            self.final_metrics = ray.get(self.handle.unregister.remote(self.user), timeout=60)
+            metrics = ray.get(self.handle.unregister.remote(user or self.user), timeout=60)
         except Exception:  # noqa: BLE001 - gone already: its leases ended it
-            pass
+            return
+        if user is None:
+            self.final_metrics = metrics
 
     def _heartbeat(self) -> None:
         import ray
@@ -120,8 +144,9 @@ class ServiceLease:
         problems = []
         if need_cpu > cluster.get("CPU", 0.0):
             problems.append(f"{s.replicas} teacher replica(s) × {s.cpus:g} CPUs + "
-                            f"{self.need_cpus:g} for the student workers = {need_cpu:g} CPUs but "
-                            f"the cluster has {cluster.get('CPU', 0.0):g}")
+                            f"{self.need_cpus:g} for the student workers and their data "
+                            f"pipeline = {need_cpu:g} CPUs but the cluster has "
+                            f"{cluster.get('CPU', 0.0):g}")
         if need_gpu > cluster.get("GPU", 0.0):
             problems.append(f"{s.replicas} teacher replica(s) × {s.gpus:g} GPUs + "
                             f"{self.need_gpus:g} for the student workers = {need_gpu:g} GPUs but "
@@ -130,6 +155,28 @@ class ServiceLease:
             raise TeacherServiceError(
                 f"stage {self.stage!r}: `teacher: service` cannot start: " + "; ".join(problems)
                 + ". Lower `teacher_resources` (replicas, cpus, gpus) or `resources`")
+
+
+def run_user(run_id: str) -> str:
+    """The user name of a run's hold on a service (kept between its stages)."""
+    return f"run/{run_id}"
+
+
+def release_run(run_id: str) -> None:
+    """The run ``run_id`` has ended: drop its hold on every teacher service of this Ray cluster
+    (a service with no other user shuts down). ``SideResources.release`` of ``teacher: service``."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor.get("namespace") == NAMESPACE and actor["name"].startswith(SERVICE_PREFIX):
+            handle = find_service(actor["name"])
+            if handle is not None:
+                try:
+                    ray.get(handle.unregister.remote(run_user(run_id)), timeout=30)
+                except Exception:  # noqa: BLE001 - shutting down anyway
+                    pass
 
 
 # ----------------------------------------------------------------------------- worker side

@@ -13,9 +13,10 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-__all__ = ["NAMESPACE", "ServiceSpec"]
+__all__ = ["NAMESPACE", "SERVICE_PREFIX", "ServiceSpec"]
 
 NAMESPACE = "mmkd"
+SERVICE_PREFIX = "mmkd-teacher-"
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class ServiceSpec:
                  "top_k": self.top_k, "precision": self.precision, "replicas": self.replicas,
                  "cpus": self.cpus, "gpus": self.gpus}
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-        return f"mmkd-teacher-{digest[:16]}"
+        return f"{SERVICE_PREFIX}{digest[:16]}"
 
     def to_dict(self) -> dict:
         return asdict(self)
