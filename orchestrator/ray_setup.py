@@ -39,6 +39,9 @@ def ensure_ray(address: str | None = None) -> None:
     # No runtime_env here: every stage task carries the driver's environment itself
     # (`stage_task`), which also works when Ray was started by someone else or inside a job.
     address = address or os.environ.get("RAY_ADDRESS")
+    from orchestrator.console import after_import
+
+    after_import()  # quiet runs: Ray's import gave its logger a console handler (init notices)
     if address:
         ray.init(address=address, configure_logging=False)
     else:
