@@ -11,6 +11,7 @@ from orchestrator.plugin import StageContext, WorkloadConfig, workload
 
 class TinyPairConfig(WorkloadConfig):
     preset: str = Field("tiny-student", description="model preset of both models")
+    family: str | None = Field(None, description="model family (default: LLaVA-1.5)")
     seed: int = 0
 
 
@@ -23,6 +24,7 @@ def tiny_pair(config: TinyPairConfig, ctx: StageContext) -> dict[str, float]:
 
     for i, out in enumerate(("first", "second")):
         torch.manual_seed(config.seed + i)
-        model, processor = build_model({"preset": config.preset}, ctx.input("tokenizer"))
+        spec = {"preset": config.preset, **({"family": config.family} if config.family else {})}
+        model, processor = build_model(spec, ctx.input("tokenizer"))
         save_model(model, processor, os.path.join(ctx.output_dir, out))
     return {"models": 2.0}
