@@ -27,18 +27,19 @@ max_length). LLaVA-1.5 pairs are compared by vision geometry (image size, patch 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from workloads import distill_offline  # noqa: F401  (registers `teacher_logits`)
-from orchestrator.plugin import SideResources, StageContext
+from orchestrator.plugin import StageContext
 from workloads.distill_loss import DistillCompatError, DistillLoss
 from workloads.divergences import DivergenceSpec
 from orchestrator.plugin import workload
+from workloads.teacher_service.stage import (TeacherResources, serve, service_spec,
+                                             side_resources)
 from workloads.training import Part, TrainConfig, run_train_stage, resolve_model_spec
 
 __all__ = ["DistillConfig", "distill", "validate_distill", "check_teacher_student",
@@ -51,29 +52,6 @@ __all__ = ["DistillConfig", "distill", "validate_distill", "check_teacher_studen
 PROBE_IMAGE_SIZES = ((32, 32), (40, 64), (200, 120))
 PROBE_CONVERSATION = [{"role": "user", "content": "<image>\nWhat is in the picture?"},
                       {"role": "assistant", "content": "A shape."}]
-
-
-class TeacherResources(BaseModel):
-    """The teacher service's replicas (``teacher: service``) and how it serves them."""
-
-    model_config = ConfigDict(extra="forbid")
-    replicas: int = Field(1, ge=1, description="teacher copies answering requests")
-    cpus: float = Field(1.0, ge=0, description="CPUs per replica (its torch threads)")
-    gpus: float = Field(0.0, ge=0, description="GPUs per replica")
-    max_restarts: int = Field(3, ge=-1, description="restarts of a replica that died (-1: "
-                              "unlimited); its requests are retried meanwhile")
-    cache_mb: float = Field(1024.0, ge=0, description="LRU cache of per-row teacher outputs, by "
-                            "row digest: a row asked again (another stage, trial or epoch) "
-                            "costs no forward")
-    max_inflight: int = Field(2, ge=1, description="requests one replica works on at once; "
-                              "more wait in the service (back-pressure)")
-    lease_s: float = Field(30.0, gt=0, description="a stage that stops heartbeating (a killed "
-                           "driver) is dropped after this long; the service stops with no users")
-    linger_s: float = Field(0.0, ge=0, description="keep the service (and its loaded teacher) "
-                            "this long after its last user left")
-    hold_s: float = Field(600.0, ge=0, description="a pipeline run (or tune) whose later stages "
-                          "(trials) use the same service keeps it loaded between them, at most "
-                          "this long after a stage ends; the run's end frees it at once. 0: off")
 
 
 class DistillConfig(TrainConfig):
@@ -471,30 +449,8 @@ def _validate(config: DistillConfig, inputs: dict | None = None) -> list[str]:
     return validate_distill(config, inputs) + data_problems(config, inputs)
 
 
-def _side_resources(config: DistillConfig, inputs: dict) -> SideResources | None:
-    """``teacher: service``: the replicas the stage holds beside its workers, shared by the
-    stages that name the same teacher with the same service settings."""
-    if config.teacher != "service":
-        return None
-    r = config.teacher_resources
-    key = json.dumps(["teacher-service", inputs.get("teacher"), config.top_k, r.replicas,
-                      r.cpus, r.gpus])
-    return SideResources(
-        key=key, cpus=r.replicas * r.cpus, gpus=r.replicas * r.gpus,
-        what=f"teacher service: {r.replicas} replica(s) x {r.cpus:g} CPU, {r.gpus:g} GPU "
-             f"(`teacher_resources`)",
-        hint="its `teacher_resources` (`cpus: 0` lets the replicas run on CPUs Ray does not "
-             "reserve for them, beside the student's)", release=_release_service_holds)
-
-
-def _release_service_holds(run_id: str) -> None:
-    from workloads.teacher_service import release_run
-
-    release_run(run_id)
-
-
 @workload("distill", config=DistillConfig, version="1", outputs=("model",), distributed=True,
-          validate=_validate, side_resources=_side_resources)
+          validate=_validate, side_resources=side_resources)
 def distill(config: DistillConfig, ctx: StageContext) -> dict[str, Any]:
     """LLaVA-KD distillation of a student from a teacher (online or stored logits)."""
     problems = validate_distill(config, {k: v for k, v in ctx.inputs.items() if v})
@@ -503,28 +459,4 @@ def distill(config: DistillConfig, ctx: StageContext) -> dict[str, Any]:
     loss_fn = build_distill_loss(config, ctx)
     if config.teacher != "service":
         return run_train_stage(config, ctx, loss_fn=loss_fn)
-    from orchestrator.executor import DATA_CPUS
-    from workloads.teacher_service import ServiceLease
-
-    res = ctx.resources
-    with ServiceLease(service_spec(config, ctx), stage=ctx.stage,
-                      need_cpus=res.num_workers * res.cpus_per_worker + DATA_CPUS,
-                      need_gpus=res.num_workers * res.gpus_per_worker, run_id=ctx.run_id,
-                      hold_s=config.teacher_resources.hold_s if ctx.side_later else 0.0) as lease:
-        loss_fn = dataclasses.replace(loss_fn, service={"name": lease.name, "user": lease.user})
-        metrics = run_train_stage(config, ctx, loss_fn=loss_fn)
-    metrics.update({f"teacher_service/{k}": v for k, v in lease.final_metrics.items()})
-    return metrics
-
-
-def service_spec(config: DistillConfig, ctx: StageContext) -> Any:
-    """The ``ServiceSpec`` of a ``teacher: service`` stage: its teacher, top_k, the stage's
-    precision (the teacher's forward dtype, as online) and ``teacher_resources``."""
-    from workloads.teacher_service import ServiceSpec
-
-    r = config.teacher_resources
-    return ServiceSpec(teacher_dir=_ref(ctx.input("teacher")), top_k=config.top_k,
-                       precision=(ctx.deepspeed or {}).get("precision", "fp32"),
-                       replicas=r.replicas, cpus=r.cpus, gpus=r.gpus,
-                       max_restarts=r.max_restarts, max_inflight=r.max_inflight,
-                       cache_mb=r.cache_mb, lease_s=r.lease_s, linger_s=r.linger_s)
+    return serve(config, ctx, loss_fn, run_train_stage)
