@@ -127,29 +127,38 @@ class Student:
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def bench_pair(name: str, text: dict | None, args) -> dict:
-    import ray
+def build_teacher(tok_dir: str, text: dict | None) -> tuple:
+    """The tiny-teacher (seed 0), or with ``text``: a bigger language model behind the same
+    vision tower (same image tokens). Returns (model, processor)."""
+    import copy
+
     import torch
+    from transformers import LlavaForConditionalGeneration
 
-    from mmkd_test_plugins.train_fixtures import build_tiny_tokenizer
-    from workloads.models import build_model, count_params, save_model
-    from workloads.teacher_service import ServiceLease, ServiceSpec
+    from workloads.models import build_model
 
-    tmp = tempfile.mkdtemp(prefix=f"ts-bench-{name}-")
-    tok_dir = build_tiny_tokenizer(os.path.join(tmp, "tok"))
     torch.manual_seed(0)
     teacher, proc = build_model({"preset": "tiny-teacher"}, tok_dir)
-    if text is not None:  # a bigger language model behind the same vision tower
-        import copy
-
-        from transformers import LlavaForConditionalGeneration
-
+    if text is not None:
         config = copy.deepcopy(teacher.config)
         for k, v in text.items():
             setattr(config.text_config, k, v)
         config.text_config.head_dim = text["hidden_size"] // text["num_attention_heads"]
         config.text_config.layer_types = ["full_attention"] * text["num_hidden_layers"]
         teacher = LlavaForConditionalGeneration(config)
+    return teacher, proc
+
+
+def bench_pair(name: str, text: dict | None, args) -> dict:
+    import ray
+
+    from mmkd_test_plugins.train_fixtures import build_tiny_tokenizer
+    from workloads.models import count_params, save_model
+    from workloads.teacher_service import ServiceLease, ServiceSpec
+
+    tmp = tempfile.mkdtemp(prefix=f"ts-bench-{name}-")
+    tok_dir = build_tiny_tokenizer(os.path.join(tmp, "tok"))
+    teacher, proc = build_teacher(tok_dir, text)
     teacher_dir = save_model(teacher, proc, os.path.join(tmp, "teacher"))
     n_params = count_params(teacher)["total"]
     tok = proc.tokenizer
