@@ -146,26 +146,28 @@ class _ShardWriter:
 
 def teacher_entries(logits: Any, batch: dict[str, Any], vocab_size: int, image_token_id: int,
                     top_k: int) -> list[dict[str, np.ndarray]]:
-    """Per-row stored teacher data from teacher logits ``(B, T, V_t)`` of a collated batch."""
+    """Per-row stored teacher data from teacher logits ``(B, T, V_t)`` of a collated batch.
+    The top-k and relation matrices are computed where the logits are (a GPU teacher's stay on
+    its GPU, one row at a time in fp32); only the results come to the CPU."""
     import torch
 
     from workloads.losses import response_mask
 
-    z = logits[..., :vocab_size].float()
     k = min(top_k, vocab_size)
-    resp = response_mask(batch["labels"])
-    img = batch["input_ids"] == image_token_id
+    resp = response_mask(batch["labels"]).to(logits.device)
+    img = (batch["input_ids"] == image_token_id).to(logits.device)
     out = []
-    for b in range(z.shape[0]):
+    for b in range(logits.shape[0]):
+        z = logits[b, :, :vocab_size].float()
         pos = (resp[b] | img[b]).nonzero().squeeze(1)
-        vals, idx = torch.topk(z[b, pos], k, dim=-1)
-        zi = z[b, img[b]]
-        gram = (zi @ zi.T) if zi.shape[0] else torch.zeros(0, 0)
-        out.append({"positions": pos.numpy().astype(np.int32),
-                    "is_resp": resp[b, pos].numpy(), "is_img": img[b, pos].numpy(),
-                    "values": vals.numpy().astype(np.float32),
-                    "indices": idx.numpy().astype(np.int32),
-                    "gram": gram.numpy().astype(np.float32)})
+        vals, idx = torch.topk(z[pos], k, dim=-1)
+        zi = z[img[b]]
+        gram = (zi @ zi.T) if zi.shape[0] else z.new_zeros(0, 0)
+        out.append({"positions": pos.cpu().numpy().astype(np.int32),
+                    "is_resp": resp[b, pos].cpu().numpy(), "is_img": img[b, pos].cpu().numpy(),
+                    "values": vals.cpu().numpy().astype(np.float32),
+                    "indices": idx.cpu().numpy().astype(np.int32),
+                    "gram": gram.cpu().numpy().astype(np.float32)})
     return out
 
 

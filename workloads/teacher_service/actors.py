@@ -83,7 +83,7 @@ class TeacherReplica:
             on_device["pixel_values"] = on_device["pixel_values"].to(self.dtype)
         with torch.no_grad():
             logits = self.model(**model_inputs(on_device)).logits
-        return self.load_id, teacher_entries(logits.float().cpu(), batch, self.vocab_size,
+        return self.load_id, teacher_entries(logits, on_device, self.vocab_size,
                                              self.image_token_id, self.top_k)
 
 
