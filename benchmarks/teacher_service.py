@@ -1,7 +1,7 @@
 """DFT step time and student memory with ``teacher: service`` vs ``online``, same total CPUs.
 
     python benchmarks/teacher_service.py [--steps 20] [--warmup 3] [--batch-size 8]
-                                         [--pairs tiny,wide] [--out PATH]
+                                         [--pairs tiny,wide,balanced] [--out PATH]
 
 On a local Ray instance with 2 CPUs, each mode in fresh actors (processes), one after the other:
 
@@ -17,8 +17,10 @@ Every step uses a new batch of new rows (pixels shifted per row: no dedup, each 
 whole-batch teacher forward). Reported: median
 step seconds, ``service / floor`` (aim <= 0.75: the overlap hides most of the teacher),
 ``online / floor``, and each student process's peak RSS (``ru_maxrss``). Pairs: ``tiny``
-(tiny-teacher -> tiny-student) and ``wide`` (a 4x wider, 2x deeper teacher text model, same
-vision geometry) where the teacher forward dominates. Writes ``--out`` (JSON).
+(tiny-teacher -> tiny-student), ``wide`` (a 4x wider, 2x deeper teacher text model, same
+vision geometry) where the teacher forward dominates, and ``balanced`` (the wide teacher and a
+bigger student whose step costs about the teacher's forward: overlap's best case, half the
+floor). Writes ``--out`` (JSON).
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # the tiny-teacher's vision tower (same image tokens) with a bigger language model
 WIDE_TEXT = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
                  num_attention_heads=8, num_key_value_heads=4)
+# a student text model whose training step costs about the wide teacher's forward: the pair
+# where overlapping the two can save the most (the floor's best case is half)
+MID_STUDENT_TEXT = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2)
+PAIRS = {"tiny": (None, None), "wide": (WIDE_TEXT, None),
+         "balanced": (WIDE_TEXT, MID_STUDENT_TEXT)}  # name: (teacher text, student text)
 
 
 def _batches(tok, n, batch_size):
@@ -67,11 +75,11 @@ def _batches(tok, n, batch_size):
 class Student:
     """A student process: builds the student, runs steps, reports times and peak RSS."""
 
-    def __init__(self, tok_dir: str, threads: int):
+    def __init__(self, tok_dir: str, threads: int, text: dict | None = None):
         import torch
 
         torch.set_num_threads(threads)
-        self.tok_dir = tok_dir
+        self.tok_dir, self.text = tok_dir, text
 
     def run(self, loss_kw: dict, batches: list, warmup: int, mode: str) -> dict:
         import resource
@@ -80,11 +88,9 @@ class Student:
 
         from orchestrator.plugin import StageContext
         from workloads.distill_loss import DistillLoss
-        from workloads.models import build_model
         from workloads.train_setup import CausalLMLoss, StepContext, model_inputs
 
-        torch.manual_seed(1)
-        model = build_model({"preset": "tiny-student"}, self.tok_dir)[0]
+        model = build_llava("tiny-student", self.tok_dir, self.text, seed=1)[0]
         model.model.vision_tower.requires_grad_(False)  # DFT: projector + LLM
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         stage = StageContext(pipeline="bench", stage="teacher_service", key="k",
@@ -130,6 +136,11 @@ class Student:
 def build_teacher(tok_dir: str, text: dict | None) -> tuple:
     """The tiny-teacher (seed 0), or with ``text``: a bigger language model behind the same
     vision tower (same image tokens). Returns (model, processor)."""
+    return build_llava("tiny-teacher", tok_dir, text, seed=0)
+
+
+def build_llava(preset: str, tok_dir: str, text: dict | None, seed: int) -> tuple:
+    """A tiny preset, its text model replaced by ``text``'s sizes when given."""
     import copy
 
     import torch
@@ -137,8 +148,8 @@ def build_teacher(tok_dir: str, text: dict | None) -> tuple:
 
     from workloads.models import build_model
 
-    torch.manual_seed(0)
-    teacher, proc = build_model({"preset": "tiny-teacher"}, tok_dir)
+    torch.manual_seed(seed)
+    teacher, proc = build_model({"preset": preset}, tok_dir)
     if text is not None:
         config = copy.deepcopy(teacher.config)
         for k, v in text.items():
@@ -149,7 +160,7 @@ def build_teacher(tok_dir: str, text: dict | None) -> tuple:
     return teacher, proc
 
 
-def bench_pair(name: str, text: dict | None, args) -> dict:
+def bench_pair(name: str, args) -> dict:
     import ray
 
     from mmkd_test_plugins.train_fixtures import build_tiny_tokenizer
@@ -158,6 +169,7 @@ def bench_pair(name: str, text: dict | None, args) -> dict:
 
     tmp = tempfile.mkdtemp(prefix=f"ts-bench-{name}-")
     tok_dir = build_tiny_tokenizer(os.path.join(tmp, "tok"))
+    text, student_text = PAIRS[name]
     teacher, proc = build_teacher(tok_dir, text)
     teacher_dir = save_model(teacher, proc, os.path.join(tmp, "teacher"))
     n_params = count_params(teacher)["total"]
@@ -167,17 +179,17 @@ def bench_pair(name: str, text: dict | None, args) -> dict:
     actor = ray.remote(Student)
     out = {"teacher_params": n_params}
 
-    s = actor.options(num_cpus=1).remote(tok_dir, 1)
+    s = actor.options(num_cpus=1).remote(tok_dir, 1, student_text)
     out["floor"] = ray.get(s.run.remote({"teacher_dir": teacher_dir}, batches, args.warmup,
                                         "floor"))
     ray.kill(s)
-    s = actor.options(num_cpus=2).remote(tok_dir, 2)
+    s = actor.options(num_cpus=2).remote(tok_dir, 2, student_text)
     out["online"] = ray.get(s.run.remote({"teacher_dir": teacher_dir, **common}, batches,
                                          args.warmup, "online"))
     ray.kill(s)
     spec = ServiceSpec(teacher_dir=teacher_dir, cpus=1, cache_mb=0)
     with ServiceLease(spec, stage=f"bench-{name}") as lease:
-        s = actor.options(num_cpus=1).remote(tok_dir, 1)
+        s = actor.options(num_cpus=1).remote(tok_dir, 1, student_text)
         kw = {"service": {"name": lease.name, "user": lease.user}, **common}
         out["service"] = ray.get(s.run.remote(kw, batches, args.warmup, "service"))
         ray.kill(s)
@@ -195,7 +207,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--pairs", default="tiny,wide")
+    ap.add_argument("--pairs", default="tiny,wide,balanced")
     ap.add_argument("--repeats", type=int, default=3, help="repetitions of every pair")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results", "teacher_service.json"))
@@ -214,7 +226,7 @@ def main() -> None:
     try:
         for rep in range(args.repeats):  # interleaved: every pair once per repetition
             for p in names:
-                runs[p].append(bench_pair(p, WIDE_TEXT if p == "wide" else None, args))
+                runs[p].append(bench_pair(p, args))
                 print(rep, p, json.dumps(runs[p][-1]["ratios"]), flush=True)
     finally:
         ray.shutdown()
