@@ -12,9 +12,9 @@ each time (nothing cached), modes interleaved:
   (``teacher: service``); the trials send the same rows, so the service forwards each row once
   and answers the other trials from its cache (``dedup_hits``).
 
-Both on one local Ray instance with ``--cpus`` logical CPUs (default 9: 4 trials x (worker +
-data pipeline) + the replica, so both modes run all trials at once; on a 2-core machine they
-then share the cores). Measured, from PSS (shared pages split between the processes that
+Each tune in a fresh local Ray instance with ``--cpus`` logical CPUs (default 9: 4 trials x
+(worker + data pipeline) + the replica, so both modes run all trials at once; on a 2-core
+machine they then share the cores). Measured, from PSS (shared pages split between the processes that
 map them) sampled every 0.5 s: the memory of the processes that hold a model (each trial's Ray
 Train worker, the service's replica and coordinator; the sum of each one's peak), and the peak
 of the whole Ray instance's summed PSS above the idle instance (every Ray Data, Tune and Train
@@ -70,9 +70,9 @@ scheduler: {{type: none}}
 """
 
 
-# the processes that hold a model, by their Ray process titles
-ROLES = {"ray::RayTrainWorker": "student_workers", "ray::TeacherReplica": "teacher_service",
-         "ray::TeacherService": "teacher_service"}
+# the processes that hold a model, by a part of their Ray process titles
+ROLES = {"RayTrainWorker": "student_workers", "TeacherReplica": "teacher_service",
+         "TeacherService": "teacher_service"}
 
 
 class TreeMemory:
@@ -116,7 +116,7 @@ class TreeMemory:
         self.thread.join()
         roles: dict[str, dict] = {}
         for name, mb in self.by_pid.values():
-            role = ROLES.get(name)
+            role = next((r for part, r in ROLES.items() if part in name), None)
             if role:
                 r = roles.setdefault(role, {"processes": 0, "sum_of_peaks_mb": 0.0})
                 r["processes"] += 1
@@ -141,7 +141,23 @@ def _models(root: str, text: dict | None) -> dict:
     return out
 
 
-def run_mode(mode: str, models: dict, args, idle_mb: float) -> dict:
+def run_mode(mode: str, models: dict, args) -> dict:
+    """One tune in a fresh local Ray instance (nothing left over from the previous run)."""
+    import ray
+
+    from orchestrator.ray_setup import start_local_ray
+
+    start_local_ray(num_cpus=args.cpus, _temp_dir=tempfile.mkdtemp(prefix="mmkdray-", dir="/tmp"),
+                    log_to_driver=False, configure_logging=False)
+    try:
+        time.sleep(3)
+        idle_mb = _idle()
+        return _tune(mode, models, args, idle_mb)
+    finally:
+        ray.shutdown()
+
+
+def _tune(mode: str, models: dict, args, idle_mb: float) -> dict:
     from orchestrator.tune_runner import run_tune
     from orchestrator.tuning import load_tune
 
@@ -171,7 +187,8 @@ def run_mode(mode: str, models: dict, args, idle_mb: float) -> dict:
             with open(os.path.join(stages, d, "metrics.json")) as f:
                 finals.append(json.load(f))
     roles = memory["roles"]
-    result = {"wall_s": round(wall, 2), "tree_peak_mb": memory["tree_peak_mb"],
+    result = {"wall_s": round(wall, 2), "idle_mb": round(idle_mb, 1),
+              "tree_peak_mb": memory["tree_peak_mb"],
               "tree_peak_above_idle_mb": round(memory["tree_peak_mb"] - idle_mb, 1),
               "model_processes_mb": round(sum(r["sum_of_peaks_mb"] for r in roles.values()), 1),
               "roles": roles, "trials": len(out.trials)}
@@ -196,36 +213,26 @@ def main() -> None:
     args.work = args.work or tempfile.mkdtemp(prefix="mmkd-tune-bench-")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-    import ray
-
     from benchmarks._env import environment
-    from orchestrator.ray_setup import start_local_ray
 
-    start_local_ray(num_cpus=args.cpus, _temp_dir=tempfile.mkdtemp(prefix="mmkdray-", dir="/tmp"),
-                    log_to_driver=False, configure_logging=False)
     load0 = os.getloadavg()
     pairs: dict[str, dict] = {}
-    try:
-        time.sleep(3)
-        idle_mb = _idle()
-        for name in args.pairs.split(","):
-            models = _models(os.path.join(args.work, name), TEXTS[name])
-            runs: dict[str, list] = {"online": [], "service": []}
-            for rep in range(args.repeats):  # interleaved
-                for mode in ("online", "service"):
-                    runs[mode].append(run_mode(mode, models, args, idle_mb))
-                    print(name, rep, mode, json.dumps(runs[mode][-1]), flush=True)
-            pairs[name] = {"teacher_params": models["teacher_params"], "runs": runs,
-                           "summary": _summary(runs)}
-    finally:
-        ray.shutdown()
+    for name in args.pairs.split(","):
+        models = _models(os.path.join(args.work, name), TEXTS[name])
+        runs: dict[str, list] = {"online": [], "service": []}
+        for rep in range(args.repeats):  # interleaved
+            for mode in ("online", "service"):
+                runs[mode].append(run_mode(mode, models, args))
+                print(name, rep, mode, json.dumps(runs[mode][-1]), flush=True)
+        pairs[name] = {"teacher_params": models["teacher_params"], "runs": runs,
+                       "summary": _summary(runs)}
     result = {
         "what": f"`run_tune` of a {args.trials}-trial grid over DFT (1 worker each, all trials at "
                 f"once on {args.cpus} logical CPUs): one shared teacher service (1 replica, 1 CPU) "
                 f"vs a teacher in every trial's worker; wall time, the memory of the processes "
                 f"that hold a model (sum of each one's peak PSS) and the Ray instance's peak "
                 f"summed PSS above the idle instance",
-        "args": vars(args), "idle_mb": round(idle_mb, 1), "pairs": pairs,
+        "args": vars(args), "pairs": pairs,
         "loadavg": {"start": load0, "end": os.getloadavg()}, "environment": environment(),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
