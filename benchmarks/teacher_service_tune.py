@@ -85,7 +85,7 @@ class TreeMemory:
 
         self.me, self.period = psutil.Process(), period_s
         self.peak, self.samples, self.stop = 0.0, 0, threading.Event()
-        self.by_pid: dict[int, tuple[str, float]] = {}  # pid -> (name, peak MB)
+        self.by_pid: dict[int, tuple[set, float]] = {}  # pid -> (names seen, peak MB)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -102,8 +102,8 @@ class TreeMemory:
             except psutil.Error:
                 continue
             total += mb
-            old = self.by_pid.get(p.pid, (name, 0.0))
-            self.by_pid[p.pid] = (name, max(old[1], mb))
+            names, peak = self.by_pid.get(p.pid, (set(), 0.0))
+            self.by_pid[p.pid] = (names | {name}, max(peak, mb))
         return total
 
     def _run(self) -> None:
@@ -115,8 +115,8 @@ class TreeMemory:
         self.stop.set()
         self.thread.join()
         roles: dict[str, dict] = {}
-        for name, mb in self.by_pid.values():
-            role = next((r for part, r in ROLES.items() if part in name), None)
+        for names, mb in self.by_pid.values():  # a process's title changes with its calls
+            role = next((r for part, r in ROLES.items() if any(part in n for n in names)), None)
             if role:
                 r = roles.setdefault(role, {"processes": 0, "sum_of_peaks_mb": 0.0})
                 r["processes"] += 1
