@@ -662,8 +662,72 @@ def teacher_service(R: Results) -> str:
             f"{d['environment']['machine']['cpu_count']} cores. Floor: the student's CE step plus "
             "the teacher's forward, 1 thread each, one after the other. Overlap cannot beat "
             f"max(student, teacher) / (student + teacher) ({bound}), and each request costs a Ray "
-            "round trip, so the service pays off when the teacher is large next to the student, "
-            "or shared, or must leave the student's memory.\n")
+            "round trip. The overlap works (the service step approaches that bound when the "
+            "student's step is not negligible: balanced), but on one machine a colocated teacher "
+            "that gets both threads is as fast (its forward parallelizes too); the service pays "
+            "off in the student's memory (last column), when the teacher is shared (the tune "
+            "below) or lives on other devices.\n")
+
+
+def row_teacher_service_tune(R: Results) -> str:
+    d = R.load("teacher_service_tune")
+    parts = []
+    for name, pair in d["pairs"].items():
+        r = pair["summary"]["ratios"]
+        parts.append(f"{name} ({pair['teacher_params'] / 1e6:.0f}M-parameter teacher): memory "
+                     f"{_mm(r['model_processes_mb_service_over_online'])}, wall "
+                     f"{_mm(r['wall_s_service_over_online'])}")
+    return (f"{d['args']['trials']}-trial tune, service / a teacher per trial: "
+            + "; ".join(parts) + f" (load {_load(d)}); "
+            "[details](../README.md#where-the-teacher-runs)")
+
+
+@block("teacher-service-tune")
+def teacher_service_tune(R: Results) -> str:
+    """A tune sharing one teacher service vs a teacher per trial (teacher_service_tune.json)."""
+    d = R.load("teacher_service_tune")
+    a = d["args"]
+    lines = ["| teacher | mode | wall | memory of the model processes | Ray instance peak above "
+             "idle | teacher loads | rows forwarded / asked |", "|---|---|---|---|---|---|---|"]
+    for name, pair in d["pairs"].items():
+        s = pair["summary"]
+        for mode in ("online", "service"):
+            m = s[mode]
+            if mode == "service":
+                svc = [r["service"] for r in pair["runs"]["service"]]
+                loads = ", ".join(f"{x['loads']:.0f}" for x in svc)
+                rows = ", ".join(f"{x['rows_forwarded']:.0f} / {x['rows_requested']:.0f}"
+                                 for x in svc)
+            else:
+                loads, rows = f"{a['trials']} (one per trial)", "-"
+            lines.append(f"| {name} ({pair['teacher_params'] / 1e6:.0f}M) | {mode} | "
+                         f"{_mm_int(m['wall_s'], 's')} | {_mm_int(m['model_processes_mb'], ' MB')} | "
+                         f"{_mm_int(m['tree_peak_above_idle_mb'], ' MB')} | {loads} | {rows} |")
+    return ("\n".join(lines) + "\n\n"
+            f"`benchmarks/teacher_service_tune.py`: `run_tune` of a {a['trials']}-trial grid "
+            f"(learning rates) over a 1-worker DFT stage of {a['steps']} steps, all trials at "
+            f"once on {a['cpus']} logical CPUs ({d['environment']['machine']['cpu_count']} cores, "
+            f"load {_load(d)}); median (min-max) of {a['repeats']} repetitions (per run where "
+            "listed), modes interleaved, each tune in a fresh Ray instance, nothing cached. "
+            "Memory: PSS, the sum of each process's peak over the trials' Ray Train workers and "
+            "(service) the replica and its coordinator. A teacher per trial holds one copy per "
+            "trial; the service holds one and forwards each row once for all trials (they read "
+            "the same rows), the rest are cache hits. Service / online: " + "; ".join(
+                f"{n} memory {_mm(p['summary']['ratios']['model_processes_mb_service_over_online'])}"
+                f", wall {_mm(p['summary']['ratios']['wall_s_service_over_online'])}"
+                for n, p in d["pairs"].items()) + ". The service's replica and coordinator "
+            "took " + ", ".join(f"{statistics.median(_svc_mb(p)):.0f} MB ({n})"
+                                for n, p in d["pairs"].items())
+            + ": the service saves memory once the teacher copies it replaces outweigh its own "
+            "processes.\n")
+
+
+def _svc_mb(pair: dict) -> list[float]:
+    return [r["roles"]["teacher_service"]["sum_of_peaks_mb"] for r in pair["runs"]["service"]]
+
+
+def _mm_int(x: dict, unit: str) -> str:
+    return f"{x['median']:.0f}{unit} ({x['min']:.0f}-{x['max']:.0f})"
 
 
 ROWS = [
@@ -711,8 +775,12 @@ ROWS = [
         row_family_kd_step),
     Row("teacher_service.py", "DFT step with `teacher: service` (student 1 CPU + one replica 1 "
         "CPU, requests a step ahead) vs `online` (one process, 2 threads), over the floor "
-        "(student step + teacher forward); a tiny and a wide (32M) teacher", row_teacher_service,
+        "(student step + teacher forward); a tiny pair, a wide (32M) teacher, and that teacher "
+        "with a student whose step costs about half its forward", row_teacher_service,
         "service ≤ 0.75 × floor"),
+    Row("teacher_service_tune.py", "a 4-trial `mmkd tune` of DFT sharing one teacher service vs "
+        "a teacher in every trial: memory of the processes holding a model, wall time",
+        row_teacher_service_tune, "memory < online"),
     Row("eval_generation.py", "questions/s of `evaluate`'s greedy generation: the one-by-one loop "
         "vs batched with left padding and the KV cache (1 torch thread, 64 shapes questions, 8 "
         "new tokens)", row_eval_generation, "≥ 4x at batch 16"),
