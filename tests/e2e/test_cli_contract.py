@@ -103,7 +103,7 @@ CASES = [
     # a teacher service that leaves the data pipeline no CPU fails before any stage runs
     (["run", "LLAVA_KD", "--set", "stages.student_dft.params.teacher=service", "--set",
       "stages.student_dft.params.teacher_resources={replicas: 4}"], 1,
-     "for its teacher service: 4 replica(s)"),
+     "`teacher_resources`"),
     (["runs"], 0, "contract"),
     (["runs", "--limit", "many"], 2, "--limit"),
     (["show", "RUN"], 0, LONG),
