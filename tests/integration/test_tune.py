@@ -26,8 +26,8 @@ TUNE = """
 pipeline: pipe.yaml
 stage: fit
 space:
-  lr: {grid: [0.0005, 0.001, 0.3, 0.45]}
-metric: loss
+  lr: {grid: [0.45, 0.3, 0.001, 0.0005]}  # fast first: ASHA cuts the slow ones that reach a
+metric: loss                              # rung after them (slow first, it may cut none)
 mode: min
 num_samples: 1
 scheduler: {type: asha, grace_period: 2, reduction_factor: 2}
@@ -90,14 +90,14 @@ def test_asha_tune_logs_trials_and_saves_best_params(ray_session, files):
 
 def test_bad_search_space_names_the_entry(files):
     bad = files / "bad.yaml"
-    bad.write_text(TUNE.replace("lr: {grid: [0.0005, 0.001, 0.3, 0.45]}",
+    bad.write_text(TUNE.replace("lr: {grid: [0.45, 0.3, 0.001, 0.0005]}",
                                 "lr: {uniform: [1.0, 0.1]}\n  speed: {choice: [1]}"))
     with pytest.raises(TuneError) as e:
         load_tune(str(bad))
     msg = str(e.value)
     assert "bad.yaml" in msg and "space.lr.uniform" in msg and "low < high" in msg
     assert "space.speed" in msg and "no param 'speed'" in msg
-    bad.write_text(TUNE.replace("lr: {grid: [0.0005, 0.001, 0.3, 0.45]}", "lr: {grid: [-1.0]}"))
+    bad.write_text(TUNE.replace("lr: {grid: [0.45, 0.3, 0.001, 0.0005]}", "lr: {grid: [-1.0]}"))
     with pytest.raises(TuneError, match=r"space.lr: value -1.0 is invalid"):
         load_tune(str(bad))
     bad.write_text(TUNE.replace("stage: fit", "stage: fitt"))
@@ -120,7 +120,7 @@ def test_select_picks_the_best_trial_by_a_downstream_evaluation(ray_session, fil
     tune_file = files / "select.yaml"
     tune_file.write_text(textwrap.dedent(TUNE).replace(
         "num_samples: 1", "num_samples: 1\nselect: {stage: judge, metric: closeness, mode: max}")
-        .replace("{grid: [0.0005, 0.001, 0.3, 0.45]}", "{grid: [0.02, 0.06]}")
+        .replace("{grid: [0.45, 0.3, 0.001, 0.0005]}", "{grid: [0.02, 0.06]}")
         .replace("type: asha", "type: none"))
     spec, pipeline = load_tune(str(tune_file))
     out = run_tune(spec, pipeline, str(tune_file))
