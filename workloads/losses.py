@@ -56,6 +56,9 @@ __all__ = [
 # workloads/divergences/), a mapping {"name": "skew_kl", "alpha": 0.1}, or a DivergenceSpec.
 KindLike = Union[str, Mapping[str, Any], DivergenceSpec]
 Reduction = Literal["mean", "sum"]
+# "auto": fused when the divergence has a pointwise form (Triton on CUDA), else chunked;
+# "fused" / "chunked" force one (benchmarks and tests compare them)
+Kernel = Literal["auto", "fused", "chunked"]
 # Rows per chunk: at V=32k one fp32 (C, V) temporary is 16 MB; at V=152k, 78 MB.
 DEFAULT_CHUNK_SIZE = 128
 DEFAULT_VOCAB_CHUNK = 4096
@@ -223,6 +226,7 @@ def kd_divergence(
     temperature: float = 1.0,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     reduction: Reduction = "mean",
+    kernel: Kernel = "auto",
 ) -> torch.Tensor:
     """Divergence between teacher and student next-token distributions at masked positions.
 
@@ -245,9 +249,14 @@ def kd_divergence(
         kind: a registered divergence's name, or ``{"name": ..., **its params}``, or a
             ``DivergenceSpec``.
         temperature: tau > 0, applied to both logits.
-        chunk_size: selected positions processed per chunk (forward and backward); None runs
-            :func:`kd_divergence_reference` (plain autograd, full-size temporaries).
+        chunk_size: selected positions processed per chunk (forward and backward) on the
+            torch paths; None runs :func:`kd_divergence_reference` (plain autograd, full-size
+            temporaries).
         reduction: ``"mean"`` over selected positions (0 if none) or ``"sum"``.
+        kernel: ``"auto"`` runs the fused kernel (``workloads/kernels/``) where it is the
+            faster one: Triton on CUDA for the built-ins; elsewhere the chunked kernel for a
+            divergence with closed-form gradients and the fused torch path for one with only
+            a pointwise form. ``"fused"`` / ``"chunked"`` choose.
 
     Returns:
         Scalar tensor (float32, or float64 for float64 inputs).
@@ -260,10 +269,29 @@ def kd_divergence(
         )
     if chunk_size <= 0:
         raise ValueError(f"kd_divergence: chunk_size must be positive or None, got {chunk_size}")
+    if kernel not in ("auto", "fused", "chunked"):
+        raise ValueError(f"kd_divergence: kernel must be auto, fused or chunked, got {kernel!r}")
     s_flat, idx = _rows(student_logits, mask, "kd_divergence")
     t_flat = teacher_logits.reshape(-1, teacher_logits.shape[-1])
-    total = _ChunkedDivergence.apply(s_flat, t_flat, idx, div, params, float(temperature),
-                                     chunk_size)
+    backend = None
+    if kernel != "chunked":
+        from workloads.kernels import fused_backend
+
+        backend = fused_backend(div, s_flat.device, s_flat.dtype,
+                                prefer_closed_form=kernel == "auto")
+        if backend is None and kernel == "fused":
+            raise ValueError(f"kd_divergence: divergence {div.name!r} has no pointwise form, so "
+                             "it has no fused kernel; use kernel='auto' or 'chunked'")
+    if backend is not None:
+        from workloads.kernels import FusedDivergence
+
+        if s_flat.stride(-1) != 1 or t_flat.stride(-1) != 1:
+            s_flat, t_flat = s_flat.contiguous(), t_flat.contiguous()
+        total = FusedDivergence.apply(s_flat, t_flat, idx, div, params, float(temperature),
+                                      chunk_size, backend)
+    else:
+        total = _ChunkedDivergence.apply(s_flat, t_flat, idx, div, params, float(temperature),
+                                         chunk_size)
     return total / max(idx.numel(), 1) if reduction == "mean" else total
 
 
@@ -319,6 +347,7 @@ def response_kd_loss(
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     labels_shifted: bool = False,
     reduction: Reduction = "mean",
+    kernel: Kernel = "auto",
 ) -> torch.Tensor:
     """L_res: :func:`kd_divergence` at the positions HF's CE loss trains on.
 
@@ -337,7 +366,7 @@ def response_kd_loss(
         )
     mask = response_mask(labels, ignore_index, labels_shifted)
     return kd_divergence(
-        student_logits, teacher_logits, mask, kind, temperature, chunk_size, reduction
+        student_logits, teacher_logits, mask, kind, temperature, chunk_size, reduction, kernel
     )
 
 
@@ -349,6 +378,7 @@ def visual_kd_loss(
     temperature: float = 1.0,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     reduction: Reduction = "mean",
+    kernel: Kernel = "auto",
 ) -> torch.Tensor:
     """L_vis: :func:`kd_divergence` over the logits *at* image-token positions (no shift: the
     distributions the two models output while reading the visual tokens are compared).
@@ -364,7 +394,7 @@ def visual_kd_loss(
     """
     mask = image_token_mask if image_token_mask.dtype == torch.bool else image_token_mask >= 0
     return kd_divergence(
-        student_logits, teacher_logits, mask, kind, temperature, chunk_size, reduction
+        student_logits, teacher_logits, mask, kind, temperature, chunk_size, reduction, kernel
     )
 
 

@@ -15,6 +15,14 @@ It is registered with
   bounded). Measured (B=2, T=1024, V=32k, fp32, CPU, one thread; memory beyond the inputs and
   the logits' gradient): ``fkl``'s closed form 98 MB / 2.3 s, the same ``rows`` through
   autograd 129 MB / 2.4 s, ``skew_kl`` (autograd) 176 MB / 3.7 s; unchunked: 1281 MB.
+- optionally ``pointwise(log_p_s, log_p_t, **params) -> (f, df/dlog_p_s, df/dlog_p_t)``: the
+  divergence as a sum over the vocabulary of an elementwise ``f`` of the two log-probabilities
+  (``D = sum_v f``), with f's elementwise partial derivatives, written with elementwise torch ops
+  only. A divergence with this form runs in the fused kernel (``workloads/kernels/``): one pass
+  over each row block for the values and the row sums, one for the gradients
+  (``dD/ds = tau * (f_s - p * sum_v f_s)``, the same with q for the teacher). The built-ins also
+  have a Triton version of it (``kernels/triton_divergence.py``) used on CUDA; a divergence
+  without ``pointwise`` runs in the chunked kernel, with a note in the log.
 - ``params``: a pydantic model of the divergence's own parameters (default: none). Configs
   name a divergence as ``fkl`` or ``{name: skew_kl, alpha: 0.1}``; the parameters are validated
   by that model and passed to ``rows``/``grads`` as keyword arguments.
@@ -65,6 +73,8 @@ class Divergence:
     params: type[BaseModel] = NoParams
     description: str = ""
     defaults: dict[str, Any] | None = None  # params() dumped (None: a parameter is required)
+    # pointwise(log_p_s, log_p_t, **params) -> (f, f_s, f_t): D = sum_v f (the fused kernel)
+    pointwise: Callable[..., Any] | None = None
 
 
 DIVERGENCES: dict[str, Divergence] = {}
@@ -72,7 +82,8 @@ DIVERGENCES: dict[str, Divergence] = {}
 
 def register_divergence(name: str, rows: Callable[..., Any],
                         grads: Callable[..., Any] | None = None,
-                        params: type[BaseModel] = NoParams, description: str = "") -> Divergence:
+                        params: type[BaseModel] = NoParams, description: str = "",
+                        pointwise: Callable[..., Any] | None = None) -> Divergence:
     """Register divergence ``name``; see the package docstring for ``rows``/``grads``."""
     if not name.replace("_", "").isalnum() or name.lower() != name:
         raise ValueError(f"divergence names are snake_case, got {name!r}")
@@ -82,7 +93,7 @@ def register_divergence(name: str, rows: Callable[..., Any],
         defaults = params().model_dump()
     except ValidationError:
         defaults = None
-    div = Divergence(name, rows, grads, params, description, defaults)
+    div = Divergence(name, rows, grads, params, description, defaults, pointwise)
     DIVERGENCES[name] = div
     return div
 

@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # torch is imported where a divergence runs, not where one is
 
 from workloads.divergences import register_divergence
 
-__all__ = ["fkl_rows", "fkl_grads"]
+__all__ = ["fkl_rows", "fkl_grads", "fkl_pointwise"]
 
 
 def fkl_rows(log_p_s: torch.Tensor, log_p_t: torch.Tensor) -> torch.Tensor:
@@ -39,5 +39,13 @@ def fkl_grads(s: torch.Tensor, t: torch.Tensor, need_s: bool, need_t: bool):
     return div, g_s, g_t
 
 
-register_divergence("fkl", fkl_rows, fkl_grads,
+def fkl_pointwise(ls: torch.Tensor, lt: torch.Tensor):
+    """Elementwise ``f = q (lt - ls)`` and its partials w.r.t. ``ls`` and ``lt`` (the fused
+    kernel's form; ``D = sum_v f``)."""
+    q = lt.exp()
+    f = q * (lt - ls)
+    return f, -q, f + q
+
+
+register_divergence("fkl", fkl_rows, fkl_grads, pointwise=fkl_pointwise,
                     description="forward KL(p_t || p_s), mode covering (LLaVA-KD default)")

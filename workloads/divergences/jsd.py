@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # torch is imported where a divergence runs, not where one is
 
 from workloads.divergences import register_divergence
 
-__all__ = ["jsd_rows", "jsd_grads"]
+__all__ = ["jsd_rows", "jsd_grads", "jsd_pointwise"]
 
 
 def jsd_rows(log_p_s: torch.Tensor, log_p_t: torch.Tensor) -> torch.Tensor:
@@ -43,5 +43,16 @@ def jsd_grads(s: torch.Tensor, t: torch.Tensor, need_s: bool, need_t: bool):
     return 0.5 * (kl_s + kl_t), g_s, g_t
 
 
-register_divergence("jsd", jsd_rows, jsd_grads,
+def jsd_pointwise(ls: torch.Tensor, lt: torch.Tensor):
+    """``f = q (lt - lm) / 2 + p (ls - lm) / 2``; since dlm/dls = p / (p + q), the partials
+    reduce to ``p (ls - lm) / 2`` and ``q (lt - lm) / 2``."""
+    import torch
+
+    lm = torch.logaddexp(ls, lt) - math.log(2.0)
+    f_s = 0.5 * ls.exp() * (ls - lm)
+    f_t = 0.5 * lt.exp() * (lt - lm)
+    return f_s + f_t, f_s, f_t
+
+
+register_divergence("jsd", jsd_rows, jsd_grads, pointwise=jsd_pointwise,
                     description="Jensen-Shannon, m = (p_s + p_t)/2, bounded by log 2")

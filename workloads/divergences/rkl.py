@@ -12,9 +12,9 @@ if TYPE_CHECKING:  # torch is imported where a divergence runs, not where one is
     import torch
 
 from workloads.divergences import register_divergence
-from workloads.divergences.fkl import fkl_grads, fkl_rows
+from workloads.divergences.fkl import fkl_grads, fkl_pointwise, fkl_rows
 
-__all__ = ["rkl_rows", "rkl_grads"]
+__all__ = ["rkl_rows", "rkl_grads", "rkl_pointwise"]
 
 
 def rkl_rows(log_p_s: torch.Tensor, log_p_t: torch.Tensor) -> torch.Tensor:
@@ -27,5 +27,10 @@ def rkl_grads(s: torch.Tensor, t: torch.Tensor, need_s: bool, need_t: bool):
     return div, g_s, g_t
 
 
-register_divergence("rkl", rkl_rows, rkl_grads,
+def rkl_pointwise(ls: torch.Tensor, lt: torch.Tensor):
+    f, f_t, f_s = fkl_pointwise(lt, ls)
+    return f, f_s, f_t
+
+
+register_divergence("rkl", rkl_rows, rkl_grads, pointwise=rkl_pointwise,
                     description="reverse KL(p_s || p_t), mode seeking")
