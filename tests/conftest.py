@@ -37,3 +37,25 @@ def ray_session():
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------- tiers
+# Two tiers, assigned mechanically (no marker per test): a test is `slow` when it uses the Ray
+# session (directly or through a fixture such as `cli_env`), lives in tests/e2e (CLI runs), or
+# is in a module below that starts its own Ray cluster or lmms-eval; every other test is
+# `fast`. scripts/test.sh runs the fast tier first (`-m "not slow"`), then the slow one.
+SLOW_MODULES = {
+    "test_cluster.py",       # starts a Ray head + worker of its own
+    "test_lmms_backend.py",  # runs lmms-eval
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    slow = pytest.mark.slow
+    for item in items:
+        path = item.path
+        if ("ray_session" in getattr(item, "fixturenames", ()) or "e2e" in path.parts
+                or path.name in SLOW_MODULES):
+            item.add_marker(slow)
+    # within one invocation too: the fast tests first, so a unit failure shows in minutes
+    items.sort(key=lambda it: it.get_closest_marker("slow") is not None)
