@@ -81,7 +81,13 @@ def test_trained_model_loads_with_plain_transformers(chain):
     proc = AutoProcessor.from_pretrained(path)
     assert model.config.image_token_id == proc.tokenizer.convert_tokens_to_ids("<image>")
     ex = next(iter_eval_examples(DataSource(format="webdataset", paths=[chain["data"]["eval"]])))
-    assert isinstance(generate_answer(model, proc, ex, max_new_tokens=4), str)
+    # greedy answers of the plain-transformers load equal mmkd's own load of the same folder
+    from workloads.models import load_model
+
+    ours, our_proc = load_model(path)
+    plain_answer = generate_answer(model, proc, ex, max_new_tokens=4)
+    assert plain_answer == generate_answer(ours.eval(), our_proc, ex, max_new_tokens=4)
+    torch.testing.assert_close(model.lm_head.weight, ours.lm_head.weight, rtol=0, atol=0)
 
 
 def test_evaluate_writes_tables_and_consistent_scores(chain):
