@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from orchestrator.plugin import StageContext
+from workloads.checkpoints import load_worker_state, refusing_pickled_code, save_worker_state
 from workloads.errors import NonFiniteLossError, StageError, no_retry_failure_policy, root_stage_error
 from workloads.lineage import write_lineage
 from workloads.train_setup import (CausalLMLoss, LossFn, StepContext, TrainParams, build_optimizer,
@@ -201,9 +202,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if meta["kind"] == "final":  # the run had finished: hand the same model back
                 _report_final(d, meta, rank)
                 return
-            engine.load_checkpoint(d, tag=DS_TAG)
+            with refusing_pickled_code(f"stage {ctx.stage!r} (resuming)"):
+                engine.load_checkpoint(d, tag=DS_TAG)
             step, history, resumed_from = meta["step"], meta["history"], meta["step"]
-            position = _load_worker_state(d, rank)
+            position = load_worker_state(d, rank)
 
     zero3 = int(ctx.deepspeed.get("zero_stage", 0)) == 3
     shard = ray.train.get_dataset_shard("train")
@@ -357,7 +359,7 @@ def _save_checkpoint(engine: Any, step: int, history: list, metrics: dict, rank:
 
     with tempfile.TemporaryDirectory(prefix="mmkd-ckpt-") as d:
         engine.save_checkpoint(d, tag=DS_TAG)
-        _save_worker_state(d, rank, position)
+        save_worker_state(d, rank, position)
         if rank == 0:
             with open(os.path.join(d, CKPT_META), "w") as f:
                 json.dump({"kind": "deepspeed", "step": step, "history": history}, f)
@@ -380,39 +382,6 @@ def _save_final_model(module: Any, processor: Any, state_dict: dict | None, zero
         full.generation_config = module.generation_config
         module = full
     save_model(module, processor, out)
-
-
-def _worker_state_file(d: str, rank: int) -> str:
-    return os.path.join(d, f"mmkd_worker_{rank}.pt")
-
-
-def _save_worker_state(d: str, rank: int, position: dict[str, int]) -> None:
-    """This rank's data position (epoch, rows taken in it) and every RNG it draws from."""
-    import numpy as np
-    import torch
-
-    torch.save({"position": dict(position), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": np.random.get_state(), "python": random.getstate()},
-               _worker_state_file(d, rank))
-
-
-def _load_worker_state(d: str, rank: int) -> dict[str, int]:
-    """Restore what ``_save_worker_state`` saved; returns the data position. A checkpoint
-    without it (written by an older mmkd) resumes its data from the epoch's start."""
-    import numpy as np
-    import torch
-
-    path = _worker_state_file(d, rank)
-    if not os.path.exists(path):
-        return {"epoch": 0, "rows": 0}
-    state = torch.load(path, weights_only=False)
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    return state["position"]
 
 
 def _report_final(d: str, meta: dict, rank: int) -> None:
