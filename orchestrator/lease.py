@@ -6,11 +6,16 @@ that takes the key's lease runs the stage; the other waits, and finds the result
 only while its driver still holds the lease (``ArtifactStore.writer`` checks), so a driver that
 lost its lease (suspended past the expiry, say) never publishes over the new holder's work.
 
-- Local store (a path or a shared mount): ``leases/<name>.lease`` created with O_EXCL, holding
-  the owner (host, pid, run, token); the holder refreshes its mtime every ``ttl / 4`` seconds.
-  A lease is stale when its mtime is older than ``ttl`` or, on the same host, when its owner's
-  process is gone (a SIGKILLed driver frees its keys at once). A stale lease is taken over by
-  renaming it away first: of two drivers taking over together, one rename wins.
+- Local store (a path or a shared mount): ``leases/<name>.lease`` created whole by ``link``ing
+  a written temp file to its name (fails if it exists: never a half-written lease), holding the
+  owner (host, pid, run, token); the holder refreshes its mtime every ``ttl / 4`` seconds from a
+  thread of its own, so a driver loop stuck in a slow call (a hung MLflow server) never makes a
+  live driver look dead. A lease is stale when its mtime is older than ``ttl`` or, on the same
+  host, when its owner's process is gone (a SIGKILLed driver frees its keys at once). A stale
+  lease is taken over under a POSIX lock (``fcntl.lockf`` on ``<name>.lease.lock``, which NFS
+  honours too): the taker re-reads the record under the lock and removes it only if it is still
+  the very stale record it saw (same token), so a fresh lease written meanwhile by another
+  taker is never removed; creation is then the same exclusive link.
 - Object stores (s3://, gs://): a lease object with an expiry. pyarrow.fs offers no
   conditional write, so a driver writes its lease, waits ``settle_s`` and reads it back: of two
   writers the last one wins and both see who it is. A writer slower than ``settle_s`` can still
@@ -23,6 +28,7 @@ import json
 import os
 import secrets
 import socket
+import threading
 import time
 from typing import Any
 
@@ -47,7 +53,8 @@ def pid_alive(pid: int) -> bool:
 
 class Lease:
     def __init__(self, fs: pafs.FileSystem, base: str, name: str, owner: dict[str, Any],
-                 local: bool, ttl: float | None = None, settle_s: float = 0.5):
+                 local: bool, ttl: float | None = None, settle_s: float = 0.5,
+                 keep_alive: bool = True):
         self.fs, self.local = fs, local
         self.path = f"{base}/leases/{name}.lease"
         self.ttl = lease_ttl() if ttl is None else ttl
@@ -57,6 +64,10 @@ class Lease:
                       "token": self.token}
         self.held = False
         self._beat = 0.0
+        self.keep_alive = keep_alive  # heartbeats from a thread while held
+        self._io = threading.Lock()  # heartbeat and release never interleave
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     # -- reading ---------------------------------------------------------------------------
     def holder(self) -> dict[str, Any] | None:
@@ -90,27 +101,60 @@ class Lease:
             return True
         self.held = self._acquire_local() if self.local else self._acquire_object()
         self._beat = time.monotonic()
+        if self.held and self.keep_alive:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._beat_loop, daemon=True,
+                                            name=f"mmkd-lease-{os.path.basename(self.path)}")
+            self._thread.start()
         return self.held
+
+    def _beat_loop(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                if not self.heartbeat(force=True):
+                    return
+            except OSError:  # a store that failed once: try again at the next beat
+                continue
+
+    def _create_local(self) -> bool:
+        """Create the lease file whole, or fail if it exists (``link`` is atomic)."""
+        tmp = f"{self.path}.{self.token}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({**self.owner, "time": time.time()}, f)
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
 
     def _acquire_local(self) -> bool:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                record = self.holder()
-                if record is None or not self._stale(record):
-                    return False
-                try:  # take over: only one of several drivers' renames finds the file
-                    os.rename(self.path, f"{self.path}.stale-{self.token}")
-                    os.unlink(f"{self.path}.stale-{self.token}")
-                except FileNotFoundError:
-                    return False
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({**self.owner, "time": time.time()}, f)
+        if self._create_local():
             return True
-        return False
+        record = self.holder()
+        if record is None or not self._stale(record):
+            return False
+        return self._take_over_local(record.get("token")) and self._create_local()
+
+    def _take_over_local(self, seen_token: str | None) -> bool:
+        """Remove the stale lease ``seen_token`` names, under the takeover lock; False if the
+        file now holds another record (someone took over first)."""
+        import fcntl
+
+        with open(f"{self.path}.lock", "a") as lock:
+            fcntl.lockf(lock, fcntl.LOCK_EX)
+            try:
+                record = self.holder()
+                if record is None:
+                    return not os.path.exists(self.path)
+                if record.get("token") != seen_token or not self._stale(record):
+                    return False
+                os.unlink(self.path)
+                return True
+            finally:
+                fcntl.lockf(lock, fcntl.LOCK_UN)
 
     def _write_object(self) -> None:
         with self.fs.open_output_stream(self.path) as f:
@@ -131,34 +175,44 @@ class Lease:
         return record is not None and record.get("token") == self.token
 
     def heartbeat(self, force: bool = False) -> bool:
-        """Keep the lease fresh (at most every ttl/4 s); False if another driver took it."""
+        """Keep the lease fresh (at most every ttl/4 s); False if another driver took it.
+        With ``keep_alive`` a thread beats; a call without ``force`` only reports."""
         if not self.held:
             return False
-        if not force and time.monotonic() - self._beat < self.ttl / 4:
+        if not force and (self._thread is not None
+                          or time.monotonic() - self._beat < self.ttl / 4):
+            return self.held
+        with self._io:
+            if not self.held:
+                return False
+            self._beat = time.monotonic()
+            if not self.still_held():
+                self.held = False
+                return False
+            if self.local:
+                os.utime(self.path)
+            else:
+                self._write_object()
             return True
-        self._beat = time.monotonic()
-        if not self.still_held():
-            self.held = False
-            return False
-        if self.local:
-            os.utime(self.path)
-        else:
-            self._write_object()
-        return True
 
     def release(self) -> None:
-        if not self.held:
-            return
-        self.held = False
-        if not self.still_held():
-            return
-        try:
-            if self.local:
-                os.unlink(self.path)
-            else:
-                self.fs.delete_file(self.path)
-        except (FileNotFoundError, OSError):
-            pass
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+        with self._io:
+            if not self.held:
+                return
+            self.held = False
+            if not self.still_held():
+                return
+            try:
+                if self.local:
+                    os.unlink(self.path)
+                else:
+                    self.fs.delete_file(self.path)
+            except (FileNotFoundError, OSError):
+                pass
 
     def describe_holder(self) -> str:
         record = self.holder()

@@ -24,6 +24,14 @@ logger = logging.getLogger("mmkd")
 PIPELINE = "__pipeline__"
 _MAX_PARAM_LEN = 6000
 
+# MLflow's client defaults are 120 s per request and 7 retries with backoff (~10 minutes for
+# one call to a hung server); the driver bounds them, so tracking can slow a run but never hold
+# it for long. (The journal keeps what could not be logged: `mmkd relog`.) A user's own values
+# win.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
 
 # MLflow 3 opens an experiment on its GenAI traces overview unless its kind says model
 # training ("custom_model_development" is what the UI calls "Machine learning"/model training).

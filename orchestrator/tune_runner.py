@@ -94,11 +94,17 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
     for down in base["chain"]:
         keys[down.name] = stage_key(down, keys, base["fingerprints"].get(down.name),
                                     base["codes"][down.name])
-        if store.is_complete(down.workload, keys[down.name]):
+        # under the key's lease, as every publish: two trials (or a run) reaching the same
+        # downstream key never train into one checkpoint folder or publish over each other
+        down_lease = _lease_or_result(store, down, keys[down.name])
+        if down_lease is None:
             done = store.read_json(down.workload, keys[down.name], "metrics.json") or {}
         else:
-            done = ray.get(stage_task(down).remote(
-                stage_payload(base["pipeline"], down, keys, store)))["metrics"]
+            try:
+                done = ray.get(stage_task(down).remote(stage_payload(
+                    base["pipeline"], down, keys, store, lease_token=down_lease.token)))["metrics"]
+            finally:
+                down_lease.release()
         if down is base["chain"][-1]:
             final.update(_numeric(done))
     # the final result belongs to the stage's last step (not one past it in the MLflow curve)

@@ -180,3 +180,78 @@ def test_a_lease_of_another_host_expires_after_its_ttl(tmp_path):
     os.utime(path, (old, old))
     lease = _lease(tmp_path, ttl=30)
     assert lease.try_acquire() and json.loads(path.read_text())["token"] == lease.token
+
+
+def _race_worker(root: str, barrier, results, reps: int) -> None:
+    import pyarrow.fs as pafs
+
+    for rep in range(reps):
+        barrier.wait()  # the stale lease is in place
+        lease = Lease(pafs.LocalFileSystem(), root, "stage-abc", {"run_id": f"r{rep}"},
+                      local=True, ttl=30, keep_alive=False)
+        results.put((rep, lease.try_acquire(), lease.token))
+        barrier.wait()  # everyone tried; the parent checks and plants the next stale lease
+
+
+def test_drivers_racing_for_a_stale_lease_never_both_win(tmp_path):
+    """4 processes take over the same stale lease at once, 200 times: exactly one wins each
+    time, and the file on disk is the winner's (before the takeover lock, a slow taker could
+    rename away the fresh lease of a fast one, and both trained into one folder)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    n, reps = 4, 200
+    barrier, results = ctx.Barrier(n + 1, timeout=120), ctx.Queue()
+    (tmp_path / "leases").mkdir()
+    path = tmp_path / "leases" / "stage-abc.lease"
+
+    def plant():
+        path.unlink(missing_ok=True)
+        path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "dead"}))
+        old = time.time() - 3600
+        os.utime(path, (old, old))
+
+    procs = [ctx.Process(target=_race_worker, args=(str(tmp_path), barrier, results, reps))
+             for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        for rep in range(reps):
+            plant()
+            barrier.wait()
+            barrier.wait()
+            got = [results.get(timeout=60) for _ in range(n)]
+            winners = [token for r, won, token in got if won]
+            assert all(r == rep for r, _, _ in got)
+            assert len(winners) == 1, f"repetition {rep}: {len(winners)} drivers hold the lease"
+            assert json.loads(path.read_text())["token"] == winners[0]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
+def test_a_driver_stuck_in_a_slow_call_keeps_its_lease(tmp_path):
+    """Heartbeats run on the lease's own thread: while this (driver) thread makes no call for
+    longer than the ttl (as when a hung MLflow server blocks the driver loop) the lease is
+    refreshed, and another driver cannot take it."""
+    holder = _lease(tmp_path, ttl=4.0, run="a")
+    assert holder.try_acquire()
+    path = tmp_path / "leases" / "stage-abc.lease"
+    try:
+        beats, last = 0, path.stat().st_mtime
+        deadline = time.monotonic() + 60
+        while beats < 5:  # 5 beats = 1.25 ttl without a call from this thread
+            assert time.monotonic() < deadline, f"only {beats} heartbeats within 60 s"
+            time.sleep(0.05)
+            if path.stat().st_mtime != last:
+                beats, last = beats + 1, path.stat().st_mtime
+        other = Lease(holder.fs, str(tmp_path), "stage-abc", {"run_id": "b"}, local=True,
+                      ttl=4.0, keep_alive=False)
+        other.owner["host"] = "elsewhere"
+        assert not other.try_acquire()
+        assert holder.heartbeat() and holder.still_held()
+    finally:
+        holder.release()
+    assert not path.exists()
