@@ -363,7 +363,9 @@ class ArtifactStore:
     def write_index(self, pipeline: str, stage: str, key: str, parts: dict[str, Any]) -> None:
         path = self._index_path(pipeline, stage)
         self.fs.create_dir(os.path.dirname(path), recursive=True)
-        blob = json.dumps({"key": key, "parts": parts}, default=str).encode()
+        from orchestrator.secret_env import redact
+
+        blob = json.dumps({"key": key, "parts": redact(parts)}, default=str).encode()
         tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
         with self.fs.open_output_stream(tmp) as f:
             f.write(blob)

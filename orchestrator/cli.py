@@ -20,6 +20,7 @@ from rich.table import Table
 from orchestrator.console import QuietOutput, print_table
 from orchestrator.errors import explain
 from orchestrator.loader import load_pipeline
+from orchestrator.secret_env import redact_text
 
 console = Console()
 err = Console(stderr=True)
@@ -118,7 +119,7 @@ def cmd_run(args) -> int:
     _print_results(record)
     if record.status == "success":
         console.print(f"[green]{pipeline.name}[/] {record.run_id}: success ({summary}); "
-                      f"MLflow: {record.tracking_uri}")
+                      f"MLflow: {redact_text(record.tracking_uri)}")
         if result.tracking_deferred:
             console.print("every stage was cached: MLflow gets this run from a background "
                           f"`mmkd relog {record.run_id}` in a moment", highlight=False)
@@ -179,7 +180,7 @@ def cmd_show(args) -> int:
     if record.error:
         console.print(f"[red]error[/]: {record.error}")
     _print_results(record)
-    console.print(f"MLflow run {record.mlflow_run_id} at {record.tracking_uri}")
+    console.print(f"MLflow run {record.mlflow_run_id} at {redact_text(record.tracking_uri)}")
     return 0
 
 

@@ -37,6 +37,7 @@ def cmd_submit(args) -> int:
     env = job_env(args.env or [], args.allow_secret_env)
     if args.store:
         env["MMKD_STORE"] = args.store
+    _refuse_secret_values(env, args.set or [], args.allow_secret_env)
     job = submit.submit(args.pipeline, args.address, args.set or [], args.working_dir, env,
                         args.job_id, only=args.only or [])
     console.print(f"submitted [bold]{job}[/] to {args.address}\n"
@@ -51,6 +52,23 @@ def cmd_submit(args) -> int:
             return 1
         return 0
     return 0
+
+
+def _refuse_secret_values(env: dict[str, str], overrides: list[str], allow: bool) -> None:
+    """Credentials inside values (``s3://AK:SK@bucket``, ``?sig=...``, a token in ``--set``)
+    would sit in the job's runtime_env and entrypoint, shown in plain text by the dashboard."""
+    from orchestrator.secret_env import contains_secret, redact
+    from orchestrator.submit import SubmitError
+
+    found = [f"{k}={redact(v, k)}" for k, v in env.items() if contains_secret(v)]
+    found += [f"--set {redact(o)}" for o in overrides if redact(o) != o]
+    if found and not allow:
+        raise SubmitError(
+            f"{'; '.join(found)}: this value holds credentials (shown masked), and a job's "
+            f"environment and command line are shown in plain text by the Ray dashboard, "
+            f"`ray job list` and Ray's logs. Give the nodes their own access instead (an "
+            f"instance role for S3, a credentials file or MLFLOW_TRACKING_USERNAME/PASSWORD "
+            f"on the nodes), or pass --allow-secret-env if you accept that.")
 
 
 def job_env(pairs: list[str], allow_secrets: bool) -> dict[str, str]:

@@ -54,10 +54,14 @@ def execute_stage(payload: dict[str, Any], reporter: Any = None) -> dict[str, An
     for name, refs in payload["inputs"].items():
         paths = [os.path.join(store.local_dir(wl, key), out) for wl, key, out in refs]
         inputs[name] = paths if payload["input_is_list"][name] else paths[0]
+    shown = payload.get("params_shown", payload["params"])
     manifest = {"stage": payload["stage"], "pipeline": payload["pipeline"],
-                "params": payload["params"], "source_run": payload.get("mlflow_run_id"),
+                "params": shown, "source_run": payload.get("mlflow_run_id"),
                 "inputs": payload["inputs"], "key_parts": payload.get("key_parts")}
     started = time.time()
+    from orchestrator.secret_env import redact
+
+    manifest = redact(manifest)  # the result's record: no credentials from params or paths
     with store.writer(payload["workload"], payload["key"], manifest,
                       lease_token=payload.get("lease_token"),
                       replace=bool(payload.get("replace"))) as out_dir:
@@ -83,9 +87,9 @@ def execute_stage(payload: dict[str, Any], reporter: Any = None) -> dict[str, An
         if isinstance(resumed, (int, float)) and resumed >= 0:
             manifest["resumed_from_step"] = int(resumed)
         Path(out_dir, "metrics.json").write_text(json.dumps(metrics, indent=2))
-        Path(out_dir, "stage.json").write_text(json.dumps(
-            {k: payload[k] for k in ("stage", "workload", "params", "resources", "deepspeed",
-                                     "inputs", "key")}, indent=2))
+        Path(out_dir, "stage.json").write_text(json.dumps(redact(
+            {**{k: payload[k] for k in ("stage", "workload", "resources", "deepspeed", "inputs",
+                                        "key")}, "params": shown}), indent=2))
     return {"metrics": metrics, "uri": store.uri(payload["workload"], payload["key"])}
 
 
@@ -119,10 +123,17 @@ def stage_payload(pipeline: Pipeline, stage: Stage, keys: dict[str, str], store:
     """Everything a stage task needs, as plain data (it may run on another node). ``extra``:
     ``run_name`` (default: from the key), ``lease_token``, ``replace``, ``key_parts``,
     ``run_id``, ``side_later`` (see ``StageContext``)."""
+    from orchestrator.secret_env import redact
+
     key = keys[stage.name]
+    if "key_parts" in extra:
+        extra["key_parts"] = redact(extra["key_parts"])
     return {
         "pipeline": pipeline.name, "stage": stage.name, "workload": stage.workload,
         "key": key, "params": stage.params, "run_name": run_name_for(stage, key), **extra,
+        # what the stage's records show: masked here, where the driver's environment (and so
+        # its secret values) is known; the task itself gets the real params
+        "params_shown": redact(stage.params),
         "resources": stage.resources.model_dump(), "deepspeed": stage.deepspeed.model_dump(),
         "store_root": store.root if not store.is_local else store.base,
         "local_cache": str(store.local_cache), "mlflow_run_id": mlflow_run_id,

@@ -20,11 +20,11 @@ def forwarded_env() -> dict[str, str]:
     is shown in plain text by Ray's dashboard and logs. Stage tasks read the store's credentials
     on their node (the raylet's environment, ~/.aws, an instance role: secret_env.py)."""
     from orchestrator.console import RAY_OUTPUT_ENV
-    from orchestrator.secret_env import looks_secret
+    from orchestrator.secret_env import contains_secret, looks_secret
 
     env = {k: v for k, v in os.environ.items()
            if (k in _FORWARD_ENV or k.startswith(("AWS_", "MMKD_"))) and not looks_secret(k)
-           and k != RAY_OUTPUT_ENV}
+           and k != RAY_OUTPUT_ENV and not contains_secret(v)}
     env.setdefault("MMKD_HOME", str(mmkd_home()))
     if os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS"):  # `mmkd run` without --verbose
         env["RAY_DATA_DISABLE_PROGRESS_BARS"] = os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"]

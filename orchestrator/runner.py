@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from orchestrator.cache import mmkd_home
@@ -28,6 +29,7 @@ from orchestrator.ray_setup import ensure_ray
 from orchestrator.runs import RunRecord, StageRecord, list_runs
 from orchestrator.spec import Pipeline, Stage
 from orchestrator.stage_outcomes import StageOutcomes, error_text
+from orchestrator.secret_env import redact_text
 from orchestrator.tracking import Tracker, default_tracking_uri, driver_tag
 
 logger = logging.getLogger("mmkd")
@@ -46,8 +48,8 @@ class PipelineRunner(StageOutcomes):
         self.tracker = Tracker(pipeline.name, self.record.journal,
                                uri=tracking_uri or default_tracking_uri())
         # --resume continues the old MLflow parent run if it lives in the same store
-        self._resume_parent = (self.record.mlflow_run_id
-                               if self.record.tracking_uri == self.tracker.uri else None)
+        same = redact_text(self.record.tracking_uri) == redact_text(self.tracker.uri)
+        self._resume_parent = self.record.mlflow_run_id if same else None
         self.record.tracking_uri = self.tracker.uri
         self._last_save = 0.0
         self.ray_started = False  # a fully cached pipeline never needs Ray
@@ -120,7 +122,11 @@ class PipelineRunner(StageOutcomes):
                   "mmkd.driver": self.record.driver, "mmkd.kind": "pipeline"})
         self.record.mlflow_run_id = self.tracker.run_id()
         if self.tracker.online or self.tracker.deferred:
-            self.tracker.log_artifact("__pipeline__", p.path, "pipeline")
+            # the file as written, credentials masked (a copy beside the run record)
+            copy = self.record.dir / "pipeline" / os.path.basename(p.path)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_text(redact_text(Path(p.path).read_text()))
+            self.tracker.log_artifact("__pipeline__", str(copy), "pipeline")
 
     def _cached(self, name: str) -> bool:
         """The key's result exists and this run is not forcing it to be recomputed."""

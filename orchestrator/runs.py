@@ -75,7 +75,9 @@ class RunRecord:
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / "run.json.tmp"
-        tmp.write_text(json.dumps(asdict(self), indent=2, default=str))
+        from orchestrator.secret_env import redact
+
+        tmp.write_text(json.dumps(redact(asdict(self)), indent=2, default=str))
         os.replace(tmp, self.dir / "run.json")
 
     @classmethod

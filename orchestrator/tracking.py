@@ -18,6 +18,7 @@ from typing import Any
 
 from orchestrator.cache import mmkd_home
 from orchestrator.lease import pid_alive
+from orchestrator.secret_env import redact_text
 
 logger = logging.getLogger("mmkd")
 
@@ -114,6 +115,9 @@ class Tracker:
             raise ConnectionError(f"MLflow server {self.uri} unreachable: {e}") from e
 
     def _do(self, op: str, **kw: Any) -> Any:
+        from orchestrator.secret_env import redact
+
+        kw = redact(kw)  # credentials in params, tags or names never reach MLflow or the journal
         if not self.replaying:
             self.journal.parent.mkdir(parents=True, exist_ok=True)
             with self.journal.open("a") as f:
@@ -130,7 +134,8 @@ class Tracker:
             logger.warning(
                 "MLflow at %s failed (%s). The pipeline goes on; results stay in the artifact "
                 "store and tracking calls are journaled in %s. Re-log them once the server is "
-                "back with: mmkd relog %s", self.uri, self.offline_reason, self.journal,
+                "back with: mmkd relog %s", redact_text(self.uri), redact_text(self.offline_reason),
+                self.journal,
                 self.journal.parent.name)
             return None
 

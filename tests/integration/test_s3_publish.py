@@ -5,6 +5,8 @@ download is fetched again; a result changed in the store is refused."""
 
 from __future__ import annotations
 
+import json
+
 import pyarrow.fs as pafs
 import pytest
 from moto_server import moto_s3
@@ -107,3 +109,48 @@ def test_a_torn_download_is_fetched_again_and_a_changed_result_is_refused(s3_uri
     with store.fs.open_output_stream(remote) as f:  # truncated in the store: not a result
         f.write(b"0123")
     assert not fresh.is_complete("noop", key)
+
+
+def test_credentials_in_values_reach_no_record(ray_session, s3_uri, tmp_path, monkeypatch):
+    """Secrets by value (#23 item 6): a store URI with userinfo, a parameter holding a URL with
+    a password and a signature, and the value of a secret-named variable inside a parameter;
+    after the run, none of them is in the store, the MLflow database, the run record, the
+    journal, or the environment stage tasks carry."""
+    import textwrap
+
+    import boto3
+
+    from orchestrator.loader import load_pipeline
+    from orchestrator.ray_setup import forwarded_env
+    from orchestrator.runner import PipelineRunner
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("MMKD_HOME", str(home))
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "EnvSecretValue456")
+    monkeypatch.setenv("MMKD_NOTE", "https://carol:ForwardSecret11@example.org/")
+    secrets = ["StoreSecret123", "ParamSecret789", "SigSecret000", "EnvSecretValue456",
+               "ForwardSecret11"]
+    store = s3_uri.replace("s3://", "s3://testing:StoreSecret123@")
+    path = tmp_path / "p.yaml"
+    path.write_text(textwrap.dedent("""
+        name: secrets_pipe
+        stages:
+          a:
+            workload: noop
+            params:
+              value: 3
+              fail_if_exists: https://bob:ParamSecret789@example.org/x?sig=SigSecret000&n=EnvSecretValue456
+    """))
+    rec = PipelineRunner(load_pipeline(path), store_root=store,
+                         tracking_uri=f"sqlite:///{home / 'mlflow.db'}").run()
+    assert rec.status == "success", rec.error
+    written = [p.read_bytes() for p in home.rglob("*") if p.is_file()]
+    endpoint = s3_uri.split("endpoint_override=")[1].split("&")[0]
+    s3 = boto3.client("s3", endpoint_url=f"http://{endpoint}")
+    for obj in s3.list_objects_v2(Bucket="mmkd-test").get("Contents", []):
+        written.append(s3.get_object(Bucket="mmkd-test", Key=obj["Key"])["Body"].read())
+    written.append(json.dumps(forwarded_env()).encode())
+    assert len(written) > 10 and any(b"https://***@example.org/x?sig=***" in w for w in written)
+    for secret in secrets:
+        hits = sum(w.count(secret.encode()) for w in written)
+        assert hits == 0, f"{secret} written {hits} time(s)"

@@ -54,3 +54,49 @@ def test_store_errors_become_one_sentence():
     assert "--offline" in text and "\n" not in text
     assert explain_store_error(OSError("disk full")) is None
     assert explain_store_error(ValueError("AWS Error")) is None
+
+
+# -- secrets by value (#23 item 6) -------------------------------------------------------------
+
+@pytest.mark.parametrize("text,want", [
+    ("s3://AKIAIOSFODNN7EXAMPLE:wJalrXUtnFEMI@bucket/x", "s3://***@bucket/x"),
+    ("http://bob:hunter2@mlflow:5000/", "http://***@mlflow:5000/"),
+    ("https://acct.blob.core.windows.net/c?sv=2022&sig=abc%2Bdef&se=2030",
+     "https://acct.blob.core.windows.net/c?sv=2022&sig=***&se=2030"),
+    ("s3://b/x?region=us-east-1&session_token=FQoGZX", "s3://b/x?region=us-east-1&session_token=***"),
+    ("DefaultEndpointsProtocol=https;AccountName=a;AccountKey=abc==;EndpointSuffix=x",
+     "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=***;EndpointSuffix=x"),
+    ("token hf_abcdefghijklmnopqrstuvwx here", "token *** here"),
+    ("s3://bucket/plain/path?region=eu", "s3://bucket/plain/path?region=eu"),
+    ("/home/user/data.tar", "/home/user/data.tar"),
+])
+def test_redact_text_masks_credentials_by_value(text, want):
+    from orchestrator.secret_env import redact_text
+
+    assert redact_text(text) == want
+
+
+def test_redact_masks_secret_keys_overrides_and_env_values(monkeypatch):
+    from orchestrator.secret_env import redact
+
+    monkeypatch.setenv("SENTRY_DSN", "https://k3y@o1.ingest.example/42")
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "EnvSecretValue456")
+    got = redact({"params": {"hf_token": "abcdefgh1234", "image_token": "<image>", "lr": 1e-3,
+                             "note": "uses EnvSecretValue456"},
+                  "overrides": ["stages.x.params.api_key=zzzzzzzz", "stages.x.params.lr=0.1"],
+                  "mmkd.key": "0123456789abcdef"})
+    assert got == {"params": {"hf_token": "***", "image_token": "<image>", "lr": 1e-3,
+                              "note": "uses ***"},
+                   "overrides": ["stages.x.params.api_key=***", "stages.x.params.lr=0.1"],
+                   "mmkd.key": "0123456789abcdef"}
+
+
+@pytest.mark.parametrize("name", ["AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS",
+                                  "SENTRY_DSN", "PIP_INDEX_URL", "GITHUB_PAT", "GCP_SA_JSON"])
+def test_names_that_hold_credentials_are_secret(name):
+    assert looks_secret(name)
+
+
+@pytest.mark.parametrize("name", ["MMKD_KEY", "STAGE_KEY", "CACHE_KEY_PARTS", "HF_HOME"])
+def test_key_alone_is_not_a_secret(name):
+    assert not looks_secret(name)
