@@ -73,7 +73,7 @@ def cmd_plan(args) -> int:
     if reasons:
         console.print("why they run (against each stage's last result in this store):")
         for name, reason in reasons:
-            console.print(f"  {name}: {reason}", highlight=False, soft_wrap=True)
+            console.print(f"  {name}: {escape(reason)}", highlight=False, soft_wrap=True)
     todo = sum(r.status != "cached" for r in rows)
     console.print(f"{todo} stage(s) to run, {len(rows) - todo} cached")
     if args.offline:
@@ -127,8 +127,8 @@ def cmd_run(args) -> int:
             err.print(f"[yellow]MLflow was unreachable[/] ({result.tracking_error}); "
                       f"re-log with: mmkd relog {record.run_id}")
         return 0
-    err.print(f"[red]{pipeline.name} {record.run_id}: {record.status}[/] ({summary}).\n"
-              f"{record.error}\nFix the cause and run the same command again: finished "
+    err.print(f"[red]{escape(pipeline.name)} {record.run_id}: {record.status}[/] "
+              f"({escape(summary)}).\n{escape(record.error)}\nFix the cause and run the same command again: finished "
               f"stages are cached and an interrupted stage resumes from its checkpoint.")
     return 1
 
@@ -174,11 +174,11 @@ def cmd_show(args) -> int:
         nums = {k: v for k, v in (s.metrics or {}).items() if isinstance(v, (int, float))}
         if nums:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in list(nums.items())[:8])
-            console.print(f"  {s.name}: {shown}")
+            console.print(f"  {s.name}: {escape(shown)}")
         if s.error:
-            console.print(f"  [red]{s.name} error[/]: {s.error}")
+            console.print(f"  [red]{s.name} error[/]: {escape(s.error)}")
     if record.error:
-        console.print(f"[red]error[/]: {record.error}")
+        console.print(f"[red]error[/]: {escape(record.error)}")
     _print_results(record)
     console.print(f"MLflow run {record.mlflow_run_id} at {redact_text(record.tracking_uri)}")
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import os
 import re
 from typing import Any, Callable
 
@@ -19,6 +20,9 @@ from orchestrator.plugin import UnknownWorkloadError, get_workload
 
 _MATRIX_SECTIONS = ("params", "inputs", "resources", "deepspeed")
 
+
+# stages one matrix entry may expand to (6 keys x 20 values would be 64M)
+MAX_MATRIX_STAGES = int(os.environ.get("MMKD_MAX_MATRIX", 1000))
 
 def _suggest(name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=1)
@@ -81,6 +85,16 @@ def expand_and_lint(
             errors.append(f"{where(loc + ('workload',))}unknown workload "
                           f"{stage_spec.workload!r}{_suggest(e.name, e.known)}; "
                           f"`mmkd workloads` lists the registered ones")
+            broken.add(base)
+            continue
+        combos = 1
+        for values in stage_spec.matrix.values():
+            combos *= max(len(values), 1)
+        if combos > MAX_MATRIX_STAGES:
+            errors.append(f"{where(loc + ('matrix',))}the matrix expands to {combos:,} stages, "
+                          f"more than the {MAX_MATRIX_STAGES:,} mmkd runs from one stage entry "
+                          f"(set MMKD_MAX_MATRIX to raise the limit, or split the sweep; "
+                          f"`mmkd tune` samples a large space instead of running all of it)")
             broken.add(base)
             continue
         empty = [k for k, values in stage_spec.matrix.items() if not values]
@@ -171,6 +185,11 @@ def _resolve_ref(ref: str, stages: dict[str, Stage], members: dict[str, list[str
         head, _, tail = ref.partition("/")
         stage_name, output = head.rsplit(".", 1)
         output = f"{output}/{tail}"
+        parts = tail.split("/")
+        if ".." in parts or tail.startswith("/") or "\\" in tail:
+            return (f"{ref!r}: a sub-path stays inside the stage's output folder (no '..', no "
+                    f"absolute path); name a file or folder the stage wrote, e.g. "
+                    f"{head}/part-0.tar", [])
     if stage_name in stages:
         targets = [stage_name]
     elif stage_name in members:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import socket
 import time
@@ -20,6 +21,8 @@ from orchestrator.cache import mmkd_home
 
 STATUSES = ("pending", "waiting", "running", "cached", "done", "failed", "skipped")
 
+
+RUN_ID = re.compile(r"run-[0-9a-f]{8}")  # RunRecord.new_id; nothing else names a run folder
 
 @dataclass
 class StageRecord:
@@ -62,6 +65,10 @@ class RunRecord:
 
     @staticmethod
     def directory(run_id: str) -> Path:
+        if not RUN_ID.fullmatch(str(run_id)):
+            raise FileNotFoundError(
+                f"{run_id!r} is not a run id (run ids look like run-1a2b3c4d); `mmkd runs` "
+                f"lists the recorded runs")
         return mmkd_home() / "runs" / run_id
 
     @property

@@ -93,8 +93,13 @@ class StageOutcomes:
         self.tracker.log_metrics("__pipeline__", _numeric(head.get("metrics") or {}))
         if self.store.is_local:
             base = self.store.local_dir(rec.workload, rec.key)
+            root = os.path.realpath(base)
             for rel in head.get("artifacts") or []:
-                path = os.path.join(base, rel)
+                path = os.path.realpath(os.path.join(base, str(rel)))
+                if not path.startswith(root + os.sep):  # confined to the stage's folder
+                    logger.warning("stage %s: headline artifact %r lies outside its output "
+                                   "folder; not logged", name, rel)
+                    continue
                 if os.path.isfile(path):
                     self.tracker.log_artifact("__pipeline__", path, name)
 

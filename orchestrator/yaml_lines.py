@@ -11,6 +11,7 @@ recursive alias is an error, not a hang).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,24 @@ class YamlError(ValueError):
 # Values (mappings, lists, scalars) the file may expand to through aliases. A pipeline has a few
 # hundred; a "billion laughs" file has 10^9.
 MAX_EXPANDED_NODES = 200_000
+# A pipeline file is a few KB, nested a few levels; these bound what a file can cost to parse
+# (a 6 KB file nested 3,000 deep overflowed Python's stack). Environment variables raise them.
+MAX_FILE_BYTES = int(os.environ.get("MMKD_MAX_PIPELINE_BYTES", 4 * 1024 * 1024))
+MAX_DEPTH = int(os.environ.get("MMKD_MAX_PIPELINE_DEPTH", 64))
+
+
+def _depth(data: Any) -> int:
+    """Nesting depth of mappings and lists, iteratively (no recursion to overflow)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, dict):
+            deepest = max(deepest, d)
+            stack.extend((v, d + 1) for v in node.values())
+        elif isinstance(node, list):
+            deepest = max(deepest, d)
+            stack.extend((v, d + 1) for v in node)
+    return deepest
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -57,6 +76,11 @@ def load_yaml_with_lines(path: str | Path) -> tuple[Any, "LineIndex"]:
     """Parse ``path``; returns the data and an index from key paths to line numbers."""
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise YamlError(f"{path}: the file is {size:,} bytes, more than the {MAX_FILE_BYTES:,} "
+                            "a pipeline file may have (set MMKD_MAX_PIPELINE_BYTES to raise the "
+                            "limit); is it the pipeline, not a data file?")
         text = path.read_text()
     except FileNotFoundError:
         raise YamlError(f"{path}: file not found") from None
@@ -68,6 +92,9 @@ def load_yaml_with_lines(path: str | Path) -> tuple[Any, "LineIndex"]:
         data = loader.get_single_data()
     except YamlError as e:
         raise YamlError(f"{path}:{str(e).removeprefix('line ')}") from None
+    except RecursionError:
+        raise YamlError(f"{path}: nested too deeply to parse (a pipeline needs a handful of "
+                        f"levels; at most {MAX_DEPTH} are accepted)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -76,6 +103,9 @@ def load_yaml_with_lines(path: str | Path) -> tuple[Any, "LineIndex"]:
     finally:
         loader.dispose()
     data = unshare(data, loader.lines, path)
+    if _depth(data) > MAX_DEPTH:
+        raise YamlError(f"{path}: nested {_depth(data)} levels deep; at most {MAX_DEPTH} are "
+                        "accepted (set MMKD_MAX_PIPELINE_DEPTH to raise the limit)")
     return data, LineIndex(data, loader.lines)
 
 

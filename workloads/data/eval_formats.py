@@ -58,6 +58,53 @@ def is_missing(value: Any) -> bool:
     return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
 
 
+MAX_OPTIONS_CHARS = 64 * 1024  # a question's options are a few hundred characters
+
+
+def _options_string(name: str, text: str) -> Any:
+    """A list of options written as a string (MMMU: ``"['a', 'b']"``), parsed as a JSON or
+    Python literal of strings only, after a length check: ``ast.literal_eval`` on unbounded
+    text took ~950 MB for 2 MB and overflowed the stack on deep nesting."""
+    def wrong(why: str) -> EvalRecordError:
+        return EvalRecordError(WRONG_FIELD_TYPE, f"`{name}` is a string that is not a list of "
+                                                 f"options ({why}): {text[:80]!r}")
+
+    if len(text) > MAX_OPTIONS_CHARS:
+        raise wrong(f"{len(text):,} characters, over {MAX_OPTIONS_CHARS:,}")
+    stripped = text.strip()
+    if not (stripped.startswith("[") and stripped.endswith("]")):
+        raise wrong("not a [...] list")
+    inner = stripped[1:-1]
+    if _nested(inner):
+        raise wrong("nested")
+    try:
+        import json
+
+        value = json.loads(stripped)
+    except ValueError:
+        try:
+            value = ast.literal_eval(stripped)  # single quotes; bounded and flat by now
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            raise wrong("not a literal list") from None
+    if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
+        raise wrong("items must be strings")
+    return value
+
+
+def _nested(inner: str) -> bool:
+    """A bracket outside quotes: a nested list or dict (options are flat)."""
+    quote = None
+    for ch in inner:
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            return True
+    return False
+
+
 def options_of(entry: dict[str, Any]) -> tuple[dict[str, str] | None, list[str]]:
     """(letter -> text, fields consumed) from ``options``/``choices`` (a list, a dict, or a
     list written as a string, as MMMU does) or from ``A``, ``B``, ... columns (MMBench)."""
@@ -66,11 +113,7 @@ def options_of(entry: dict[str, Any]) -> tuple[dict[str, str] | None, list[str]]
         if is_missing(value):
             continue
         if isinstance(value, str):
-            try:
-                value = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                raise EvalRecordError(WRONG_FIELD_TYPE, f"`{name}` is a string that is not a "
-                                                        f"list of options: {value[:80]!r}")
+            value = _options_string(name, value)
         if isinstance(value, dict):
             return {str(k).strip().upper(): str(v) for k, v in value.items()}, [name]
         if isinstance(value, (list, tuple)):

@@ -37,12 +37,14 @@ BAD_KINDS = (MALFORMED_JSON, MISSING_IMAGE, CORRUPT_IMAGE, IMAGE_TOKEN_MISMATCH,
 # Caps checked before decoding, so one hostile or broken file cannot exhaust a worker's memory:
 # bytes from the file size / tar header (the image is then not read), pixels from the header.
 MAX_IMAGE_BYTES = 32 << 20
+# any other tar member (.json, .txt, ...): a sample's text is KBs; a 20 GB member is not read
+MAX_MEMBER_BYTES = int(__import__("os").environ.get("MMKD_MAX_TAR_MEMBER_BYTES", 64 << 20))
 MAX_IMAGE_PIXELS = 8192 * 8192
 # Kept, not skipped: counted for visibility but not part of the error budget.
 TRUNCATED = "truncated"
 MAX_EXAMPLES_PER_KIND = 5
 
-__all__ = ["BAD_KINDS", "TRUNCATED", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "DataQualityError",
+__all__ = ["BAD_KINDS", "TRUNCATED", "MAX_IMAGE_BYTES", "MAX_MEMBER_BYTES", "MAX_IMAGE_PIXELS", "DataQualityError",
            "SampleQuality", "QualityState"]
 
 

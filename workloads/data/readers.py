@@ -42,7 +42,8 @@ from workloads.data import json_records
 from workloads.data.eval_formats import (QUESTION_FIELDS, Answers, EvalRecordError,
                                          load_answers, question_id_of, question_record)
 from workloads.data.json_records import ByteRange, Record
-from workloads.data.quality import (MALFORMED_JSON, MAX_IMAGE_BYTES, MISSING_IMAGE, NON_UTF8,
+from workloads.data.quality import (MALFORMED_JSON, MAX_IMAGE_BYTES, MAX_MEMBER_BYTES,
+                                    MISSING_IMAGE, NON_UTF8,
                                     OVERSIZE_IMAGE, TRUNCATED_SHARD, UNSAFE_PATH,
                                     WRONG_FIELD_TYPE)
 from workloads.data.source import DataSource, filesystem, resolve_files
@@ -198,9 +199,12 @@ def _read_webdataset(f: Any, path: str, source: DataSource) -> Iterator[dict[str
                     yield _webdataset_sample(key, name, files, oversize)
                     files, oversize = {}, ""
                 key = k
-                if ext in IMAGE_EXTENSIONS and member.size > MAX_IMAGE_BYTES:
-                    oversize = (f"{member.name}: {member.size} bytes, over MAX_IMAGE_BYTES="
-                                f"{MAX_IMAGE_BYTES} (not read)")
+                limit, limit_name = ((MAX_IMAGE_BYTES, "MAX_IMAGE_BYTES")
+                                     if ext in IMAGE_EXTENSIONS
+                                     else (MAX_MEMBER_BYTES, "MMKD_MAX_TAR_MEMBER_BYTES"))
+                if member.size > limit:  # never read whole: a 20 GB member would kill the task
+                    oversize = (f"{member.name}: {member.size} bytes, over {limit_name}="
+                                f"{limit} (not read)")
                     continue
                 in_member = True
                 files[ext] = tar.extractfile(member).read()

@@ -1,0 +1,89 @@
+"""Inputs that would exhaust the machine or escape the store get a named error at the CLI
+(#23 item 5): exit 2 and one paragraph naming the file, field and limit, no traceback. The CLI
+runs in-process (``orchestrator.cli.main``): what a user sees is its exit code and stderr."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from orchestrator.cli import main
+
+
+def _cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _one_paragraph(text: str) -> bool:
+    return "Traceback" not in text and "\n\n" not in text.strip()
+
+
+def test_a_yaml_nested_thousands_deep_is_refused(capsys, tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("name: x\nstages: " + "[" * 3000 + "]" * 3000 + "\n")  # 6 KB
+    code, _, err = _cli(capsys, "validate", str(path))
+    assert code == 2 and str(path) in err and "nested too deeply" in err
+    assert _one_paragraph(err)
+
+
+def test_a_pipeline_file_too_large_is_refused(capsys, tmp_path, monkeypatch):
+    import orchestrator.yaml_lines as yl
+
+    monkeypatch.setattr(yl, "MAX_FILE_BYTES", 1000)
+    path = tmp_path / "big.yaml"
+    path.write_text("name: x\nstages: {}\n# " + "x" * 2000 + "\n")
+    code, _, err = _cli(capsys, "validate", str(path))
+    assert code == 2 and "more than the 1,000" in err and "MMKD_MAX_PIPELINE_BYTES" in err
+
+
+def test_a_matrix_over_the_cap_names_its_size(capsys, tmp_path):
+    values = list(range(20))
+    matrix = {f"params.p{i}": values for i in range(6)}  # 20^6 = 64M stages
+    path = tmp_path / "m.yaml"
+    path.write_text(json.dumps({"name": "m", "stages": {
+        "a": {"workload": "noop", "matrix": matrix}}}))
+    code, _, err = _cli(capsys, "validate", str(path))
+    assert code == 2 and "64,000,000 stages" in err and "MMKD_MAX_MATRIX" in err
+    assert "stage 'a'" in err
+
+
+def test_an_input_sub_path_cannot_climb_out_of_its_stage(capsys, tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(textwrap.dedent("""
+        name: p
+        stages:
+          a: {workload: noop}
+          b: {workload: noop, inputs: {x: a.result/../../../../etc}}
+    """))
+    code, _, err = _cli(capsys, "validate", str(path))
+    assert code == 2 and "stays inside the stage's output folder" in err
+    assert "a.result/../../../../etc" in err
+
+
+@pytest.mark.parametrize("run_id", ["../../x", "run-1234/../../etc", "/etc/passwd"])
+def test_show_refuses_what_is_not_a_run_id(capsys, tmp_path, monkeypatch, run_id):
+    monkeypatch.setenv("MMKD_HOME", str(tmp_path / "home"))
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "run.json").write_text("{}")
+    code, _, err = _cli(capsys, "show", run_id)
+    assert code == 2 and "is not a run id" in err and "mmkd runs" in err
+
+
+def test_error_text_with_brackets_prints_as_written(capsys, tmp_path, monkeypatch):
+    """Rich would read `[/data/x]` as a closing markup tag and crash the console."""
+    from orchestrator.runs import RunRecord, StageRecord
+
+    monkeypatch.setenv("MMKD_HOME", str(tmp_path / "home"))
+    rec = RunRecord(run_id="run-0badc0de", pipeline="p", path="p.yaml", overrides=[],
+                    started=0.0, driver="d", status="failed",
+                    error="stage 'a' failed: cannot read [/data/x] [bold]")
+    rec.stages = {"a": StageRecord(name="a", workload="noop", key="k" * 64, status="failed",
+                                   error="cannot read [/data/x]")}
+    rec.save()
+    code, out, err = _cli(capsys, "show", "run-0badc0de")
+    assert code == 0, err
+    assert "cannot read [/data/x] [bold]" in out and "cannot read [/data/x]" in out
