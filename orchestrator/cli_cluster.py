@@ -20,6 +20,7 @@ def _cluster(fn):
         from orchestrator.submit import SubmitError
 
         try:
+            _check_transport(args.address, getattr(args, "insecure", False))
             return fn(args)
         except SubmitError as e:
             err.print(f"[red]error[/]: {e}", highlight=False, soft_wrap=True)
@@ -69,6 +70,28 @@ def _refuse_secret_values(env: dict[str, str], overrides: list[str], allow: bool
             f"`ray job list` and Ray's logs. Give the nodes their own access instead (an "
             f"instance role for S3, a credentials file or MLFLOW_TRACKING_USERNAME/PASSWORD "
             f"on the nodes), or pass --allow-secret-env if you accept that.")
+
+
+INSECURE_HELP = ("send the Ray auth token over plain http:// to a host that is not this "
+                 "machine (it can be read on the way; use an SSH tunnel or https:// instead)")
+
+
+def _check_transport(address: str, insecure: bool) -> None:
+    """The bearer token goes in every request: never in clear text across a network unless
+    the user says so (a tunnel from `ray dashboard cluster.yaml` is http://127.0.0.1)."""
+    from urllib.parse import urlparse
+
+    from orchestrator.submit import SubmitError, read_token
+
+    url = urlparse(address if "://" in address else f"http://{address}")
+    loopback = (url.hostname or "") in ("localhost", "::1") or (url.hostname or "").startswith(
+        "127.")
+    if url.scheme == "http" and not loopback and not insecure and read_token():
+        raise SubmitError(
+            f"--address {address}: the Ray auth token would travel in clear text over http:// "
+            f"to {url.hostname}. Forward the dashboard through SSH (`ray dashboard "
+            f"cluster.yaml`, then --address http://127.0.0.1:8265), put it behind https://, "
+            f"or pass --insecure on a network you trust.")
 
 
 def job_env(pairs: list[str], allow_secrets: bool) -> dict[str, str]:
@@ -146,6 +169,7 @@ def add_cluster_commands(sub, add_pipeline_args) -> None:
                    help="let --env pass names that look like secrets (AWS_SECRET_ACCESS_KEY, "
                         "*_TOKEN, *_PASSWORD, ...) into the job's runtime_env anyway")
     p.add_argument("--job-id", help="submission id (default: Ray picks one)")
+    p.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
     p.add_argument("--wait", type=float, metavar="SECONDS", help="wait for the job to finish")
     p.add_argument("--only", action="append", metavar="STAGE",
                    help="run only STAGE and the stages it needs (repeatable)")
@@ -160,4 +184,5 @@ def add_cluster_commands(sub, add_pipeline_args) -> None:
         if name == "logs":
             p.add_argument("--follow", action="store_true")
         p.add_argument("--address", default=default, help="Ray dashboard, http://HEAD:8265")
+        p.add_argument("--insecure", action="store_true", help=INSECURE_HELP)
         p.set_defaults(fn=fn)

@@ -87,3 +87,19 @@ def test_error_text_with_brackets_prints_as_written(capsys, tmp_path, monkeypatc
     code, out, err = _cli(capsys, "show", "run-0badc0de")
     assert code == 0, err
     assert "cannot read [/data/x] [bold]" in out and "cannot read [/data/x]" in out
+
+
+@pytest.mark.parametrize("command", [["jobs"], ["status", "job-1"]])
+def test_the_token_never_goes_over_plain_http_to_another_host(capsys, monkeypatch, command):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "a-token")
+    code, _, err = _cli(capsys, *command, "--address", "http://10.0.0.5:8265")
+    assert code == 2 and "clear text over http://" in err and "--insecure" in err
+    assert "a-token" not in err
+
+
+def test_the_token_may_go_to_a_tunnel_on_this_machine(capsys, monkeypatch):
+    """http://127.0.0.1 (an SSH tunnel) passes the transport check and reaches the client,
+    which finds nothing listening there."""
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "a-token")
+    code, _, err = _cli(capsys, "jobs", "--address", "http://127.0.0.1:9")
+    assert code == 2 and "clear text" not in err and "cannot reach" in err
