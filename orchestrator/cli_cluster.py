@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from rich.console import Console
@@ -156,7 +157,73 @@ def cmd_stop(args) -> int:
     return 0
 
 
+def cmd_cluster_token(args) -> int:
+    from orchestrator.cluster_setup import fetch_auth_token, write_auth_token
+
+    try:
+        token = fetch_auth_token(args.secret_id, create=args.create, wait_s=args.wait,
+                                 region=args.region)
+    except LookupError as e:
+        err.print(f"[red]error[/]: {e}", highlight=False, markup=False, soft_wrap=True)
+        return 2
+    path = write_auth_token(token, args.path)
+    console.print(f"Ray auth token of {args.secret_id} written to {path} (mode 600)",
+                  highlight=False)
+    return 0
+
+
+def cmd_cluster_security_group(args) -> int:
+    from orchestrator.cluster_setup import ensure_security_group
+
+    try:
+        gid = ensure_security_group(args.cidr, args.name, args.vpc_id, args.region)
+    except (LookupError, ValueError) as e:
+        err.print(f"[red]error[/]: {e}", highlight=False, markup=False, soft_wrap=True)
+        return 2
+    console.print(f"security group {args.name} ({gid}): SSH from {args.cidr} only, all traffic "
+                  f"between its members", highlight=False)
+    return 0
+
+
+def cmd_cluster_supervise(args) -> int:
+    from orchestrator.cluster_setup import supervise
+
+    command = [c for c in args.command if c != "--"]
+    if not command:
+        err.print("[red]error[/]: mmkd cluster supervise --log FILE -- COMMAND ...")
+        return 2
+    return supervise(command, args.log, max_starts=args.max_starts)
+
+
+def _add_cluster_setup(sub) -> None:
+    cluster = sub.add_parser("cluster", help="what cluster.yaml runs on its nodes (token, "
+                                             "security group, MLflow supervisor)")
+    csub = cluster.add_subparsers(dest="cluster_cmd", required=True)
+    t = csub.add_parser("token", help="fetch (or, on the head, make) the cluster's Ray auth "
+                                      "token from AWS Secrets Manager into ~/.ray/auth_token")
+    t.add_argument("--secret-id", default="mmkd/ray-auth-token")
+    t.add_argument("--create", action="store_true", help="make it if it does not exist (head)")
+    t.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for the head to make it (workers)")
+    t.add_argument("--region")
+    t.add_argument("--path", help="where to write it (default ~/.ray/auth_token)")
+    t.set_defaults(fn=cmd_cluster_token)
+    g = csub.add_parser("security-group", help="create the nodes' EC2 security group: SSH from "
+                                               "one CIDR, all traffic between nodes")
+    g.add_argument("--cidr", required=True, help="your network, e.g. 203.0.113.7/32")
+    g.add_argument("--name", default="mmkd-cluster")
+    g.add_argument("--vpc-id")
+    g.add_argument("--region")
+    g.set_defaults(fn=cmd_cluster_security_group)
+    s = csub.add_parser("supervise", help="run a command and restart it whenever it exits")
+    s.add_argument("--log", required=True)
+    s.add_argument("--max-starts", type=int, help=argparse.SUPPRESS)
+    s.add_argument("command", nargs="+")
+    s.set_defaults(fn=cmd_cluster_supervise)
+
+
 def add_cluster_commands(sub, add_pipeline_args) -> None:
+    _add_cluster_setup(sub)
     default = os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265")
     p = sub.add_parser("submit", help="run a pipeline on a Ray cluster (Ray Jobs API)")
     add_pipeline_args(p)

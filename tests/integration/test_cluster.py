@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -68,68 +66,112 @@ def _sweep(marker: str) -> None:
             pass
 
 
+def _file_commands() -> dict:
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def _shell(cmd: str, env: dict, log: Path, **kw) -> subprocess.Popen:
+    return subprocess.Popen(["bash", "-c", cmd], env=env, start_new_session=True,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, **kw)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    token = secrets.token_hex(32)
+    """cluster.yaml's own commands, read from the file, run on 127.0.0.1 with a fresh HOME per
+    node: the token setup (AWS Secrets Manager served by moto), the head's and the worker's
+    `ray start` and the supervised MLflow server. What differs from a cloud node: ports (another
+    Ray on this machine holds the defaults), `--block` (so the test owns the processes), and the
+    MLflow artifact root (a local folder instead of the bucket). `ray stop` and the pip installs
+    are not run (the first would stop other people's Ray; this machine has mmkd installed)."""
+    from moto_server import moto_s3
+
+    config = _file_commands()
+    base = tmp_path_factory.mktemp("nodes")
     temp_dir = tempfile.mkdtemp(prefix="mmkdc-", dir="/tmp")
-    gcs, dash = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    env.pop("RAY_API_SERVER_ADDRESS", None)  # the test session's Ray, not this cluster
-    env.pop("RAY_ADDRESS", None)
     logs = tmp_path_factory.mktemp("cluster_logs")
-    common = ["--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}"]
+    procs: list[subprocess.Popen] = []
+    with moto_s3(base) as s3_uri:
+        endpoint = s3_uri.split("endpoint_override=")[1].split("&")[0]
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE",
+                            "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+        env.update(AWS_ENDPOINT_URL=f"http://{endpoint}", AWS_DEFAULT_REGION="us-west-2")
+        homes = {n: base / n for n in ("head", "worker", "laptop")}
+        for home in homes.values():
+            home.mkdir()
+        node_env = {n: {**env, "HOME": str(h)} for n, h in homes.items()}
 
-    def own_ports() -> list[str]:
-        # Not the defaults: another Ray on this machine (the test session's own) already holds
-        # them, and a node whose dashboard agent cannot bind never accepts jobs.
-        return [f"--dashboard-agent-listen-port={free_port()}",
-                f"--dashboard-agent-grpc-port={free_port()}",
-                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
-    head = subprocess.Popen(
-        ["ray", "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
-         "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", *common,
-         *own_ports()],
-        env=env, start_new_session=True, stdout=open(logs / "head.log", "w"), stderr=subprocess.STDOUT)
-    procs = [head]
-    try:
-        address = f"http://127.0.0.1:{dash}"
-        wait_http(f"{address}/api/version", 120, head)
-        worker = subprocess.Popen(
-            ["ray", "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", *common, *own_ports()],
-            env=env, start_new_session=True, stdout=open(logs / "worker.log", "w"),
-            stderr=subprocess.STDOUT)
-        procs.append(worker)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            out = subprocess.run(["ray", "status", f"--address=127.0.0.1:{gcs}"], env=env,
-                                 capture_output=True, text=True)
-            if out.stdout.count("node_") >= 2 or "3.0 CPU" in out.stdout or "0.0/3.0 CPU" in out.stdout:
-                break
-            time.sleep(1)
-        else:
-            raise TimeoutError(f"second node never joined:\n{out.stdout}\n{out.stderr}")
+        def setup(node: str, commands: list[str]) -> None:
+            for cmd in commands:
+                if cmd.startswith("mmkd "):  # pip and ~/.bashrc lines: done by this install
+                    run = subprocess.run(["bash", "-c", cmd], env=node_env[node],
+                                         capture_output=True, text=True, timeout=300)
+                    assert run.returncode == 0, f"{node}: {cmd}\n{run.stdout}{run.stderr}"
 
-        mlflow_port = free_port()
-        mlflow_dir = tmp_path_factory.mktemp("mlflow_server")
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
-             str(mlflow_port), "--backend-store-uri", f"sqlite:///{mlflow_dir / 'm.db'}",
-             "--artifacts-destination", (mlflow_dir / "artifacts").as_uri(), "--workers", "1"],
-            start_new_session=True, stdout=open(logs / "mlflow.log", "w"), stderr=subprocess.STDOUT)
-        procs.append(server)
-        mlflow_uri = f"http://127.0.0.1:{mlflow_port}"
-        wait_http(f"{mlflow_uri}/health", 120, server)
-        yield {"address": address, "token": token, "mlflow": mlflow_uri,
-               "store": str(tmp_path_factory.mktemp("shared_store"))}
-    finally:
-        for p in reversed(procs):
-            _kill_group(p)
-        for p in procs:
-            try:
-                p.wait(3)  # `ray start --block` stops its node on SIGTERM; do not wait out a slow one
-            except subprocess.TimeoutExpired:
-                _kill_group(p, signal.SIGKILL)
-        _sweep(temp_dir)
+        setup("head", config["head_setup_commands"])
+        setup("worker", config["worker_setup_commands"])
+        token = (homes["head"] / ".ray" / "auth_token").read_text()
+        assert len(token) == 64 and (homes["worker"] / ".ray" / "auth_token").read_text() == token
+        assert (homes["head"] / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600
+
+        gcs, dash = free_port(), free_port()
+        common = f" --block --node-ip-address=127.0.0.1 --temp-dir={temp_dir}"
+
+        def own_ports() -> str:
+            return (f" --dashboard-agent-listen-port={free_port()}"
+                    f" --dashboard-agent-grpc-port={free_port()}"
+                    f" --metrics-export-port={free_port()} --runtime-env-agent-port={free_port()}")
+
+        (head_start,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+        head_start = (head_start.replace("--port=6379", f"--port={gcs}")
+                      .replace("--object-manager-port=8076", f"--object-manager-port={free_port()}")
+                      .replace("--autoscaling-config=~/ray_bootstrap_config.yaml", "")
+                      + f" --dashboard-port={dash} --include-dashboard=true --num-cpus=2"
+                      + common + own_ports())
+        try:
+            procs.append(_shell(head_start, node_env["head"], logs / "head.log"))
+            address = f"http://127.0.0.1:{dash}"
+            wait_http(f"{address}/api/version", 120, procs[-1])
+            (worker_start,) = [c for c in config["worker_start_ray_commands"] if "ray start" in c]
+            worker_start = (worker_start.replace("$RAY_HEAD_IP:6379", f"127.0.0.1:{gcs}")
+                            .replace("--object-manager-port=8076",
+                                     f"--object-manager-port={free_port()}")
+                            + " --num-cpus=1" + common + own_ports())
+            procs.append(_shell(worker_start, node_env["worker"], logs / "worker.log"))
+            status_env = {**node_env["head"], "RAY_AUTH_MODE": "token"}
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                out = subprocess.run(["ray", "status", f"--address=127.0.0.1:{gcs}"],
+                                     env=status_env, capture_output=True, text=True)
+                if "0.0/3.0 CPU" in out.stdout or "3.0 CPU" in out.stdout:
+                    break
+                time.sleep(1)
+            else:
+                raise TimeoutError(f"second node never joined:\n{out.stdout}\n{out.stderr}")
+
+            (mlflow_start,) = [c for c in config["head_start_ray_commands"] if "mlflow" in c]
+            mlflow_port = free_port()
+            artifacts = (base / "mlflow_artifacts").as_uri()
+            mlflow_start = (mlflow_start.removeprefix("nohup ").split(" > /dev/null")[0]
+                            .replace("--port 5000", f"--port {mlflow_port}")
+                            .replace("s3://mmkd-artifacts/mlflow", artifacts)
+                            + " --workers 1")
+            procs.append(_shell(mlflow_start, node_env["head"], logs / "supervisor.log"))
+            mlflow_uri = f"http://127.0.0.1:{mlflow_port}"
+            wait_http(f"{mlflow_uri}/health", 120, procs[-1])
+            yield {"address": address, "token": token, "mlflow": mlflow_uri,
+                   "supervisor": procs[-1], "mlflow_log": homes["head"] / "mlflow.log",
+                   "store": str(tmp_path_factory.mktemp("shared_store")),
+                   "laptop_env": node_env["laptop"]}
+        finally:
+            for p in reversed(procs):
+                _kill_group(p)
+            for p in procs:
+                try:
+                    p.wait(3)  # `ray start --block` stops its node on SIGTERM
+                except subprocess.TimeoutExpired:
+                    _kill_group(p, signal.SIGKILL)
+            _sweep(temp_dir)
 
 
 def mmkd(args, env, cwd, timeout=400):
@@ -152,6 +194,41 @@ def test_cluster_yaml_passes_rays_schema_validation():
     for node in config["available_node_types"].values():
         assert "IamInstanceProfile" in node["node_config"]
     assert "AWS_SECRET" not in (ROOT / "cluster.yaml").read_text()
+    # a group of our own, not Ray's default one (which opens SSH to 0.0.0.0/0)
+    assert config["provider"]["security_group"]["GroupName"] == "mmkd-cluster"
+    # every node gets the token before `ray start`; the head makes it
+    assert any("mmkd cluster token" in c and "--create" in c for c in config["head_setup_commands"])
+    assert any("mmkd cluster token" in c for c in config["worker_setup_commands"])
+    assert any("mmkd cluster supervise" in c and "mlflow server" in c
+               for c in config["head_start_ray_commands"])
+
+
+def test_security_group_allows_ssh_from_one_network_and_traffic_inside(tmp_path, monkeypatch):
+    """`mmkd cluster security-group` on moto's EC2: SSH from the CIDR only, all protocols from
+    the group itself; run again with another CIDR, the old rule is gone."""
+    import boto3
+    from moto_server import moto_s3
+
+    from orchestrator.cluster_setup import ensure_security_group
+
+    with moto_s3(tmp_path) as uri:
+        endpoint = uri.split("endpoint_override=")[1].split("&")[0]
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{endpoint}")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-west-2")
+        ec2 = boto3.client("ec2")
+        vpc = ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+        gid = ensure_security_group("203.0.113.7/32", vpc_id=vpc)
+        assert ensure_security_group("198.51.100.0/24", vpc_id=vpc) == gid
+        (group,) = ec2.describe_security_groups(GroupIds=[gid])["SecurityGroups"]
+        rules = group["IpPermissions"]
+        ssh = [r for r in rules if r.get("FromPort") == 22]
+        assert [ip["CidrIp"] for r in ssh for ip in r["IpRanges"]] == ["198.51.100.0/24"]
+        inside = [r for r in rules if r["IpProtocol"] == "-1"]
+        assert [p["GroupId"] for r in inside for p in r["UserIdGroupPairs"]] == [gid]
+        assert not [ip for r in rules for ip in r.get("IpRanges", [])
+                    if ip["CidrIp"] == "0.0.0.0/0"]
+        with pytest.raises(ValueError):
+            ensure_security_group("not-a-cidr", vpc_id=vpc)
 
 
 def test_submit_runs_pipeline_on_the_cluster_and_logs_to_mlflow_server(cluster, tmp_path,
@@ -217,6 +294,31 @@ def test_submit_runs_pipeline_on_the_cluster_and_logs_to_mlflow_server(cluster, 
     assert len(client.get_metric_history(pt.info.run_id, "loss")) >= 1
     assert list(Path(cluster["store"]).glob("stages/pretrain-*/_SUCCESS"))
     assert list(Path(cluster["store"]).glob("stages/pretrain-*/model/model.safetensors"))
+
+
+def test_a_laptop_fetches_the_token_and_mlflow_comes_back_after_a_crash(cluster):
+    """`mmkd cluster token` on a laptop with the same AWS access writes the cluster's token; the
+    supervised MLflow server, killed, is started again and answers."""
+    import psutil
+
+    env = cluster["laptop_env"]
+    run = subprocess.run([sys.executable, "-m", "orchestrator.cli", "cluster", "token"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert (Path(env["HOME"]) / ".ray" / "auth_token").read_text() == cluster["token"]
+
+    supervisor = psutil.Process(cluster["supervisor"].pid)
+    servers = [p for p in supervisor.children(recursive=True) if "mlflow" in " ".join(p.cmdline())]
+    assert servers, "no MLflow server under the supervisor"
+    first = min(servers, key=lambda p: p.create_time())
+    first.kill()
+    first.wait(30)
+    deadline = time.time() + 180
+    while "start 2:" not in cluster["mlflow_log"].read_text():
+        assert time.time() < deadline, cluster["mlflow_log"].read_text()[-2000:]
+        time.sleep(0.5)
+    wait_http(f"{cluster['mlflow']}/health", 180)
+    assert supervisor.is_running()
 
 
 def test_missing_or_wrong_token_gives_a_clear_error(cluster, tmp_path):
