@@ -116,7 +116,7 @@ class PipelineRunner(StageOutcomes):
     def _start_parent(self) -> None:
         p = self.pipeline
         self.tracker.start_pipeline(
-            self.record.run_id,
+            parent_run_name(p, self.record.overrides, self.record.run_id),
             params={"pipeline_file": p.path, "overrides": self.record.overrides},
             tags={"mmkd.pipeline": p.name, "mmkd.run_id": self.record.run_id,
                   "mmkd.driver": self.record.driver, "mmkd.kind": "pipeline"})
@@ -370,3 +370,16 @@ def relog_in_background(record: RunRecord) -> None:
                           "--deferred"], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                          start_new_session=True,
                          env={**os.environ, "MMKD_HOME": str(mmkd_home())})
+
+
+def parent_run_name(pipeline: Pipeline, overrides: list[str], run_id: str) -> str:
+    """What a pipeline run is called in MLflow: the pipeline and what differs from its file
+    (``llava_kd · seed 0``, ``llava_kd · student_dft.beta=0``), so the runs table reads
+    without opening each run; the run id stays in the tag ``mmkd.run_id``."""
+    shown = [o.removeprefix("stages.").replace(".params.", ".") for o in overrides]
+    if not any("seed" in o for o in shown):
+        seed = (pipeline.raw.get("defaults") or {}).get("params", {}).get("seed")
+        if seed is not None:
+            shown.insert(0, f"seed {seed}")
+    return f"{pipeline.name} · {', '.join(shown)}" if shown else f"{pipeline.name} · {run_id}"
+

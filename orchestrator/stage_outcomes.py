@@ -91,6 +91,10 @@ class StageOutcomes:
         if not isinstance(head, dict):
             return
         self.tracker.log_metrics("__pipeline__", _numeric(head.get("metrics") or {}))
+        tags = head.get("tags")
+        if isinstance(tags, dict) and tags:
+            self.tracker.set_tags("__pipeline__", {str(k)[:250]: str(v)[:5000]
+                                                   for k, v in tags.items()})
         if self.store.is_local:
             base = self.store.local_dir(rec.workload, rec.key)
             root = os.path.realpath(base)

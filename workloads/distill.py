@@ -82,6 +82,10 @@ class DistillConfig(TrainConfig):
                               "per position; omit for the full vocabulary (equals `online`)")
     chunk_size: int | None = Field(128, ge=1, description="positions per chunk of the KD "
                                    "divergences (online); None = unchunked reference")
+    allow_blind_teacher: bool = Field(
+        False, description="an online teacher whose outputs on the first batch do not change "
+                           "when its images are blanked fails the stage at start (its vision "
+                           "weights may not be loaded); true: accept such a teacher")
 
 
 def _ref(value: Any) -> Any:
@@ -409,7 +413,7 @@ def build_distill_loss(config: DistillConfig, ctx: StageContext) -> DistillLoss:
                   alpha=config.alpha, beta=config.beta, gamma=config.gamma,
                   temperature=config.temperature, divergence=config.divergence,
                   chunk_size=config.chunk_size,
-                  grad_accum=config.grad_accum)
+                  grad_accum=config.grad_accum, allow_blind_teacher=config.allow_blind_teacher)
     if config.teacher == "online":
         teacher_dir = _ref(ctx.input("teacher"))
         inputs = check_distill_pair(config, spec, tokenizer_dir, teacher_dir, stage=ctx.stage)

@@ -60,6 +60,8 @@ class DistillLoss:
     teacher_inputs: Literal["student", "own"] = "student"
     # `teacher: service`: {"name": the service actor, "user": this stage's lease}
     service: dict[str, str] | None = None
+    # at the first step, an online teacher must answer differently when its images are blanked
+    allow_blind_teacher: bool = False
 
     def __post_init__(self) -> None:
         if self.teacher_inputs == "own" and (self.beta > 0 or self.gamma > 0):
@@ -138,6 +140,8 @@ class DistillLoss:
             else:
                 with torch.no_grad():
                     t_logits = state["teacher"](**inputs).logits
+                if state["micro"] == 0 and not self.allow_blind_teacher:
+                    self._probe_teacher_sees(state["teacher"], inputs, t_logits, sctx)
                 s, t = align_vocab(out.logits, t_logits, self.vocab_size)
                 if need["l_res"]:
                     terms["l_res"] = response_kd_loss(s, t, batch["labels"], kind=self.divergence,
@@ -194,6 +198,30 @@ class DistillLoss:
             t_logits = sctx.state["teacher"](**model_inputs(t_batch)).logits
         s, t = align_vocab(student_logits[s_mask], t_logits[t_mask], self.vocab_size)
         return kd_divergence(s, t, None, self.divergence, self.temperature, self.chunk_size)
+
+    def _probe_teacher_sees(self, teacher: Any, inputs: dict[str, Any], logits: Any,
+                            sctx: Any) -> None:
+        """The teacher's logits on this batch with every image blanked (pixels set to 0, the
+        normalised mean) must differ from its logits on the real images; a teacher that does
+        not see (vision weights not loaded, a zeroed tower) fails the stage here, at start."""
+        import torch
+
+        pixels = inputs.get("pixel_values")
+        if pixels is None or not torch.is_floating_point(pixels):
+            return
+        with torch.no_grad():
+            blank = teacher(**{**inputs, "pixel_values": torch.zeros_like(pixels)}).logits
+        change = float((blank.float() - logits.float()).abs().max())
+        scale = max(1.0, float(logits.float().abs().max()))
+        if change <= 1e-6 * scale:
+            raise DistillCompatError(
+                f"stage {sctx.stage.stage!r}: teacher {self.teacher_dir} gives the same outputs "
+                f"on the first batch when its images are blanked (largest change {change:.1e}): "
+                f"it does not see the images, and distilling it would teach the student to "
+                f"ignore them. Its vision weights may not be loaded (check the checkpoint's "
+                f"vision tower and projector tensors, e.g. names that do not match the model "
+                f"class) or may be zero. If a teacher that ignores images is intended, set "
+                f"`allow_blind_teacher: true`.")
 
     def _teacher_checks(self, sctx: Any) -> dict[str, float]:
         state = sctx.state

@@ -34,6 +34,7 @@ from typing import Any, Iterable, Literal, Sequence
 from pydantic import Field
 
 from orchestrator.plugin import HEADLINE_FILE, SUMMARY_FILE, StageContext, WorkloadConfig, workload
+from workloads.eval_checks import answer_floors, below_floor, blind_examples, floor_lines
 from workloads.data.preflight import validate_config_sources
 from workloads.data.source import DataSource
 from workloads.eval_metrics import METRICS, Metric, exact_match, normalize_answer
@@ -134,6 +135,12 @@ class EvalConfig(WorkloadConfig):
     max_length: int = Field(256, ge=8)
     confidence: float = Field(0.95, gt=0.5, lt=1, description="level of every interval")
     bootstrap_samples: int = Field(2000, ge=100, description="resamples of bootstrap intervals")
+    image_reliance_samples: int = Field(
+        200, ge=0, description="questions asked again with every image replaced by a grey one "
+                               "(the accuracy drop says how much a model uses the image); 0: off")
+    max_bad_fraction: float = Field(
+        0.01, ge=0, le=1, description="error budget, as in training: the stage fails if more "
+                                      "than this fraction of eval samples is unusable")
     backend: Literal["builtin", "lmms_eval"] = Field(
         "builtin", description="builtin: mmkd's batched generation and metrics; lmms_eval: "
                                "lmms-eval (pip install mmkd[lmms]) on local task folders")
@@ -336,8 +343,8 @@ def evaluate(config: EvalConfig, ctx: StageContext) -> dict[str, float]:
     source = config.data or _source(ctx.input("data"))
     if config.backend == "lmms_eval":
         return _evaluate_lmms(config, ctx, models, source)
-    quality = SampleQuality.create(max_bad_fraction=1.0, min_samples=0, use_ray=False,
-                                   name=f"stage {ctx.stage!r} eval data")
+    quality = SampleQuality.create(max_bad_fraction=config.max_bad_fraction, min_samples=0,
+                                   use_ray=False, name=f"stage {ctx.stage!r} eval data")
     examples = list(islice(iter_eval_examples(source, quality), config.max_samples))
     quality.report(ctx)
     if not examples:
@@ -349,6 +356,7 @@ def evaluate(config: EvalConfig, ctx: StageContext) -> dict[str, float]:
     os.makedirs(out_dir, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
     scores: dict[str, list[float]] = {}
+    checks: dict[str, Any] = {"floors": answer_floors(refs), "below_floor": {}, "reliance": {}}
     for name, path in models.items():
         model, processor = load_any_model(path)  # plain LLaVA or a merged wrapper
         model.eval()
@@ -366,9 +374,17 @@ def evaluate(config: EvalConfig, ctx: StageContext) -> dict[str, float]:
                                    config.bootstrap_samples, ctx.seed)
         by_type = accuracy_by_type(records, "score")
         by_type.pop("overall")
+        flags = checks["below_floor"][name] = below_floor(by_type, checks["floors"])
+        reliance = _image_reliance(model, processor, examples, scores[name], metric, refs,
+                                   config)
+        if reliance:
+            checks["reliance"][name] = reliance
         res = {head: agg[head], f"{head}_low": low, f"{head}_high": high,
                **{k: v for k, v in agg.items() if k not in (head, "n")},
                **({f"{head}/{k}": v for k, v in by_type.items()} if len(by_type) > 1 else {}),
+               "below_floor_types": len(flags),
+               **({"blind_accuracy": reliance["blind_accuracy"], "image_drop": reliance["drop"]}
+                  if reliance else {}),
                "n": len(scores[name]), "params": sum(p.numel() for p in model.parameters()),
                **{k: v for k, v in lineage_totals(path).items() if k != "stages"}}
         if ctx.inputs.get("captions"):
@@ -376,12 +392,30 @@ def evaluate(config: EvalConfig, ctx: StageContext) -> dict[str, float]:
         results[name] = res
         ctx.log(f"{name}: {head} {res[head]:.3f} [{low:.3f}, {high:.3f}] on "
                 f"{len(scores[name])} questions")
-    return _write_results(ctx, config, models, metric.name, head, results, scores)
+    return _write_results(ctx, config, models, metric.name, head, results, scores, checks)
+
+
+def _image_reliance(model: Any, processor: Any, examples: list, scores: list[float], metric: Any,
+                    refs: list[dict[str, Any]], config: EvalConfig) -> dict[str, float] | None:
+    """Accuracy on the first ``image_reliance_samples`` questions with their images replaced
+    by a grey one, against the same questions with their images."""
+    from workloads.generation import generate_answers
+
+    k = min(config.image_reliance_samples, len(examples))
+    if k == 0 or not any(getattr(ex, "image", None) is not None for ex in examples[:k]):
+        return None
+    blind = generate_answers(model, processor, blind_examples(examples[:k]),
+                             config.max_new_tokens, config.batch_size)
+    blind_scores = [metric.item_score(str(p), r) for p, r in zip(blind, refs[:k])]
+    seen = sum(scores[:k]) / k
+    unseen = sum(blind_scores) / k
+    return {"accuracy": seen, "blind_accuracy": unseen, "drop": seen - unseen, "n": float(k)}
 
 
 def _write_results(ctx: StageContext, config: EvalConfig, models: dict[str, str], metric_name: str,
                    head: str, results: dict[str, dict[str, Any]],
-                   scores: dict[str, list[float]]) -> dict[str, float]:
+                   scores: dict[str, list[float]], checks: dict[str, Any] | None = None
+                   ) -> dict[str, float]:
     """Comparisons, seed arms, the tables (md/csv/json/png), the summary and the headline."""
     from orchestrator.provenance import environment
 
@@ -390,6 +424,14 @@ def _write_results(ctx: StageContext, config: EvalConfig, models: dict[str, str]
     md, table_csv = results_table(results, head)
     out_dir = os.path.join(ctx.output_dir, "results")
     summary = _summary_markdown(md, metric_name, head, comparisons, arms, config.confidence)
+    if checks:
+        summary += "\n".join(floor_lines(checks["below_floor"], checks["floors"],
+                                         checks["reliance"])) + "\n"
+        for name, flags in checks["below_floor"].items():
+            if flags:
+                ctx.log(f"{name}: below the most-frequent-answer floor on "
+                        + ", ".join(f"{t} ({v['accuracy']:.3f} < {v['floor']:.3f})"
+                                    for t, v in flags.items()))
     for c in comparisons:
         ctx.log(c["text"])
     with open(os.path.join(out_dir, "results.md"), "w") as f:
@@ -401,12 +443,17 @@ def _write_results(ctx: StageContext, config: EvalConfig, models: dict[str, str]
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"models": models, "metric": metric_name, "headline": head,
                    "confidence": config.confidence, "results": results,
-                   "comparisons": comparisons, "arms": arms, "environment": environment()},
+                   "comparisons": comparisons, "arms": arms, "checks": checks or {},
+                   "environment": environment()},
                   f, indent=2)
     accuracy_chart(results, os.path.join(out_dir, "results.png"), f"{ctx.pipeline}: {ctx.stage}",
                    metric=head)
     with open(os.path.join(ctx.output_dir, HEADLINE_FILE), "w") as f:
+        flagged = (checks or {}).get("below_floor", {})
         json.dump({"metrics": {f"{name}/{head}": r[head] for name, r in results.items()},
+                   # MLflow tags on the pipeline's run: which models are below a floor, where
+                   "tags": {f"mmkd.below_floor.{name}": ",".join(f) or "none"
+                            for name, f in flagged.items()},
                    "artifacts": ["results/results.md", "results/results.csv",
                                  "results/results.png"]}, f)
     metrics = {f"{name}/{k}": float(v) for name, m in results.items() for k, v in m.items()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,32 @@ def test_the_token_may_go_to_a_tunnel_on_this_machine(capsys, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN", "a-token")
     code, _, err = _cli(capsys, "jobs", "--address", "http://127.0.0.1:9")
     assert code == 2 and "clear text" not in err and "cannot reach" in err
+
+
+def test_parent_runs_are_named_by_pipeline_and_what_differs():
+    from orchestrator.loader import load_pipeline
+    from orchestrator.runner import parent_run_name
+
+    root = Path(__file__).resolve().parents[2]
+    pipe = load_pipeline(root / "pipelines" / "llava_kd.yaml")
+    assert parent_run_name(pipe, [], "run-0") == "llava_kd · seed 0"
+    assert parent_run_name(pipe, ["stages.student_dft.params.beta=0"], "run-0") == \
+        "llava_kd · seed 0, student_dft.beta=0"
+    assert parent_run_name(pipe, ["defaults.params.seed=3"], "run-0") == \
+        "llava_kd · defaults.seed=3"
+
+
+def test_ui_opens_on_the_pipelines_runs_page(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.cli import _runs_page
+    from orchestrator.runs import RunRecord
+
+    monkeypatch.setenv("MMKD_HOME", str(tmp_path))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = MlflowClient(uri).create_experiment("llava_kd")
+    assert _runs_page(uri, "http://127.0.0.1:5000", None) == "http://127.0.0.1:5000"
+    RunRecord(run_id="run-00000001", pipeline="llava_kd", path="p.yaml", overrides=[],
+              started=1.0, driver="d").save()
+    assert _runs_page(uri, "http://127.0.0.1:5000", None) == \
+        f"http://127.0.0.1:5000/#/experiments/{exp}/runs"

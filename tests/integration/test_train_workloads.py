@@ -114,3 +114,23 @@ def test_evaluate_writes_tables_and_consistent_scores(chain):
     md = open(os.path.join(out, "results.md")).read()
     assert "| teacher_pt |" in md and "| teacher_sft |" in md
     assert open(os.path.join(out, "results.csv")).readline().startswith("model,accuracy")
+    # results that flag themselves: floors counted here from the references, each model's
+    # flags against them, and the same questions asked blind (grey images)
+    from collections import Counter
+
+    checks = json.load(open(os.path.join(out, "results.json")))["checks"]
+    records = [json.loads(line) for line in open(os.path.join(out, "predictions_teacher_pt.jsonl"))]
+    by_type: dict = {}
+    for r in records:
+        by_type.setdefault(r["question_type"], []).append(r["answer"].strip().lower())
+    for t, answers in by_type.items():
+        top = Counter(answers).most_common(1)[0][1]
+        assert checks["floors"][t]["floor"] == pytest.approx(top / len(answers)), t
+        acc = sum(r["correct"] for r in records if r["question_type"] == t) / len(answers)
+        assert (t in checks["below_floor"]["teacher_pt"]) == (acc < top / len(answers)), t
+    for name in models:
+        blind = checks["reliance"][name]
+        assert blind["n"] == 12 and 0 <= blind["blind_accuracy"] <= 1
+        assert metrics[f"{name}/image_drop"] == pytest.approx(
+            metrics[f"{name}/accuracy"] - blind["blind_accuracy"])
+    assert "Most-frequent-answer floor per question type" in md and "Image reliance" in md

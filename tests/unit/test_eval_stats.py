@@ -168,3 +168,34 @@ def test_format_comparison_raw_scale():
     c = Comparison(12.5, -3.0, 28.0, 0.12, "paired_bootstrap", 100)
     assert (format_comparison("b", "a", c, scale=1, unit="")
             == "b − a: +12.5 [−3.0, +28.0], p = 0.12 (not significant)")
+
+
+# -- results that flag themselves (#24) --------------------------------------------------------
+
+def test_answer_floors_and_below_floor_by_hand():
+    from workloads.eval_checks import answer_floors, below_floor
+
+    refs = ([{"question_type": "colour", "answer": a} for a in
+             ["green", "Green.", "green", "red", "blue"]]
+            + [{"question_type": "count", "answer": a} for a in ["2", "3"]])
+    floors = answer_floors(refs)
+    assert floors["colour"] == {"answer": "green", "floor": 3 / 5, "n": 5}
+    assert floors["count"]["floor"] == 1 / 2
+    assert floors["overall"]["floor"] == pytest.approx((3 + 1) / 7)
+    flags = below_floor({"colour": 0.4, "count": 0.5}, floors)
+    assert flags == {"colour": {"accuracy": 0.4, "floor": 0.6}}  # at the floor is not below
+
+
+def test_blind_examples_replace_images_by_one_grey_image():
+    from PIL import Image
+
+    from workloads.data.eval_examples import EvalExample
+    from workloads.eval_checks import BLIND_RGB, blind_examples
+
+    ex = EvalExample(key="k", source="s", image=Image.new("RGB", (8, 6), (255, 0, 0)),
+                     prompt_conversation=[], answer="red", question_type="colour")
+    text_only = EvalExample(key="t", source="s", image=None, prompt_conversation=[],
+                            answer="x", question_type="q")
+    blind, same = blind_examples([ex, text_only])
+    assert blind.image.size == (8, 6) and set(blind.image.getdata()) == {BLIND_RGB}
+    assert ex.image.getpixel((0, 0)) == (255, 0, 0) and same is text_only
