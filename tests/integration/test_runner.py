@@ -29,27 +29,35 @@ def client(home) -> MlflowClient:
     return MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
 
 
+# left and right each write a marker as they start and finish only once the other's marker
+# exists: they can both succeed only if they ran at the same time (else the first one fails after
+# waiting 120 s for the other's marker, naming it), whatever the machine's load.
 PIPE = """
 name: runner_test
 stages:
-  left: {workload: sleep, params: {seconds: 3}}
-  right: {workload: sleep, params: {seconds: 3.01}}
+  left: {workload: sleep, params: {seconds: 0, started_marker: MARKS/left, await_marker: MARKS/right}}
+  right: {workload: sleep, params: {seconds: 0, started_marker: MARKS/right, await_marker: MARKS/left}}
   join: {workload: noop, inputs: {a: left.result, b: right.result}, params: {value: 1}}
   counter: {workload: count, inputs: {x: join.result}, params: {steps: 4, step_seconds: 0.05}}
 """
 
 
+def pipe(tmp_path, overrides=()):
+    """PIPE with its stages' markers in a folder of this test."""
+    return pipeline(tmp_path, PIPE.replace("MARKS", str(tmp_path / "marks")), overrides)
+
+
 def test_independent_stages_overlap_then_rerun_is_fully_cached(ray_session, tmp_path, home):
-    rec = PipelineRunner(pipeline(tmp_path, PIPE)).run()
-    assert rec.status == "success", rec.error
+    rec = PipelineRunner(pipe(tmp_path)).run()
+    assert rec.status == "success", rec.error  # a stage that ran alone fails naming the marker
     left, right = rec.stages["left"].metrics, rec.stages["right"].metrics
-    overlap = min(left["end_time"], right["end_time"]) - max(left["start_time"], right["start_time"])
-    assert overlap > 2.0, f"independent stages did not run concurrently (overlap {overlap:.2f}s)"
+    # each finished only after it saw the other's start marker: their runs overlap
+    assert left["saw_marker"] == right["saw_marker"] == 1.0, (left, right)
     # join saw both upstream outputs as local paths
     inputs = json.load(open(f"{rec.stages['join'].uri}/result/inputs.json"))["inputs"]
     assert inputs["a"].endswith("/result") and inputs["b"].endswith("/result")
 
-    rerun = PipelineRunner(pipeline(tmp_path, PIPE))
+    rerun = PipelineRunner(pipe(tmp_path))
     again = rerun.run()
     assert not rerun.ray_started  # a fully cached rerun does not even need Ray
     assert again.status == "success"
@@ -81,12 +89,13 @@ def test_independent_stages_overlap_then_rerun_is_fully_cached(ray_session, tmp_
 
 
 def test_param_change_reruns_exactly_downstream_and_force(ray_session, tmp_path, home):
-    PipelineRunner(pipeline(tmp_path, PIPE)).run()
-    rec = PipelineRunner(pipeline(tmp_path, PIPE, ["stages.join.params.value=2"])).run()
+    PipelineRunner(pipe(tmp_path)).run()
+    rec = PipelineRunner(pipe(tmp_path, ["stages.join.params.value=2"])).run()
     status = {n: s.status for n, s in rec.stages.items()}
     assert status == {"left": "cached", "right": "cached", "join": "done", "counter": "done"}
 
-    rec = PipelineRunner(pipeline(tmp_path, PIPE), force=["right"]).run()
+    # right runs alone now: left's marker is still there from the first run
+    rec = PipelineRunner(pipe(tmp_path), force=["right"]).run()
     status = {n: s.status for n, s in rec.stages.items()}
     assert status == {"left": "cached", "right": "done", "join": "done", "counter": "done"}
     assert rec.stages["counter"].metrics["resumed_from"] == 0  # --force drops checkpoints too

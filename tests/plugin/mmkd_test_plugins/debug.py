@@ -16,6 +16,33 @@ from orchestrator.plugin import StageContext
 from orchestrator.plugin import WorkloadConfig, workload
 
 
+def _await(found, what: str, timeout_s: float, poll_s: float = 0.1):
+    """Poll ``found()`` every ``poll_s`` until it returns something truthy (returned); raise
+    TimeoutError naming ``what`` after ``timeout_s`` (tests wait on state, never on a sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = found()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f}s for {what}")
+        time.sleep(poll_s)
+
+
+def _reads_no_files(config) -> dict[str, str]:
+    """Fingerprint hook: the marker / ticket paths coordinate a test, they are no input; the
+    default hook would key them by their (changing) state and the stage would never be cached."""
+    return {}
+
+
+def _touch(path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, path)  # atomic: a waiter never sees half a marker
+
+
 class NoopConfig(WorkloadConfig):
     value: float = Field(0.0, description="a number copied into metrics.json (to vary the key)")
     fail_if_exists: str | None = Field(
@@ -37,17 +64,32 @@ def noop(config: NoopConfig, ctx: StageContext) -> dict[str, float]:
 
 class SleepConfig(WorkloadConfig):
     seconds: float = Field(1.0, ge=0, description="how long to sleep")
+    started_marker: str | None = Field(
+        None, description="a file written as the stage starts (another stage can await it)")
+    await_marker: str | None = Field(
+        None, description="after sleeping, wait until this file exists (another stage's "
+        "started_marker): the stage finishes only once that one has started, so two stages "
+        "awaiting each other's marker prove that they ran at the same time")
+    await_timeout_s: float = Field(120.0, gt=0, description="how long to wait for await_marker")
     seed: int = 0
 
 
-@workload("sleep", config=SleepConfig, outputs=("result",))
+@workload("sleep", config=SleepConfig, outputs=("result",), fingerprint=_reads_no_files)
 def sleep(config: SleepConfig, ctx: StageContext) -> dict[str, float]:
-    """Sleeps; records start and end times (to check that stages overlap)."""
+    """Sleeps; records start and end times. With markers, proves that stages overlap."""
     start = time.time()
+    if config.started_marker:
+        _touch(config.started_marker)
     time.sleep(config.seconds)
+    saw = 0.0
+    if config.await_marker:
+        _await(lambda: os.path.exists(config.await_marker),
+               f"{config.await_marker} (written when the stage this one must overlap starts; "
+               f"missing: the two stages did not run concurrently)", config.await_timeout_s)
+        saw = 1.0
     end = time.time()
     os.makedirs(os.path.join(ctx.output_dir, "result"), exist_ok=True)
-    return {"start_time": start, "end_time": end}
+    return {"start_time": start, "end_time": end, "saw_marker": saw}
 
 
 class FailConfig(WorkloadConfig):
@@ -98,10 +140,31 @@ class QuadraticConfig(WorkloadConfig):
     steps: int = Field(20, ge=1)
     step_seconds: float = Field(0.05, ge=0, description="time per step")
     target: float = 3.0
+    tickets: str | None = Field(
+        None, description="a folder of ticket files: the stage takes one (renames it away) "
+        "before its first step, waiting while there is none, unless <tickets>/open exists; "
+        "lets a test hold a sweep's trials at a known point without timing them")
+    ticket_timeout_s: float = Field(600.0, gt=0, description="how long to wait for a ticket")
     seed: int = 0
 
 
-@workload("quadratic", config=QuadraticConfig, outputs=("result",))
+def _take_ticket(folder: str) -> str:
+    """'open' when <folder>/open exists, else the name of a ticket this process took."""
+    if os.path.exists(os.path.join(folder, "open")):
+        return "open"
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("ticket") and not name.endswith(".taken"):
+            try:  # rename is atomic: of two stages taking one ticket, one wins
+                os.rename(os.path.join(folder, name),
+                          os.path.join(folder, f"{name}.{os.getpid()}.taken"))
+            except FileNotFoundError:
+                continue
+            return name
+    return ""
+
+
+@workload("quadratic", config=QuadraticConfig, outputs=("result",),
+          fingerprint=_reads_no_files)
 def quadratic(config: QuadraticConfig, ctx: StageContext) -> dict[str, float]:
     """Minimises (x - target)^2 by gradient descent; its loss curve depends on lr (for tuning).
     Starts at 0, or at the x of input ``init`` (another quadratic's result)."""
@@ -110,6 +173,10 @@ def quadratic(config: QuadraticConfig, ctx: StageContext) -> dict[str, float]:
         with open(os.path.join(ctx.input("init"), "x.json")) as f:
             x = json.load(f)["x"]
     loss = (x - config.target) ** 2
+    if config.tickets:
+        _await(lambda: _take_ticket(config.tickets),
+               f"a ticket file in {config.tickets} (or {config.tickets}/open)",
+               config.ticket_timeout_s, poll_s=0.2)
     for step in range(1, config.steps + 1):
         time.sleep(config.step_seconds)
         velocity = config.momentum * velocity - config.lr * 2 * (x - config.target)
