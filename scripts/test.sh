@@ -21,7 +21,7 @@ python3 -m pip install -q --no-deps -e tests/plugin
 export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" TOKENIZERS_PARALLELISM=false
 out="${MMKD_TEST_OUT:-.ci/results}"
 mkdir -p "$out"
-PYTEST=(python3 -m pytest -q -p no:cacheprovider --timeout=600)
+PYTEST=(python3 -m pytest -q -p no:cacheprovider --timeout=900)
 
 tier() {  # tier NAME MARKER [pytest args...]: one pytest run; its exit status (5 = none ran: ok)
   local name=$1 marker=$2; shift 2

@@ -59,3 +59,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(slow)
     # within one invocation too: the fast tests first, so a unit failure shows in minutes
     items.sort(key=lambda it: it.get_closest_marker("slow") is not None)
+
+
+# ------------------------------------------------------------------------ no silent skips
+# In CI (CI=true) a skipped test is a failure unless its reason holds on every CI machine: CI
+# has no GPU. Anything else a test skips for (a missing package, a missing tool) is a broken
+# install there, and must show.
+CI_SKIP_REASONS = ("CUDA", "GPU")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not (os.environ.get("CI") and report.skipped) or hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if not any(word in str(reason) for word in CI_SKIP_REASONS):
+        report.outcome = "failed"
+        report.longrepr = (f"skipped in CI: {reason}. A skip in CI is a failure unless its "
+                           f"reason holds on every CI machine (no GPU); install what the test "
+                           f"needs in scripts/install.sh or the `test` extra")

@@ -36,7 +36,7 @@ def _norm(text) -> str:
 
 def test_default_pipeline_end_to_end(cli_env, tmp_path):
     args = ["run", str(PIPE), "--plain", *reduced()]
-    out = mmkd(args, cli_env, tmp_path, timeout=1500, check=True)
+    out = mmkd(args, cli_env, tmp_path, timeout=840, check=True)
     assert "| teacher |" in out.stdout and "| kd_dpt_sft_dft |" in out.stdout  # table printed
 
     home = tmp_path / "home"

@@ -86,7 +86,7 @@ def _record(home: Path, name: str) -> dict:
 def test_every_family_trains_distils_evaluates_and_reloads(cli_env, tmp_path):
     pipe = tmp_path / "families.yaml"
     pipe.write_text(yaml.safe_dump(_pipeline(), sort_keys=False))
-    mmkd(["run", str(pipe), "--plain"], cli_env, tmp_path, timeout=2400, check=True)
+    mmkd(["run", str(pipe), "--plain"], cli_env, tmp_path, timeout=840, check=True)
     record = _record(tmp_path / "home", "families")
     assert {s["status"] for s in record["stages"].values()} == {"done"}, record["stages"]
 

@@ -35,7 +35,7 @@ def reduced() -> list[str]:
 
 def test_merge_ablation_end_to_end(cli_env, tmp_path):
     args = ["run", str(PIPE), "--plain", *reduced()]
-    out = mmkd(args, cli_env, tmp_path, timeout=1500, check=True)
+    out = mmkd(args, cli_env, tmp_path, timeout=840, check=True)
     assert "| jam_cross_ft |" in out.stdout and "| centralized |" in out.stdout  # table printed
 
     (record_file,) = (tmp_path / "home").glob("runs/*/run.json")
