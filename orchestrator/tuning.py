@@ -52,6 +52,11 @@ class SelectSpec(BaseModel):
     stage: str = Field(description="a stage that takes the tuned stage's output as an input")
     metric: str = Field(description="a metric that stage returns, e.g. kd/accuracy")
     mode: Literal["min", "max"] = "max"
+    split: Literal["val", "as_written"] = Field(
+        "val", description="val: the select stage reads the validation split wherever its "
+                           "pipeline gives it a held-out `eval` output that has a `val` twin "
+                           "(shapes.eval -> shapes.val), so trials are chosen on validation "
+                           "and the held-out set only reports; as_written: the pipeline's inputs")
 
 
 class TuneSpec(BaseModel):
@@ -100,6 +105,10 @@ def load_tune(path: str, overrides: list[str] = ()) -> tuple[TuneSpec, Pipeline]
         msgs = [f"field {'.'.join(map(str, x['loc']))!r}: {x['msg']}" for x in e.errors()]
         raise TuneError(f"{path}: " + "; ".join(msgs)) from None
     pipeline = load_pipeline(pipeline_path, list(overrides))
+    if spec.select is not None and spec.select.split == "val":
+        to_val = _validation_inputs(pipeline, spec.select.stage)
+        if to_val:
+            pipeline = load_pipeline(pipeline_path, list(overrides) + to_val)
     target = _target(spec, pipeline, path)
     problems = [p for name, entry in spec.space.items()
                 for p in _check_entry(name, entry, pipeline.stages[target].config)]
@@ -114,6 +123,32 @@ def load_tune(path: str, overrides: list[str] = ()) -> tuple[TuneSpec, Pipeline]
     if problems:
         raise TuneError(f"{path}: " + "; ".join(problems))
     return spec, pipeline
+
+
+def _validation_inputs(pipeline: Pipeline, select: str) -> list[str]:
+    """``--set`` overrides pointing the select stage's held-out inputs at their validation
+    twins: ``<stage>.eval`` becomes ``<stage>.val`` where that stage's workload writes both."""
+    from orchestrator.plugin import get_workload
+
+    stage = pipeline.stages.get(select)
+    raw = ((pipeline.raw.get("stages") or {}).get(select) or {}).get("inputs") or {}
+    if stage is None:
+        return []
+    out = []
+    for name, value in raw.items():
+        refs = value if isinstance(value, list) else [value]
+        new = []
+        for ref in refs:
+            src, _, output = str(ref).rpartition(".")
+            wl = pipeline.stages[src].workload if src in pipeline.stages else None
+            if output == "eval" and wl and "val" in get_workload(wl).outputs:
+                new.append(f"{src}.val")
+            else:
+                new.append(ref)
+        if new != refs:
+            shown = new if isinstance(value, list) else new[0]
+            out.append(f"stages.{select}.inputs.{name}={json.dumps(shown)}")
+    return out
 
 
 def _target(spec: TuneSpec, pipeline: Pipeline, path: str) -> str:

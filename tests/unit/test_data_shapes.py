@@ -129,3 +129,36 @@ def test_instruct_and_captions_answers_are_correct(shapes_dir):
                 turns += 1
             multi_turn += len(conv) > 2
     assert turns > 150 and multi_turn > 20
+
+
+def test_validation_split_is_disjoint_from_the_held_out_questions(tmp_path):
+    """val/ asks no question eval/ asks (same scene and conversation); a val draw that repeats
+    an eval question is skipped; eval/ is what it was before val/ existed."""
+    import json
+    import tarfile
+
+    from workloads.data.shapes import (ShapesConfig, _question_key, _sample, generate_shapes,
+                                       write_split)
+
+    cfg = ShapesConfig(num_captions=0, num_instruct=0, num_eval=60, num_val=60, shard_size=50)
+    generate_shapes(tmp_path, cfg)
+
+    def keys(split):
+        out = []
+        for shard in sorted((tmp_path / split).glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                out += [m.name[:-5] for m in tar.getmembers() if m.name.endswith(".json")]
+                metas = [json.load(tar.extractfile(m)) for m in tar.getmembers()
+                         if m.name.endswith(".json")]
+                out_q.setdefault(split, []).extend(_question_key(m) for m in metas)
+        return out
+
+    out_q: dict = {}
+    assert keys("eval") == [f"eval-{i:07d}" for i in range(60)]  # unchanged draws
+    assert len(keys("val")) == 60 and not set(out_q["eval"]) & set(out_q["val"])
+    # the exclusion itself: val's first two draws made "held out" are skipped
+    held = {_question_key(_sample("val", i, cfg)[2]) for i in (0, 1)}
+    write_split(tmp_path / "v2", "val", 3, cfg, exclude=held)
+    with tarfile.open(tmp_path / "v2" / "val-00000.tar") as tar:
+        names = [m.name for m in tar.getmembers() if m.name.endswith(".json")]
+    assert names == ["val-0000002.json", "val-0000003.json", "val-0000004.json"]

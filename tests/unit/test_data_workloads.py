@@ -11,7 +11,7 @@ from orchestrator.plugin import get_workload
 
 def test_shapes_then_tokenizer_workloads(tmp_path):
     shapes = get_workload("shapes")
-    assert shapes.outputs == ("captions", "instruct", "eval") and shapes.version == "1"
+    assert shapes.outputs == ("captions", "instruct", "eval", "val") and shapes.version == "1"
     config = shapes.config(num_captions=30, num_instruct=30, num_eval=12, shard_size=10)
     ctx = StageContext("p", "shapes", "k1", output_dir=str(tmp_path / "shapes"))
     metrics = shapes.fn(config, ctx)

@@ -158,3 +158,18 @@ def test_hub_model_without_hub_access_says_what_to_do(tmp_path, monkeypatch):
     text = str(e.value)
     assert "stage 'teacher': could not fetch Qwen/Qwen2.5-VL-7B-Instruct" in text
     assert "HF_HOME" in text and "local model directory" in text
+
+
+def test_tune_selects_on_the_validation_split_by_default():
+    """The tune's select stage reads shapes.val, not the held-out shapes.eval; the pipeline
+    itself (what `mmkd run` reports) still evaluates on shapes.eval."""
+    from orchestrator.loader import load_pipeline
+    from orchestrator.tuning import load_tune
+
+    root = Path(__file__).resolve().parents[2]
+    spec, pipeline = load_tune(str(root / "pipelines" / "tune_kd_weights.yaml"))
+    assert spec.select.split == "val"
+    assert pipeline.stages["evaluate"].resolved_inputs["data"] == [("shapes", "val")]
+    assert pipeline.stages["evaluate"].resolved_inputs["captions"] == [("shapes", "captions")]
+    plain = load_pipeline(root / "pipelines" / "llava_kd.yaml")
+    assert plain.stages["evaluate"].resolved_inputs["data"] == [("shapes", "eval")]

@@ -31,7 +31,7 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
           "yellow": (230, 200, 30), "purple": (150, 60, 190), "orange": (240, 130, 30)}
 SIZES = ("small", "large")
 BACKGROUND = (255, 255, 255)
-SPLITS = ("captions", "instruct", "eval")
+SPLITS = ("captions", "instruct", "eval", "val")
 CAPTION_QUESTION = "Describe the image."
 QUESTION_TYPES = ("color", "shape", "size", "count", "exists", "relation")
 
@@ -45,6 +45,9 @@ class ShapesConfig(WorkloadConfig):
     num_captions: int = Field(default=2000, ge=0, description="Samples in captions/ (pre-training).")
     num_instruct: int = Field(default=2000, ge=0, description="Samples in instruct/ (SFT QA).")
     num_eval: int = Field(default=500, ge=0, description="Held-out questions in eval/.")
+    num_val: int = Field(default=500, ge=0, description="Validation questions in val/, disjoint "
+                         "from eval/ (no question about the same scene): recipes and `mmkd tune` "
+                         "choose on val, eval only reports.")
     image_size: int = Field(default=32, ge=16, description="Square image side in pixels.")
     min_objects: int = Field(default=1, ge=1, description="Fewest objects in a scene.")
     max_objects: int = Field(default=4, ge=1, le=9, description="Most objects in a scene.")
@@ -214,7 +217,7 @@ def _sample(split: str, index: int, cfg: ShapesConfig) -> tuple[str, bytes, dict
                 q, a, _ = _any_question(rng, objects, rng.choice(QUESTION_TYPES))
                 conv.append((q, a))
         conv[0] = ("<image>\n" + conv[0][0], conv[0][1])
-    else:
+    else:  # eval and val: one question per scene
         # Cycle the question types so the eval split is balanced across them.
         q, a, qtype = _any_question(rng, objects, QUESTION_TYPES[index % len(QUESTION_TYPES)])
         conv = [("<image>\n" + q, a)]
@@ -230,28 +233,48 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_split(out_dir: str | Path, split: str, num: int, cfg: ShapesConfig) -> list[Path]:
-    """Write ``num`` samples of ``split`` as ``{split}-NNNNN.tar`` shards into ``out_dir``."""
+def _question_key(meta: dict) -> str:
+    """What makes two eval questions the same: the scene and the conversation."""
+    return json.dumps([meta["scene"], meta["conversations"]], sort_keys=True)
+
+
+def write_split(out_dir: str | Path, split: str, num: int, cfg: ShapesConfig,
+                exclude: set[str] | None = None) -> tuple[list[Path], set[str]]:
+    """Write ``num`` samples of ``split`` as ``{split}-NNNNN.tar`` shards into ``out_dir``;
+    a sample whose question is in ``exclude`` is skipped (the next index is drawn). Returns the
+    shards and the question keys written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shards = []
+    shards, written, index = [], set(), 0
     for start in range(0, num, cfg.shard_size):
         path = out / f"{split}-{start // cfg.shard_size:05d}.tar"
         with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for index in range(start, min(num, start + cfg.shard_size)):
-                key, png, meta = _sample(split, index, cfg)
+            for _ in range(start, min(num, start + cfg.shard_size)):
+                while True:
+                    key, png, meta = _sample(split, index, cfg)
+                    index += 1
+                    if not exclude or _question_key(meta) not in exclude:
+                        break
+                if split in ("eval", "val"):
+                    written.add(_question_key(meta))
                 _add(tar, f"{key}.png", png)
                 _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
         shards.append(path)
-    return shards
+    return shards, written
 
 
 def generate_shapes(out_dir: str | Path, cfg: ShapesConfig) -> dict[str, float]:
-    """Write ``captions/``, ``instruct/`` and ``eval/`` under ``out_dir``; returns counts."""
-    counts = {"captions": cfg.num_captions, "instruct": cfg.num_instruct, "eval": cfg.num_eval}
+    """Write ``captions/``, ``instruct/``, ``eval/`` and ``val/`` under ``out_dir``; returns
+    counts."""
+    counts = {"captions": cfg.num_captions, "instruct": cfg.num_instruct, "eval": cfg.num_eval,
+              "val": cfg.num_val}
     metrics: dict[str, float] = {}
-    for split, num in counts.items():
-        shards = write_split(Path(out_dir) / split, split, num, cfg)
+    held_out: set[str] = set()
+    for split, num in counts.items():  # eval before val: val skips every eval question
+        shards, written = write_split(Path(out_dir) / split, split, num, cfg,
+                                      exclude=held_out if split == "val" else None)
+        if split == "eval":
+            held_out = written
         metrics[f"shapes/{split}_samples"] = float(num)
         metrics[f"shapes/{split}_shards"] = float(len(shards))
     return metrics

@@ -23,13 +23,15 @@ class TokenizerConfig(WorkloadConfig):
                                description="A pair must occur this often to become a merge.")
 
 
-@workload("shapes", config=ShapesConfig, version="1", outputs=("captions", "instruct", "eval"))
+@workload("shapes", config=ShapesConfig, version="1",
+          outputs=("captions", "instruct", "eval", "val"))
 def shapes(config: ShapesConfig, ctx: StageContext) -> dict[str, float]:
     """Generate the shapes benchmark (captions/, instruct/, eval/ webdataset shards)."""
     metrics = generate_shapes(ctx.output_dir, config)
     ctx.log(f"wrote {int(metrics['shapes/captions_samples'])} caption, "
             f"{int(metrics['shapes/instruct_samples'])} instruct and "
-            f"{int(metrics['shapes/eval_samples'])} eval samples to {ctx.output_dir}")
+            f"{int(metrics['shapes/eval_samples'])} eval and "
+            f"{int(metrics['shapes/val_samples'])} validation samples to {ctx.output_dir}")
     return metrics
 
 
