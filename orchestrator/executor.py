@@ -44,7 +44,33 @@ def progress_hub_class():
 
 
 def execute_stage(payload: dict[str, Any], reporter: Any = None) -> dict[str, Any]:
-    """Run one stage (inside a Ray task): inputs from the store, outputs published under its key."""
+    """Run one stage (inside a Ray task): inputs from the store, outputs published under its
+    key. An exception the driver could not unpickle (a library's own class that needs
+    arguments to rebuild, such as huggingface_hub's validation errors) crosses Ray as a plain
+    ``StageError`` carrying its type and message, so the user reads the cause, not Ray's
+    "Failed to deserialize exception"."""
+    try:
+        return _execute_stage(payload, reporter)
+    except Exception as e:  # noqa: BLE001 - re-raised as is, or as a StageError that can travel
+        if _travels(e):
+            raise
+        from orchestrator.plugin import StageError
+
+        raise StageError(f"{type(e).__module__}.{type(e).__name__}: {e}") from None
+
+
+def _travels(e: BaseException) -> bool:
+    """The exception survives the trip to the driver (Ray pickles it with cloudpickle)."""
+    try:
+        from ray import cloudpickle
+
+        back = cloudpickle.loads(cloudpickle.dumps(e))
+        return type(back) is type(e)
+    except Exception:  # noqa: BLE001 - any failure means the driver would not get it either
+        return False
+
+
+def _execute_stage(payload: dict[str, Any], reporter: Any = None) -> dict[str, Any]:
     from orchestrator.plugin import Resources, StageContext
 
     info = get_workload(payload["workload"])

@@ -100,3 +100,4 @@ def test_names_that_hold_credentials_are_secret(name):
 @pytest.mark.parametrize("name", ["MMKD_KEY", "STAGE_KEY", "CACHE_KEY_PARTS", "HF_HOME"])
 def test_key_alone_is_not_a_secret(name):
     assert not looks_secret(name)
+
