@@ -62,7 +62,9 @@ def _family_problem(model_dir: str) -> str | None:
         family_of(model_type)
     except ValueError as e:
         return f"repo: {model_dir}: {e}"
-    return None
+    from workloads.models import config_problem
+
+    return config_problem(model_dir, "repo")
 
 
 @workload("hub_model", config=HubModelConfig, version="1", outputs=("model",),

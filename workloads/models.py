@@ -121,6 +121,10 @@ class ModelSpec(BaseModel):
         if self.family and self.parts:
             raise ValueError(f"model: `parts` builds a LLaVA-1.5 model; drop `family: "
                              f"{self.family}` or name a `preset` / `path` of that family")
+        if self.path:
+            problem = config_problem(self.path, "model.path")
+            if problem:
+                raise ValueError(problem)
         return self
 
     @model_serializer(mode="wrap")
@@ -130,6 +134,28 @@ class ModelSpec(BaseModel):
         if self.family is None:
             data.pop("family", None)
         return data
+
+
+def config_problem(model_dir: str, field: str) -> str | None:
+    """Why the ``config.json`` of a local model directory does not load in this transformers
+    (a field that fails its validation, say), or None; checked when a pipeline is validated,
+    so such a file fails before any compute instead of inside a stage, where its exception
+    may not survive the trip through Ray."""
+    cfg_file = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(cfg_file):
+        return None
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(model_dir)
+    except Exception as e:  # noqa: BLE001 - any failure to load is the user's to see
+        import transformers
+
+        detail = " ".join(str(e).split())[:400]
+        return (f"{field}: {cfg_file} does not load in transformers {transformers.__version__} "
+                f"({type(e).__name__}: {detail}); fix that field of the file, or re-save the "
+                f"model with this transformers version")
+    return None
 
 
 def _is_local(ref: str) -> bool:

@@ -133,3 +133,32 @@ def test_ui_opens_on_the_pipelines_runs_page(tmp_path, monkeypatch):
               started=1.0, driver="d").save()
     assert _runs_page(uri, "http://127.0.0.1:5000", None) == \
         f"http://127.0.0.1:5000/#/experiments/{exp}/runs"
+
+
+@pytest.fixture
+def bad_config_dir(tmp_path):
+    """A checkpoint folder whose config.json fails transformers' own validation: 1 layer, 2
+    layer_types (seen: it made huggingface_hub raise an exception Ray could not carry)."""
+    from transformers import Qwen2VLConfig
+
+    cfg = Qwen2VLConfig(text_config={"num_hidden_layers": 1, "hidden_size": 32,
+                                     "num_attention_heads": 2, "num_key_value_heads": 1,
+                                     "intermediate_size": 64}).to_dict()
+    cfg["text_config"]["layer_types"] = ["full_attention", "full_attention"]
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("stage", [
+    "{workload: hub_model, params: {repo: DIR}}",
+    "{workload: sft, inputs: {data: d.result}, params: {model: {path: DIR}, max_steps: 1}}",
+])
+def test_validate_loads_every_local_model_config(capsys, tmp_path, bad_config_dir, stage):
+    path = tmp_path / "p.yaml"
+    path.write_text("name: p\nstages:\n  d: {workload: noop}\n  m: "
+                    + stage.replace("DIR", str(bad_config_dir)) + "\n")
+    code, _, err = _cli(capsys, "validate", str(path))
+    assert code == 2 and "stage 'm'" in err and f"{bad_config_dir}/config.json" in err
+    assert "num_hidden_layers" in err and "layer_types" in err and "Traceback" not in err
