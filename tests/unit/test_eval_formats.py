@@ -266,3 +266,24 @@ def test_source_design_answers_in_cache_keys_and_validate(bench):
     assert len(unanswered) == 1 and "nope.jsonl" in unanswered[0]
     with pytest.raises(ValueError, match="DataSource.answers is only read for format"):
         DataSource(format="webdataset", paths=str(bench), answers=ans)
+
+
+def test_answers_jsonl_is_streamed_and_json_is_capped(tmp_path, monkeypatch):
+    """Bounded reads (#23 item 5): JSONL answers are read line by line (the 1 MB blocks split
+    lines anywhere), a JSON answers file over the cap is refused naming the file and the
+    variable that raises it."""
+    import json as _json
+
+    import workloads.data.eval_formats as ef
+
+    path = tmp_path / "answers.jsonl"
+    rows = [{"question_id": str(i), "answer": "x" * (i % 700)} for i in range(4000)]
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(_json.dumps(r) for r in rows).encode())
+    answers = ef.load_answers(str(path))
+    assert len(answers.by_id) == 4000 and answers.by_id["3999"]["answer"] == "x" * (3999 % 700)
+
+    big = tmp_path / "answers.json"
+    big.write_text(_json.dumps(rows[:10]))
+    monkeypatch.setattr(ef, "MAX_ANSWERS_JSON_BYTES", 100)
+    with pytest.raises(ValueError, match="over the 100 parsed in one piece.*MMKD_MAX_ANSWERS"):
+        ef.load_answers(str(big))

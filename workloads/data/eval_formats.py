@@ -29,9 +29,10 @@ import ast
 import functools
 import json
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from workloads.data.quality import MALFORMED_JSON, WRONG_FIELD_TYPE
 from workloads.data.source import filesystem
@@ -234,6 +235,27 @@ class Answers:
         return self.by_id.get(qid)
 
 
+MAX_ANSWERS_JSON_BYTES = int(os.environ.get("MMKD_MAX_ANSWERS_JSON_BYTES", 1 << 30))
+MAX_ANSWERS_LINE_BYTES = 16 << 20  # one JSONL record
+
+
+def _lines(stream) -> Iterator[bytes]:
+    """Lines of a binary stream, read in 1 MB blocks (no ``readline`` on pyarrow streams)."""
+    rest = b""
+    while True:
+        block = stream.read(1 << 20)
+        if not block:
+            break
+        parts = (rest + block).split(b"\n")
+        rest = parts.pop()
+        yield from parts
+        if len(rest) > MAX_ANSWERS_LINE_BYTES:
+            yield rest  # the caller rejects it by its length
+            return
+    if rest:
+        yield rest
+
+
 def load_answers(path: str) -> Answers:
     """The answers file ``path`` (see the module docstring), cached per file version. Raises
     ``ValueError`` naming the file (and record) when it is not one."""
@@ -247,22 +269,30 @@ def load_answers(path: str) -> Answers:
 @functools.lru_cache(maxsize=4)
 def _load_answers(path: str, size: int, mtime_ns: int | None) -> Answers:
     fs, local = filesystem(path)
-    with fs.open_input_stream(local) as f:
-        data = f.read()
     hint = ("DataSource.answers must be JSONL or JSON records with `question_id` and "
             "`answer`/`answers`/`label`, or a JSON object keyed by question_id")
     jsonl = path.endswith(".jsonl")
+    if not jsonl and size > MAX_ANSWERS_JSON_BYTES:  # a JSON document is parsed whole
+        raise ValueError(f"answers file {path}: {size:,} bytes of JSON, over the "
+                         f"{MAX_ANSWERS_JSON_BYTES:,} parsed in one piece (set "
+                         f"MMKD_MAX_ANSWERS_JSON_BYTES to raise it, or write it as JSONL, which is "
+                         f"read line by line)")
     where = ""
     try:
-        text = data.decode("utf-8-sig")
-        if jsonl:
+        if jsonl:  # streamed: one line in memory at a time, besides the records kept
             records = []
-            for n, line in enumerate(text.splitlines()):
-                where = f", line {n + 1}"
-                if line.strip():
-                    records.append(json.loads(line))
+            with fs.open_input_stream(local) as f:
+                for n, raw in enumerate(_lines(f)):
+                    where = f", line {n + 1}"
+                    if len(raw) > MAX_ANSWERS_LINE_BYTES:
+                        raise ValueError(f"a line of {len(raw):,} bytes, over "
+                                         f"{MAX_ANSWERS_LINE_BYTES:,}")
+                    line = raw.decode("utf-8-sig" if n == 0 else "utf-8")
+                    if line.strip():
+                        records.append(json.loads(line))
         else:
-            records = json.loads(text)
+            with fs.open_input_stream(local) as f:
+                records = json.loads(f.read().decode("utf-8-sig"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ValueError(f"answers file {path}{where}: not valid {'JSONL' if jsonl else 'JSON'} "
                          f"({type(e).__name__}: {e}). {hint}") from None
