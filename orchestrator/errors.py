@@ -38,6 +38,9 @@ def explain(e: Exception) -> tuple[int, str]:
     if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
                       FileExistsError)):
         return 2, f"error: {e}"
+    full = disk_full(e)
+    if full:
+        return 2, f"error: {full}"
     if isinstance(e, ConnectionError) or type(e).__name__ == "ConnectionError":
         where = os.environ.get("RAY_ADDRESS")
         hint = (f"check RAY_ADDRESS ({where}) and that the cluster is up, or unset it to run on "
@@ -48,3 +51,19 @@ def explain(e: Exception) -> tuple[int, str]:
     from orchestrator.cache import mmkd_home
 
     return 1, internal_error(e, mmkd_home() / "logs")
+
+
+def disk_full(e: BaseException) -> str | None:
+    """"disk full at PATH" for an ENOSPC (or EDQUOT) anywhere in ``e``'s chain, else None."""
+    import errno
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = e.filename or "the disk mmkd writes to (MMKD_HOME, the store, /tmp)"
+            return (f"disk full at {where}: free space there and run the same command again; "
+                    f"what was published before is unchanged, and finished stages are cached")
+        e = e.__cause__ or e.__context__
+    return None
+

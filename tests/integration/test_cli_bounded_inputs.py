@@ -162,3 +162,21 @@ def test_validate_loads_every_local_model_config(capsys, tmp_path, bad_config_di
     code, _, err = _cli(capsys, "validate", str(path))
     assert code == 2 and "stage 'm'" in err and f"{bad_config_dir}/config.json" in err
     assert "num_hidden_layers" in err and "layer_types" in err and "Traceback" not in err
+
+
+def test_a_full_disk_is_reported_as_such_not_as_a_bug(capsys, tmp_path, monkeypatch):
+    """ENOSPC while writing the tracking journal (or anywhere): exit 2, 'disk full at PATH'."""
+    import errno
+
+    import orchestrator.tracking as tracking
+
+    def full(self, op, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "journal.jsonl"))
+
+    monkeypatch.setenv("MMKD_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(tracking.Tracker, "_do", full)
+    path = tmp_path / "p.yaml"
+    path.write_text("name: p\nstages:\n  a: {workload: noop}\n")
+    code, _, err = _cli(capsys, "run", str(path), "--plain")
+    assert code == 2 and f"disk full at {tmp_path / 'journal.jsonl'}" in err
+    assert "bug" not in err.lower() and "Traceback" not in err
