@@ -25,10 +25,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.cache import compute_keys
 from orchestrator.loader import load_pipeline
@@ -76,7 +77,16 @@ class TuneSpec(BaseModel):
         None, description="choose the best trial by this evaluation (default: by `metric`)")
     max_concurrent_trials: int | None = Field(None, ge=1)
     seed: int = 0
-    name: str | None = Field(None, description="tune name (default: <pipeline>-<stage>-<hash>)")
+    name: str | None = Field(None, description="tune name (default: <pipeline>-<stage>-<hash>): "
+                                               "a folder name, letters, digits, '_', '.', '-'")
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", value):
+            raise ValueError(f"{value!r} names the tune's results folder: start with a letter "
+                             f"or digit, then letters, digits, '_', '.' or '-' (no '/', no '..')")
+        return value
 
 
 class TuneError(ValueError):

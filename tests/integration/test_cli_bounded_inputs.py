@@ -180,3 +180,15 @@ def test_a_full_disk_is_reported_as_such_not_as_a_bug(capsys, tmp_path, monkeypa
     code, _, err = _cli(capsys, "run", str(path), "--plain")
     assert code == 2 and f"disk full at {tmp_path / 'journal.jsonl'}" in err
     assert "bug" not in err.lower() and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", ".hidden"])
+def test_a_tune_name_is_a_folder_name(capsys, tmp_path, name):
+    root = Path(__file__).resolve().parents[2]
+    spec = tmp_path / "t.yaml"
+    spec.write_text(f"pipeline: {root / 'pipelines' / 'llava_kd.yaml'}\nstage: student_dft\n"
+                    f"space: {{alpha: {{uniform: [0, 1]}}}}\nname: {json.dumps(name)}\n")
+    code, _, err = _cli(capsys, "tune", str(spec))
+    err = " ".join(err.split())
+    assert code == 2 and "field 'name'" in err and "results folder" in err
+    assert "Traceback" not in err
