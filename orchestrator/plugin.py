@@ -182,14 +182,48 @@ def _import_plugin(module: str, dist: str, group: str) -> None:
                           f"{group!r}) failed to import: {type(e).__name__}: {e}") from e
 
 
+def env_plugins() -> list[str]:
+    """The modules ``MMKD_PLUGINS`` names."""
+    return [m.strip() for m in os.environ.get("MMKD_PLUGINS", "").split(",") if m.strip()]
+
+
+def plugin_env() -> dict[str, str]:
+    """What another process needs to import the ``MMKD_PLUGINS`` modules as this one does:
+    the variable itself and ``PYTHONPATH`` with the folder each module was found in (a
+    one-file plugin beside the pipeline is on the driver's path, not on a Ray worker's)."""
+    import importlib.util
+
+    plugins = env_plugins()
+    if not plugins:
+        return {}
+    folders = []
+    for module in plugins:
+        try:
+            spec = importlib.util.find_spec(module.split(".")[0])
+        except (ImportError, ValueError):
+            spec = None
+        origin = getattr(spec, "origin", None) if spec else None
+        if origin and origin not in ("built-in", "frozen"):
+            top = os.path.dirname(origin)
+            if spec.submodule_search_locations:  # a package: its parent folder
+                top = os.path.dirname(top)
+            folders.append(top)
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    path += [f for f in dict.fromkeys(folders) if f not in path]
+    return {"MMKD_PLUGINS": ",".join(plugins), **({"PYTHONPATH": os.pathsep.join(path)}
+                                                   if path else {})}
+
+
 def load_entry_points(group: str, names: set[str] | None = None) -> list[str]:
     """Import the modules the entry-point ``group`` names (only those of ``names`` when
-    given; ``MMKD_PLUGINS`` too for the workload group); returns the module names."""
+    given) and the ``MMKD_PLUGINS`` modules (for every group: such a module may register a
+    workload, a divergence, a merge method...); returns the module names. Every process that
+    resolves a plugin calls this (the driver, stage tasks, Ray Train workers, tune trials,
+    the teacher service), and stage tasks carry the driver's ``MMKD_PLUGINS`` and the folders
+    those modules were found in (``plugin_env``)."""
     found = [(module, dist) for name, module, dist in _entry_points(group)
              if names is None or name in names]
-    if group == ENTRY_POINTS:
-        found += [(m.strip(), "MMKD_PLUGINS") for m in
-                  os.environ.get("MMKD_PLUGINS", "").split(",") if m.strip()]
+    found += [(m, "MMKD_PLUGINS") for m in env_plugins()]
     for module, dist in found:
         _import_plugin(module, dist, group)
     return [m for m, _ in found]

@@ -26,6 +26,9 @@ def forwarded_env() -> dict[str, str]:
            if (k in _FORWARD_ENV or k.startswith(("AWS_", "MMKD_"))) and not looks_secret(k)
            and k != RAY_OUTPUT_ENV and not contains_secret(v)}
     env.setdefault("MMKD_HOME", str(mmkd_home()))
+    from orchestrator.plugin import plugin_env
+
+    env.update(plugin_env())  # MMKD_PLUGINS modules importable in every stage process
     if os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS"):  # `mmkd run` without --verbose
         env["RAY_DATA_DISABLE_PROGRESS_BARS"] = os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"]
     return env
