@@ -17,6 +17,8 @@ def mmkd(args, env, cwd, timeout=300, check=False):
 
 
 def closed_port() -> int:
+    """A port nothing listened on a moment ago (for a server that binds it itself: see
+    ``start_ui``'s retry on a collision). For a port that must stay closed, ``reserved_port``."""
     import socket
 
     with socket.socket() as s:
@@ -24,28 +26,48 @@ def closed_port() -> int:
         return s.getsockname()[1]  # released on return: nothing listens there
 
 
-def start_ui(env, cwd, timeout=120):
+@contextlib.contextmanager
+def reserved_port():
+    """A port the OS picked, kept bound (never listening) by this process while the context
+    lasts: a connection to it is refused, and no other process can take it meanwhile."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+def start_ui(env, cwd, timeout=300, attempts=5):
     """`mmkd ui` on a free port in its own process group, as a user starts it; returns the
-    process and its base URL once the server answers."""
+    process and its base URL once the server answers (within ``timeout`` s). The port is
+    free when chosen, but the server binds it itself: if another process took it meanwhile
+    the UI exits with "address already in use", and it is started again on another port."""
     import time
     import urllib.request
 
-    port = closed_port()
-    ui = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port)],
-                          env=env, cwd=cwd, start_new_session=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + timeout
-    while True:
-        if ui.poll() is not None:
-            raise AssertionError(ui.stdout.read())
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-            return ui, f"http://127.0.0.1:{port}"
-        except OSError:
-            if time.time() > deadline:
-                stop_group(ui)
-                raise AssertionError("mmkd ui never answered") from None
-            time.sleep(0.5)
+    for attempt in range(attempts):
+        port = closed_port()
+        ui = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port",
+                               str(port)], env=env, cwd=cwd, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if ui.poll() is not None:
+                output = ui.stdout.read()
+                if "address already in use" in output.lower() and attempt + 1 < attempts:
+                    break  # a port collision: another port
+                raise AssertionError(f"mmkd ui exited ({ui.returncode}) before answering:\n"
+                                     f"{output}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+                return ui, f"http://127.0.0.1:{port}"
+            except OSError:
+                if time.monotonic() > deadline:
+                    stop_group(ui)
+                    raise AssertionError(f"mmkd ui did not answer on port {port} within "
+                                         f"{timeout} s") from None
+                time.sleep(0.5)
+    raise AssertionError("unreachable")
 
 
 def stop_group(proc) -> None:
@@ -59,7 +81,7 @@ def stop_group(proc) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_ui(env, cwd, timeout=120):
+def mlflow_ui(env, cwd, timeout=300):
     """``start_ui`` as a context: yields the base URL, then stops the UI (SIGTERM, then the
     group)."""
     import signal

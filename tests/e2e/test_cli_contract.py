@@ -11,12 +11,12 @@ import json
 import os
 import signal
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from cli_helpers import closed_port, mmkd, start_ui, stop_group
+from cli_helpers import mmkd, reserved_port, start_ui, stop_group
+from mmkd_test_plugins.gates import wait_until
 
 LONG = "a_stage_name_longer_than_twelve_characters"
 GOOD = f"""
@@ -72,16 +72,18 @@ def world(ray_session, tmp_path_factory):
            "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_DASHBOARD_ADDRESS", None)
-    port = closed_port()
-    files = {"good.yaml": GOOD, "failing.yaml": FAILING, "bad.yaml": BAD_REF,
-             "s3data.yaml": UNREACHABLE_S3.replace("PORT", str(port)), "tune.yaml": TUNE,
-             "tune_pipe.yaml": TUNE_PIPE, "bad_tune.yaml": TUNE.replace("grid", "gird")}
-    for name, text in files.items():
-        (root / name).write_text(textwrap.dedent(text))
-    out = mmkd(["run", "good.yaml"], env, root, check=True)
-    run_id = json.loads(next((root / "home" / "runs").glob("*/run.json")).read_text())["run_id"]
-    return {"root": root, "env": env, "run": run_id, "first_run": out,
-            "nowhere": f"http://127.0.0.1:{closed_port()}"}
+    # two ports that stay closed for the whole module: bound here, never listening
+    with reserved_port() as port, reserved_port() as nowhere:
+        files = {"good.yaml": GOOD, "failing.yaml": FAILING, "bad.yaml": BAD_REF,
+                 "s3data.yaml": UNREACHABLE_S3.replace("PORT", str(port)), "tune.yaml": TUNE,
+                 "tune_pipe.yaml": TUNE_PIPE, "bad_tune.yaml": TUNE.replace("grid", "gird")}
+        for name, text in files.items():
+            (root / name).write_text(textwrap.dedent(text))
+        out = mmkd(["run", "good.yaml"], env, root, check=True)
+        run_id = json.loads(next((root / "home" / "runs").glob("*/run.json")).read_text())[
+            "run_id"]
+        yield {"root": root, "env": env, "run": run_id, "first_run": out,
+               "nowhere": f"http://127.0.0.1:{nowhere}"}
 
 
 # (command line, exit code, text the output must contain); RUN, NOWHERE, RELOG_DB are filled in
@@ -206,20 +208,43 @@ def _alive_in_groups(groups: set[int]) -> list[int]:
             if e.isdigit() and _alive(int(e)) and int(_stat(int(e))[2]) in groups]
 
 
+def _argv(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return []
+
+
+def _server_with_workers(ui_pid: int) -> list[int] | None:
+    """Every process under ``mmkd ui`` once its MLflow server runs its HTTP server (uvicorn or
+    gunicorn) with worker processes; None before. (MLflow's job runner, where it has one, is
+    started right after the HTTP server, in the same process group: a process it starts later
+    is still found by its group.)"""
+    started = _descendants(ui_pid)
+    servers = [p for p in started
+               if {"uvicorn", "gunicorn"} & {os.path.basename(a) for a in _argv(p)[:3]}]
+    workers = [p for p in started if _stat(p) and int(_stat(p)[1]) in servers
+               and not any("resource_tracker" in a for a in _argv(p))]
+    return started if servers and workers else None
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_ui_stops_every_process_it_started(world, sig):
     ui, _ = start_ui(world["env"], world["root"])
     try:
-        time.sleep(3)  # let the server start its job runner and workers too
-        started = _descendants(ui.pid)
-        assert len(started) >= 2, started  # the MLflow server and its workers
+        # the MLflow server and its workers: wait for that tree, not for a guessed time
+        started = wait_until("`mmkd ui`'s MLflow server and its worker processes",
+                             lambda: _server_with_workers(ui.pid))
+        assert len(started) >= 2, started
         groups = {int(_stat(p)[2]) for p in started if _stat(p)} - {ui.pid}
         ui.send_signal(sig)
-        ui.wait(60)
-        deadline = time.time() + 30
-        while ([p for p in started if _alive(p)] or _alive_in_groups(groups)) \
-                and time.time() < deadline:
-            time.sleep(0.2)
+        ui.wait(180)
+        try:
+            wait_until("every process `mmkd ui` started to exit",
+                       lambda: not [p for p in started if _alive(p)]
+                       and not _alive_in_groups(groups))
+        except AssertionError:
+            pass  # the asserts below say which processes outlived it
         assert not [p for p in started if _alive(p)], "processes outlived `mmkd ui`"
         assert not _alive_in_groups(groups), "processes of its server outlived `mmkd ui`"
         output = ui.stdout.read()

@@ -10,11 +10,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from cli_helpers import mmkd
+from mmkd_test_plugins.gates import Gate, pid_gone, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -104,26 +104,32 @@ stages:
   train:
     workload: tiny_train
     resources: {num_workers: 2, cpus_per_worker: 1}
-    params: {steps: 16, rows: 40, batch_size: 4, checkpoint_every: 3, step_seconds: 0.4,
-             seed: 5}
+    params: {steps: 16, rows: 40, batch_size: 4, checkpoint_every: 3, seed: 5,
+             gate_dir: GATE, hold_after_step: 7}
 """
 
 
 def test_killed_driver_resumes_to_the_uninterrupted_weights(cli_env, tmp_path):
+    # every rank holds after step 7 (checkpoints 3 and 6 written) until the gate is released:
+    # the driver is killed there, mid-training, however fast or slow the machine. The same
+    # pipeline file (so the same stage key) in all three runs; the gate is open but for the
+    # forced run.
+    gate = Gate(tmp_path / "gate")
     pipe = tmp_path / "tiny.yaml"
-    pipe.write_text(TINY)
+    pipe.write_text(TINY.replace("GATE", gate.folder))
     home = Path(cli_env["MMKD_HOME"])
+    gate.release()
     mmkd(["run", str(pipe), "--plain"], cli_env, tmp_path, timeout=600, check=True)
     run = _latest_run(home)
     uninterrupted = _sha(_stage_outputs(home, run)["train"] / "model" / "model.safetensors")
 
     # the same stage again from scratch (--force trains in a checkpoint folder of its own),
-    # its driver killed after the second checkpoint is registered
+    # its driver killed while its workers hold after step 7, both checkpoints registered
+    gate.close()
     driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(pipe),
                                "--plain", "--force", "train"], env=cli_env, cwd=tmp_path,
                               start_new_session=True, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
 
     def registered() -> int:
         n = 0
@@ -135,12 +141,30 @@ def test_killed_driver_resumes_to_the_uninterrupted_weights(cli_env, tmp_path):
                 pass
         return n
 
-    while time.time() < deadline and registered() < 2:
+    def both_ranks_held():
+        assert driver.poll() is None, "the forced run ended before its workers held at the gate"
+        held = gate.held()
+        return held if len(held) == 2 else None
+
+    def two_checkpoints_registered():
         assert driver.poll() is None, "the forced run ended before it could be killed"
-        time.sleep(0.2)
-    assert registered() >= 2, "no checkpoint registered in time"
-    os.killpg(driver.pid, signal.SIGKILL)  # only the driver we started, by its process group
-    driver.wait()
+        return registered() >= 2
+
+    try:
+        held = wait_until("both ranks of the forced run to hold at the gate after step 7",
+                          both_ranks_held, timeout=300)
+        wait_until("the forced run's checkpoints of steps 3 and 6 to be registered",
+                   two_checkpoints_registered)
+        os.killpg(driver.pid, signal.SIGKILL)  # only the driver we started, by its process group
+        driver.wait()
+        # the killed driver's workers end with it; the gate opens for the resumed run only
+        wait_until("the killed run's workers to exit", lambda: all(pid_gone(h["pid"])
+                                                                   for h in held))
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+        gate.release()
 
     mmkd(["run", str(pipe), "--plain", "--force", "train", "--resume"], cli_env, tmp_path,
          timeout=600, check=True)

@@ -6,19 +6,30 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
+from mmkd_test_plugins.gates import wait_until
 
 from orchestrator.cache import ArtifactStore
 from orchestrator.runner import PipelineRunner
 from orchestrator.loader import load_pipeline
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+MOTO = Path(__file__).with_name("moto_on_socket.py")
+
+
+def _answers(port: int) -> bool:
+    """True once an HTTP server answers on ``port`` (any status: it is serving)."""
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).close()
+    except urllib.error.HTTPError:
+        return True
+    except OSError:  # not accepting yet (the connection waits in the backlog): try again
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -33,24 +44,37 @@ def s3_uri(tmp_path_factory):
     creds.write_text("[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
     os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(creds)
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
+    # the OS picks the port; the listening socket goes to the server as it is (no window in
+    # which another process could take the port)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    port = sock.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    with sock, open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, str(MOTO), str(sock.fileno()), str(port)],
+                                  stdout=log, stderr=subprocess.STDOUT, pass_fds=[sock.fileno()])
+
+    def serving() -> bool:
+        if server.poll() is not None:
+            raise AssertionError(f"the moto server exited ({server.returncode}) before serving:\n"
+                                 f"{log_path.read_text()[-3000:]}")
+        return _answers(port)
+
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_until(f"the moto S3 server to answer on 127.0.0.1:{port} (log: {log_path})",
+                   serving)
         import boto3
 
         boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="mmkd-test")
         yield f"s3://mmkd-test/store?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
     finally:
         server.terminate()
-        server.wait(10)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def test_store_round_trip_on_s3(s3_uri, tmp_path):
@@ -96,8 +120,13 @@ def test_leases_on_an_object_store(s3_uri, tmp_path):
     second = store.lease("noop", key, {"run_id": "second"})
     second.settle_s = second_settle
     assert not second.try_acquire() and "run first" in second.describe_holder()
-    second.ttl = 0.5  # as if the first driver had stopped its heartbeats long ago
-    time.sleep(0.6)
+    # the first driver stops its heartbeats (suspended, say), and its lease goes stale: for
+    # `second`, once the record is older than its ttl. No beat can land in between.
+    first._stop.set()
+    first._thread.join()
+    second.ttl = 0.5
+    wait_until("the first lease's record to be older than the second's ttl (0.5 s)",
+               lambda: second.holder()["age_s"] > second.ttl, interval=0.1)
     assert second.try_acquire() and not first.still_held()
     with pytest.raises(RuntimeError, match="no longer holds the key's lease"):
         with store.writer("noop", key, {"stage": "x"}, lease_token=first.token) as out:

@@ -3,12 +3,12 @@ and offline teachers, shared by two concurrent stages, and through a killed teac
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 import torch
 
+from mmkd_test_plugins.gates import DEADLINE_S, Gate, GatedStageContext, wait_until
 from stage_helpers import stage_ctx
 from workloads.distill import DistillConfig, distill, service_spec, validate_distill
 from workloads.distill_offline import TeacherLogitsConfig, teacher_logits
@@ -47,11 +47,12 @@ def _run_as_task(config, ctx):
     return ray.remote(num_cpus=0, max_retries=0)(stage).remote(config, ctx)
 
 
-def _wait_gone(name, timeout=30.0):
-    t0 = time.monotonic()
-    while find_service(name) is not None and time.monotonic() - t0 < timeout:
-        time.sleep(0.2)
-    return find_service(name) is None
+def _wait_gone(name, timeout=DEADLINE_S):
+    """Wait until the service ``name`` has ended (its name is free); AssertionError after
+    ``timeout`` s naming it."""
+    wait_until(f"teacher service {name} to end", lambda: find_service(name) is None,
+               timeout=timeout)
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +88,12 @@ def shared(setup):
     ctxs = [_one(setup["root"], f"shared_{i}", setup["inputs"]) for i in range(2)]
     name = service_spec(config, ctxs[0]).name
     results = ray.get([_run_as_task(config, c) for c in ctxs])
+    try:
+        gone = _wait_gone(name)
+    except AssertionError:
+        gone = False
     return {"name": name, "finals": [r[0] for r in results],
-            "steps": [[e["metrics"] for e in r[1]] for r in results],
-            "gone": _wait_gone(name)}
+            "steps": [[e["metrics"] for e in r[1]] for r in results], "gone": gone}
 
 
 def test_service_at_full_k_equals_online(online, shared):
@@ -136,32 +140,37 @@ def test_service_equals_offline_at_the_same_k(setup, offline_small_k):
 
 @pytest.mark.parametrize("victim", ["replica", "coordinator"])
 def test_a_killed_service_process_restarts_and_the_stage_completes(setup, offline_small_k,
-                                                                    victim):
-    """A teacher replica killed at the first request is restarted and the request retried;
-    a killed coordinator is restarted by Ray (with new replicas) and the calls in flight are
-    retried on it. Either way the stage completes with the offline losses."""
+                                                                    victim, tmp_path):
+    """A teacher replica killed once the first request was answered is restarted and the later
+    requests wait for it; a killed coordinator is restarted by Ray (with new replicas) and the
+    later calls go to it. Either way the stage completes with the offline losses."""
     import ray
 
     config = DistillConfig(teacher="service", top_k=SMALL_K, **RUN)
-    ctx = _one(setup["root"], f"killed_{victim}", setup["inputs"])
+    # the stage holds after step 1 (batch 0 answered, batch 1 asked ahead) until the kill is
+    # done: batches 2 and 3 are asked after it, so they need the restart whatever the timing
+    gate = Gate(tmp_path / "gate")
+    ctx = GatedStageContext(**vars(_one(setup["root"], f"killed_{victim}", setup["inputs"])),
+                            gate_dir=gate.folder, hold_after_step=1)
     name = service_spec(config, ctx).name
     assert _wait_gone(name)  # the previous test's service (same name) has ended
     task = _run_as_task(config, ctx)
-    killed = threading.Event()
-    deadline = time.monotonic() + 300
-    while not killed.is_set() and time.monotonic() < deadline:
+
+    def held():
+        if ray.wait([task], timeout=0)[0]:
+            ray.get(task)  # the stage's own error, if it failed
+            raise AssertionError("the stage ended without holding after step 1")
+        return gate.held()
+
+    try:
+        wait_until("the stage to hold after its first step", held, timeout=300)
         service = find_service(name)
-        try:
-            # at the first request: later ones (batch 3 is sent after step 0) need the restart
-            if service is not None and ray.get(service.metrics.remote())["requests"] >= 1:
-                target = (ray.get(service.replicas.remote())[0] if victim == "replica"
-                          else service)
-                ray.kill(target, no_restart=False)
-                killed.set()
-        except ray.exceptions.RayActorError:
-            pass
-        time.sleep(0.05)
-    assert killed.is_set(), "the stage never sent a request"
+        assert service is not None, f"teacher service {name} is not running"
+        assert ray.get(service.metrics.remote())["requests"] >= 1
+        target = ray.get(service.replicas.remote())[0] if victim == "replica" else service
+        ray.kill(target, no_restart=False)
+    finally:
+        gate.release()  # on a failure too: the stage ends instead of holding
     final, events = ray.get(task)
     assert final["steps"] == RUN["max_steps"]
     if victim == "replica":
@@ -179,11 +188,13 @@ def test_a_user_that_stops_heartbeating_is_dropped_and_the_service_ends(setup):
     service, left without users, kills its replica and itself."""
     spec = ServiceSpec(teacher_dir=setup["teacher"], top_k=3, lease_s=2.0)
     lease = ServiceLease(spec, stage="dies").__enter__()
+    # its replicas, asked while the lease still beats (the service cannot end meanwhile)
+    replicas = __import__("ray").get(lease.handle.replicas.remote())
     lease._stop.set()  # the driver "dies": no more heartbeats, no unregister
     lease._beat.join()
-    replicas = __import__("ray").get(find_service(spec.name).replicas.remote())
-    assert _wait_gone(spec.name, timeout=60)
-    assert all(_wait_dead(r) for r in replicas)
+    assert _wait_gone(spec.name)
+    for r in replicas:
+        _wait_dead(r)
 
 
 def test_consecutive_stages_of_a_run_share_one_load(setup):
@@ -215,23 +226,31 @@ def test_a_runs_hold_ends_with_the_run_or_after_hold_s(setup):
     assert service is not None and __import__("ray").get(service.metrics.remote())["users"] == 1
     release_run("run-held")
     assert _wait_gone(spec.name)
-    with ServiceLease(spec, stage="b", run_id="run-dead-driver", hold_s=8):
-        pass
-    assert find_service(spec.name) is not None  # held: its 8 s have not passed yet
-    assert _wait_gone(spec.name, timeout=60)
+    hold_s = 8.0
+    with ServiceLease(spec, stage="b", run_id="run-dead-driver", hold_s=hold_s):
+        # the hold is registered as the block exits, after this instant: it cannot expire
+        # before `since + hold_s`, and without it the service would end as the stage leaves
+        since = time.monotonic()
+    _wait_gone(spec.name)
+    lived = time.monotonic() - since
+    assert lived >= hold_s, f"the service ended {lived:.1f} s after its stage left: not held"
 
 
-def _wait_dead(handle, timeout=30.0):
+def _wait_dead(handle, timeout=DEADLINE_S):
+    """Wait until the actor ``handle`` is dead (a call fails with RayActorError); a call that
+    does not answer in time (the actor busy, still loading) is asked again."""
     import ray
 
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
+    def dead() -> bool:
         try:
             ray.get(handle.info.remote(), timeout=5)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        except ray.exceptions.RayActorError:
             return True
-        time.sleep(0.2)
-    return False
+        except ray.exceptions.GetTimeoutError:
+            pass
+        return False
+
+    wait_until(f"teacher replica {handle} to be dead", dead, timeout=timeout)
 
 
 def test_validate_the_service_wiring():

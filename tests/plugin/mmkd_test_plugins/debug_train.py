@@ -1,5 +1,6 @@
 """`tiny_train`: the real training loop (Ray Train + DeepSpeed) on generated rows, without the
-data layer, for tests of what the loop guarantees; its loss can be made NaN at a chosen step.
+data layer, for tests of what the loop guarantees; its loss can be made NaN at a chosen step,
+and every rank can hold at a test's gate after a chosen step (a known point to kill it at).
 Kept apart from `debug.py` so the cheap debug workloads' keys do not follow the training code.
 """
 
@@ -23,15 +24,20 @@ class TinyTrainConfig(WorkloadConfig):
     rows: int = Field(32, ge=1, description="generated rows (the data set)")
     batch_size: int = Field(4, ge=1)
     checkpoint_every: int = Field(0, ge=0)
-    step_seconds: float = Field(0.0, ge=0, description="sleep per micro-step (time to kill it)")
+    step_seconds: float = Field(0.0, ge=0, description="sleep per micro-step")
+    gate_dir: str | None = Field(None, description="a test's gate (mmkd_test_plugins.gates): every "
+                                 "rank holds there after step `hold_after_step` until released")
+    hold_after_step: int | None = Field(None, ge=0)
 
 
 class _NanAtStep:
     """CausalLMLoss whose value is NaN for the first batch of optimizer step ``step``."""
 
-    def __init__(self, step: int | None, seconds: float = 0.0):
+    def __init__(self, step: int | None, seconds: float = 0.0, gate_dir: str | None = None,
+                 hold_after_step: int | None = None):
         self.step = step
         self.seconds = seconds
+        self.gate_dir, self.hold_after_step = gate_dir, hold_after_step
         self.fired = False
 
     def setup(self, model, sctx) -> None:
@@ -45,8 +51,10 @@ class _NanAtStep:
     def __call__(self, model, batch, sctx):
         import time
 
+        from mmkd_test_plugins.train_fixtures import hold_at_gate
         from workloads.train_setup import CausalLMLoss
 
+        hold_at_gate(self.gate_dir, self.hold_after_step, sctx)
         time.sleep(self.seconds)
         loss, extra = CausalLMLoss()(model, batch, sctx)
         if self.step is not None and sctx.step + 1 == self.step and not self.fired:
@@ -56,7 +64,16 @@ class _NanAtStep:
         return loss, extra
 
 
-@workload("tiny_train", config=TinyTrainConfig, outputs=("model",), distributed=True)
+def _fingerprint(config: TinyTrainConfig) -> dict[str, str]:
+    """The default fingerprint, less the gate: a control channel (its markers come and go as a
+    test holds and releases the run), not a file the stage reads."""
+    from orchestrator.fingerprint import config_fingerprint
+
+    return config_fingerprint(config.model_copy(update={"gate_dir": None}))
+
+
+@workload("tiny_train", config=TinyTrainConfig, outputs=("model",), distributed=True,
+          fingerprint=_fingerprint)
 def tiny_train(config: TinyTrainConfig, ctx: StageContext) -> dict[str, float]:
     """Trains a tiny student on generated rows (no data layer); optionally turns its loss NaN."""
     import ray
@@ -70,7 +87,9 @@ def tiny_train(config: TinyTrainConfig, ctx: StageContext) -> dict[str, float]:
     tok = AutoTokenizer.from_pretrained(tok_dir)
     rows = shapes_rows(tok, config.rows, seed=config.seed)
     return run_training(ctx, model_spec={"preset": "tiny-student"}, tokenizer_dir=tok_dir,
-                        dataset=ray.data.from_items(rows), loss_fn=_NanAtStep(config.nan_at_step, config.step_seconds),
+                        dataset=ray.data.from_items(rows),
+                        loss_fn=_NanAtStep(config.nan_at_step, config.step_seconds,
+                                           config.gate_dir, config.hold_after_step),
                         params=TrainParams(train=["projector", "llm"], lr=1e-3,
                                            batch_size=config.batch_size,
                                            checkpoint_every=config.checkpoint_every,

@@ -87,11 +87,25 @@ def shapes_rows(tokenizer: Any, n: int, seed: int = 0, image_tokens: int = 16,
     return rows
 
 
-class SlowLoss:
-    """CausalLMLoss that sleeps each micro-step: gives tests time to kill a worker mid-run."""
+def hold_at_gate(gate_dir: str | None, hold_after_step: int | None, sctx: Any) -> None:
+    """Every rank holds at ``Gate(gate_dir)`` before the step after ``hold_after_step`` (so a
+    test can kill the run there: see ``gates.py``); a released gate lets them through."""
+    if gate_dir and hold_after_step is not None and sctx.step == hold_after_step:
+        from mmkd_test_plugins.gates import Gate
 
-    def __init__(self, seconds: float = 0.5):
+        Gate(gate_dir).hold(f"rank{sctx.rank}", rank=sctx.rank, step=sctx.step)
+
+
+class SlowLoss:
+    """CausalLMLoss that sleeps each micro-step and, with ``gate_dir``, holds every rank after
+    optimizer step ``hold_after_step`` until the test releases the gate (a known point to kill a
+    worker at). Neither changes what is computed."""
+
+    def __init__(self, seconds: float = 0.5, gate_dir: str | None = None,
+                 hold_after_step: int | None = None):
         self.seconds = seconds
+        self.gate_dir = gate_dir
+        self.hold_after_step = hold_after_step
 
     def setup(self, model: Any, sctx: Any) -> None:
         pass
@@ -101,6 +115,7 @@ class SlowLoss:
 
         from workloads.train_setup import CausalLMLoss
 
+        hold_at_gate(self.gate_dir, self.hold_after_step, sctx)
         time.sleep(self.seconds)
         return CausalLMLoss()(model, batch, sctx)
 
