@@ -1,6 +1,8 @@
-"""A moto S3 server on 127.0.0.1 for the object-store tests: started on a port the OS gave,
-retried on another one if that port was taken before the server bound it, and awaited by its
-own log line (not a fixed time)."""
+"""A moto S3 (and Secrets Manager, EC2, ...) server on 127.0.0.1 for the object-store and
+cluster tests. The OS picks the port and the listening socket is handed to the server as it
+is (``moto_on_socket.py``), so no other process can take the port between choosing and
+serving; the server is awaited by its first HTTP answer, with a deadline and its log on
+failure."""
 
 from __future__ import annotations
 
@@ -9,52 +11,60 @@ import os
 import socket
 import subprocess
 import sys
-import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
+from mmkd_test_plugins.gates import wait_until
 
-def _os_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+LAUNCHER = Path(__file__).with_name("moto_on_socket.py")
+
+
+def _answers(port: int) -> bool:
+    """True once an HTTP server answers on ``port`` (any status: it is serving)."""
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).close()
+    except urllib.error.HTTPError:
+        return True
+    except OSError:  # not accepting yet (the connection waits in the backlog): try again
+        return False
+    return True
 
 
 @contextlib.contextmanager
-def moto_s3(workdir: Path, bucket: str = "mmkd-test", deadline_s: float = 120.0
-            ) -> Iterator[str]:
-    """Yield an ``s3://bucket/store?...`` URI served by a fresh moto server."""
+def moto_s3(workdir: Path, bucket: str = "mmkd-test") -> Iterator[str]:
+    """Yield an ``s3://bucket/store?...`` URI served by a fresh moto server; credentials as a
+    user's machine has them (a shared credentials file)."""
     import boto3
 
     creds = workdir / "credentials"
     creds.write_text("[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
     os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(creds)
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    server = None
-    for attempt in range(5):
-        port = _os_port()
-        log_path = workdir / f"moto-{attempt}.log"
-        log = open(log_path, "w")
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                                   "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-        end = time.monotonic() + deadline_s
-        while server.poll() is None and time.monotonic() < end:
-            if "Running on" in log_path.read_text():
-                break
-            time.sleep(0.1)
-        if server.poll() is None and "Running on" in log_path.read_text():
-            break
-        text = log_path.read_text()
-        server.kill()
-        server.wait()
-        if "Address already in use" not in text:
-            raise RuntimeError(f"moto server did not start within {deadline_s:.0f} s on port "
-                               f"{port}; its log:\n{text[-2000:]}")
-    else:
-        raise RuntimeError("moto server: 5 ports in a row were taken before it could bind")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    port = sock.getsockname()[1]
+    log_path = workdir / "moto.log"
+    with sock, open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, str(LAUNCHER), str(sock.fileno()), str(port)],
+                                  stdout=log, stderr=subprocess.STDOUT, pass_fds=[sock.fileno()])
+
+    def serving() -> bool:
+        if server.poll() is not None:
+            raise AssertionError(f"the moto server exited ({server.returncode}) before serving:\n"
+                                 f"{log_path.read_text()[-3000:]}")
+        return _answers(port)
+
     try:
+        wait_until(f"the moto server to answer on 127.0.0.1:{port} (log: {log_path})", serving)
         boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket=bucket)
         yield f"s3://{bucket}/store?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
     finally:
         server.terminate()
-        server.wait(30)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

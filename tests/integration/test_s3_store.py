@@ -2,79 +2,23 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import textwrap
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 from mmkd_test_plugins.gates import wait_until
+from moto_server import moto_s3
 
 from orchestrator.cache import ArtifactStore
 from orchestrator.runner import PipelineRunner
 from orchestrator.loader import load_pipeline
 
 
-MOTO = Path(__file__).with_name("moto_on_socket.py")
-
-
-def _answers(port: int) -> bool:
-    """True once an HTTP server answers on ``port`` (any status: it is serving)."""
-    try:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).close()
-    except urllib.error.HTTPError:
-        return True
-    except OSError:  # not accepting yet (the connection waits in the backlog): try again
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def s3_uri(tmp_path_factory):
-    pytest.importorskip("moto.server", reason="moto[server] is a test dependency")
-    import os
-
-    # Credentials as a user's machine has them: a shared credentials file. Stage tasks read the
-    # same chain on their node; mmkd never forwards secret values (runtime_env is shown in
-    # plain text by Ray), only the file's path.
-    creds = tmp_path_factory.mktemp("aws") / "credentials"
-    creds.write_text("[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
-    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(creds)
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    # the OS picks the port; the listening socket goes to the server as it is (no window in
-    # which another process could take the port)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    port = sock.getsockname()[1]
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    with sock, open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, str(MOTO), str(sock.fileno()), str(port)],
-                                  stdout=log, stderr=subprocess.STDOUT, pass_fds=[sock.fileno()])
-
-    def serving() -> bool:
-        if server.poll() is not None:
-            raise AssertionError(f"the moto server exited ({server.returncode}) before serving:\n"
-                                 f"{log_path.read_text()[-3000:]}")
-        return _answers(port)
-
-    try:
-        wait_until(f"the moto S3 server to answer on 127.0.0.1:{port} (log: {log_path})",
-                   serving)
-        import boto3
-
-        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="mmkd-test")
-        yield f"s3://mmkd-test/store?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-    finally:
-        server.terminate()
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    # Stage tasks read the same credential chain on their node; mmkd never forwards secret
+    # values (runtime_env is shown in plain text by Ray), only the credentials file's path.
+    with moto_s3(tmp_path_factory.mktemp("moto")) as uri:
+        yield uri
 
 
 def test_store_round_trip_on_s3(s3_uri, tmp_path):
