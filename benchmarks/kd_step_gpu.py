@@ -221,23 +221,26 @@ def step_table(args, timer: Timer) -> dict:
 
 
 def environment(device: str) -> dict:
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "machine": platform.machine(), "cpus": os.cpu_count(),
-           "load_1m": os.getloadavg()[0]}
+    """mmkd's provenance record (machine, load, library versions, commit) plus what this
+    benchmark depends on beyond it (Triton, Liger-Kernel, the GPU's name)."""
+    try:
+        from orchestrator.provenance import environment as provenance
+
+        env = provenance()
+    except Exception:  # noqa: BLE001 - a GPU box without mmkd's dependencies: the basics
+        env = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+               "python": platform.python_version(), "load_average": list(os.getloadavg()),
+               "libraries": {"torch": torch.__version__}}
+    env["load_1m"] = os.getloadavg()[0]
     for mod in ("transformers", "triton", "liger_kernel"):
         try:
             env[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - not installed
             env[mod] = None
+    env["torch"] = torch.__version__
+    env["cpus"] = os.cpu_count()
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
-    try:  # the commit, where git is there
-        import subprocess
-
-        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
-                                       capture_output=True).stdout.strip() or None
-    except OSError:
-        env["commit"] = None
     return env
 
 

@@ -993,6 +993,14 @@ def train_overhead(R: Results) -> str:
     return "\n".join(lines) + "\n\n" + para(text)
 
 
+# ----------------------------------------------------------------------- per-benchmark renderers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from render.kd_step_gpu import kd_step_gpu_block  # noqa: E402
+
+block("kd_step_gpu")(kd_step_gpu_block)
+
+
 # ----------------------------------------------------------------------------- driver
 
 
