@@ -192,3 +192,36 @@ def test_a_tune_name_is_a_folder_name(capsys, tmp_path, name):
     err = " ".join(err.split())
     assert code == 2 and "field 'name'" in err and "results folder" in err
     assert "Traceback" not in err
+
+
+def test_tar_members_over_the_cap_are_not_read(capsys, tmp_path, monkeypatch):
+    """A shard whose samples carry an oversized non-image member (a 20 GB `.json` would kill
+    the read task) is refused by `validate`: the members are never read, the report names the
+    member and the variable that raises the cap."""
+    import io
+    import tarfile
+
+    import workloads.data.readers as readers
+    from PIL import Image
+
+    monkeypatch.setattr(readers, "MAX_MEMBER_BYTES", 1000)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    big = json.dumps({"conversations": [{"from": "human", "value": "<image>\n" + "x" * 5000},
+                                        {"from": "gpt", "value": "red"}]}).encode()
+    with tarfile.open(shards / "part-0.tar", "w") as tar:
+        for i in range(8):
+            for ext, data in (("png", png.getvalue()), ("json", big)):
+                info = tarfile.TarInfo(f"s{i:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    path = tmp_path / "p.yaml"
+    path.write_text(json.dumps({"name": "p", "stages": {"e": {
+        "workload": "evaluate", "params": {"models": {"m": str(tmp_path)},
+                                           "data": {"format": "webdataset",
+                                                    "paths": [str(shards)]}}}}}))
+    code, _, err = _cli(capsys, "validate", str(path))
+    err = " ".join(err.split())
+    assert code == 2 and "s000.json" in err and "MMKD_MAX_TAR_MEMBER_BYTES" in err, err
