@@ -202,7 +202,9 @@ def cmd_ui(args) -> int:
 
     uri = default_tracking_uri()
     base = f"http://127.0.0.1:{args.port}"
-    page = _runs_page(uri, base, args.pipeline)
+    from orchestrator.ui import open_when_up, runs_page
+
+    page = runs_page(uri, base, args.pipeline)
     console.print(f"MLflow UI for {redact_text(uri)}: {page}", highlight=False)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
            "--host", "127.0.0.1", "--port", str(args.port)]
@@ -211,47 +213,8 @@ def cmd_ui(args) -> int:
     desktop = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or \
         sys.platform == "darwin"
     if desktop and not args.no_browser:
-        _open_when_up(base, page)
+        open_when_up(base, page)
     return run_in_own_group(cmd)
-
-
-def _runs_page(uri: str, base: str, pipeline: str | None) -> str:
-    """The runs table of ``pipeline`` (default: the pipeline of the most recent run), not
-    MLflow's home page; the home page when there is no such experiment yet."""
-    from orchestrator.runs import list_runs
-
-    if pipeline is None:
-        recent = list_runs(limit=1)
-        pipeline = recent[0].pipeline if recent else None
-    if pipeline is None:
-        return base
-    try:
-        from mlflow.tracking import MlflowClient
-
-        exp = MlflowClient(uri).get_experiment_by_name(pipeline)
-    except Exception:  # noqa: BLE001 - an unreachable store: the UI will say so itself
-        exp = None
-    return f"{base}/#/experiments/{exp.experiment_id}/runs" if exp else base
-
-
-def _open_when_up(base: str, page: str) -> None:
-    """Open ``page`` in a browser once the server answers (a no-op without a browser)."""
-    import threading
-    import urllib.request
-    import webbrowser
-
-    def wait_then_open() -> None:
-        import time
-
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=1).read()
-                webbrowser.open(page)
-                return
-            except Exception:  # noqa: BLE001 - not up yet
-                time.sleep(0.5)
-
-    threading.Thread(target=wait_then_open, daemon=True).start()
 
 
 def cmd_relog(args) -> int:

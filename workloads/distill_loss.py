@@ -201,16 +201,19 @@ class DistillLoss:
 
     def _probe_teacher_sees(self, teacher: Any, inputs: dict[str, Any], logits: Any,
                             sctx: Any) -> None:
-        """The teacher's logits on this batch with every image blanked (pixels set to 0, the
-        normalised mean) must differ from its logits on the real images; a teacher that does
-        not see (vision weights not loaded, a zeroed tower) fails the stage here, at start."""
+        """The teacher's logits on this batch with every image replaced by a flat one (pixel
+        values 0.5; values that are exactly 0 stay 0, since some families, Idefics3's, mark
+        padding images by all-zero pixels) must differ from its logits on the real images; a
+        teacher that does not see (vision weights not loaded, a zeroed tower) fails the stage
+        here, at start."""
         import torch
 
         pixels = inputs.get("pixel_values")
         if pixels is None or not torch.is_floating_point(pixels):
             return
         with torch.no_grad():
-            blank = teacher(**{**inputs, "pixel_values": torch.zeros_like(pixels)}).logits
+            flat = torch.where(pixels == 0, pixels, torch.full_like(pixels, 0.5))
+            blank = teacher(**{**inputs, "pixel_values": flat}).logits
         change = float((blank.float() - logits.float()).abs().max())
         scale = max(1.0, float(logits.float().abs().max()))
         if change <= 1e-6 * scale:

@@ -122,7 +122,7 @@ def test_parent_runs_are_named_by_pipeline_and_what_differs():
 def test_ui_opens_on_the_pipelines_runs_page(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.cli import _runs_page
+    from orchestrator.ui import runs_page as _runs_page
     from orchestrator.runs import RunRecord
 
     monkeypatch.setenv("MMKD_HOME", str(tmp_path))
