@@ -100,3 +100,33 @@ def test_disk_full_while_publishing_names_the_path_and_publishes_nothing(tmp_pat
         _publish(store, "new", replace=True)
     assert open(f"{store.stage_path('noop', KEY)}/model/weights.bin").read() == "old"
     assert os.path.exists(f"{store.stage_path('noop', KEY)}/{SUCCESS}")
+
+
+def test_headline_artifacts_outside_the_stage_folder_are_not_logged(tmp_path):
+    """A result's headline.json naming `../../secret` (or an absolute path) logs nothing from
+    outside the stage's folder onto MLflow; its own files are logged."""
+    import types
+
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.plugin import HEADLINE_FILE
+    from orchestrator.stage_outcomes import StageOutcomes
+    from orchestrator.tracking import PIPELINE, Tracker
+
+    (tmp_path / "secret.txt").write_text("not yours")
+    store = ArtifactStore(str(tmp_path / "store"))
+    with store.writer("noop", KEY, {"stage": "x"}) as out:
+        open(f"{out}/table.md", "w").write("| a |")
+        json.dump({"metrics": {"acc": 0.5}, "artifacts": [
+            "table.md", "../../../secret.txt", str(tmp_path / "secret.txt")]},
+            open(f"{out}/{HEADLINE_FILE}", "w"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker("p", tmp_path / "journal.jsonl", uri=uri)
+    tracker.start_pipeline("p · test", params={}, tags={})
+    runner = types.SimpleNamespace(
+        store=store, tracker=tracker,
+        record=types.SimpleNamespace(stages={"s": types.SimpleNamespace(workload="noop",
+                                                                        key=KEY)}))
+    StageOutcomes._headline(runner, "s")
+    logged = [a.path for a in MlflowClient(uri).list_artifacts(tracker.run_id(PIPELINE), "s")]
+    assert logged == ["s/table.md"]
