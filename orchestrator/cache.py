@@ -351,14 +351,7 @@ class ArtifactStore:
 
     def read_index(self, pipeline: str, stage: str) -> dict[str, Any] | None:
         """Key and key parts of the last result this pipeline's stage used."""
-        path = self._index_path(pipeline, stage)
-        try:
-            if not self._exists(path):
-                return None
-            with self.fs.open_input_stream(path) as f:
-                return json.loads(f.read().decode())
-        except (OSError, ValueError):
-            return None
+        return self._read_json_at(self._index_path(pipeline, stage))
 
     def write_index(self, pipeline: str, stage: str, key: str, parts: dict[str, Any]) -> None:
         path = self._index_path(pipeline, stage)

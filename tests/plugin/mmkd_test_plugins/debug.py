@@ -17,16 +17,11 @@ from orchestrator.plugin import WorkloadConfig, workload
 
 
 def _await(found, what: str, timeout_s: float, poll_s: float = 0.1):
-    """Poll ``found()`` every ``poll_s`` until it returns something truthy (returned); raise
-    TimeoutError naming ``what`` after ``timeout_s`` (tests wait on state, never on a sleep)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = found()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout_s:.0f}s for {what}")
-        time.sleep(poll_s)
+    """Poll ``found()`` until it returns something truthy (returned); fail naming ``what`` after
+    ``timeout_s`` (tests wait on state, never on a sleep)."""
+    from mmkd_test_plugins.gates import wait_until
+
+    return wait_until(what, found, timeout_s, poll_s)
 
 
 def _reads_no_files(config) -> dict[str, str]:

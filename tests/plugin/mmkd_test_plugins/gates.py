@@ -27,17 +27,19 @@ T = TypeVar("T")
 DEADLINE_S = 180.0
 
 
-def wait_until(what: str, predicate: Callable[[], T], timeout: float = DEADLINE_S,
-               interval: float = 0.2) -> T:
+def wait_until(what: str | Callable[[], str], predicate: Callable[[], T],
+               timeout: float = DEADLINE_S, interval: float = 0.2) -> T:
     """``predicate()``'s first truthy value, polled every ``interval`` s; AssertionError naming
-    ``what`` after ``timeout`` s. ``predicate`` may raise to fail at once (a process that died)."""
+    ``what`` (or ``what()``, computed then) after ``timeout`` s. ``predicate`` may raise to fail
+    at once (a process that died). The one poll loop of the tests and the test workloads."""
     deadline = time.monotonic() + timeout
     while True:
         got = predicate()
         if got:
             return got
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            shown = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {shown}")
         time.sleep(interval)
 
 
