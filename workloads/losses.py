@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from workloads.divergences import Divergence, DivergenceSpec, resolve_divergence
+from workloads.kernels.fused_divergence import compute_dtype as _compute_dtype
+from workloads.kernels.fused_divergence import tempered_rows
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -140,10 +142,6 @@ def _rows(logits: torch.Tensor, mask: torch.Tensor | None, what: str):
     return flat, mask.reshape(-1).to(torch.bool).nonzero().squeeze(1)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 # ------------------------------------------------------------------------- the divergence
 
 
@@ -209,13 +207,7 @@ class _ChunkedDivergence(torch.autograd.Function):
 
 def _tempered_chunk(s_flat, t_flat, rows, temperature):
     """Fresh ``(C, V)`` copies of the selected rows in the compute dtype, divided by tau."""
-    cdt = _compute_dtype(s_flat)
-    out = []
-    for flat in (s_flat, t_flat):
-        x = flat.index_select(0, rows)
-        x = x.to(cdt) if x.dtype != cdt else x
-        out.append(x.div_(temperature) if temperature != 1.0 else x)
-    return out
+    return [tempered_rows(flat, rows, temperature) for flat in (s_flat, t_flat)]
 
 
 def kd_divergence(

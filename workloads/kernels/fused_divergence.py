@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["FusedDivergence", "fused_backend", "triton_available"]
+__all__ = ["FusedDivergence", "fused_backend", "triton_available", "compute_dtype",
+           "tempered_rows"]
 
 log = logging.getLogger(__name__)
 _NOTED: set[str] = set()
@@ -68,21 +69,24 @@ def fused_backend(div: Any, device: torch.device, dtype: torch.dtype,
     return "torch"
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype KD math runs in: float32 for half precision and float32, float64 stays."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _tempered(flat: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
-    x = flat.index_select(0, rows).to(_compute_dtype(flat))
+def tempered_rows(flat: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A fresh ``(C, V)`` copy of the selected rows in the compute dtype, divided by tau."""
+    x = flat.index_select(0, rows)
+    x = x.to(compute_dtype(flat)) if x.dtype != compute_dtype(flat) else x
     return x.div_(temperature) if temperature != 1.0 else x
 
 
 def _torch_forward(s_flat, t_flat, idx, div, params, temperature, chunk):
-    cdt = _compute_dtype(s_flat)
+    cdt = compute_dtype(s_flat)
     stats = torch.empty((idx.numel(), 5), dtype=cdt, device=s_flat.device)
     for i in range(0, idx.numel(), chunk):
         rows = idx[i : i + chunk]
-        s, t = _tempered(s_flat, rows, temperature), _tempered(t_flat, rows, temperature)
+        s, t = tempered_rows(s_flat, rows, temperature), tempered_rows(t_flat, rows, temperature)
         lse_s, lse_t = s.logsumexp(-1, keepdim=True), t.logsumexp(-1, keepdim=True)
         f, f_s, f_t = div.pointwise(s.sub_(lse_s), t.sub_(lse_t), **params)
         out = stats[i : i + chunk]
@@ -100,8 +104,8 @@ def _torch_backward(s_flat, t_flat, idx, stats, div, params, temperature, chunk,
     scale = scale.to(stats.dtype) * temperature
     for i in range(0, idx.numel(), chunk):
         rows, st = idx[i : i + chunk], stats[i : i + chunk]
-        ls = _tempered(s_flat, rows, temperature).sub_(st[:, 1:2])
-        lt = _tempered(t_flat, rows, temperature).sub_(st[:, 2:3])
+        ls = tempered_rows(s_flat, rows, temperature).sub_(st[:, 1:2])
+        lt = tempered_rows(t_flat, rows, temperature).sub_(st[:, 2:3])
         _, f_s, f_t = div.pointwise(ls, lt, **params)
         if gs_full is not None:
             g = (f_s - ls.exp_() * st[:, 3:4]).mul_(scale)
