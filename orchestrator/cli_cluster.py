@@ -163,9 +163,8 @@ def cmd_cluster_token(args) -> int:
     try:
         token = fetch_auth_token(args.secret_id, create=args.create, wait_s=args.wait,
                                  region=args.region)
-    except LookupError as e:
-        err.print(f"[red]error[/]: {e}", highlight=False, markup=False, soft_wrap=True)
-        return 2
+    except Exception as e:  # noqa: BLE001 - AWS's own errors: one paragraph, exit 2
+        return _aws_error(e, f"the Ray auth token {args.secret_id}")
     path = write_auth_token(token, args.path)
     console.print(f"Ray auth token of {args.secret_id} written to {path} (mode 600)",
                   highlight=False)
@@ -177,12 +176,26 @@ def cmd_cluster_security_group(args) -> int:
 
     try:
         gid = ensure_security_group(args.cidr, args.name, args.vpc_id, args.region)
-    except (LookupError, ValueError) as e:
-        err.print(f"[red]error[/]: {e}", highlight=False, markup=False, soft_wrap=True)
-        return 2
+    except Exception as e:  # noqa: BLE001 - AWS's own errors: one paragraph, exit 2
+        return _aws_error(e, f"the security group {args.name}")
     console.print(f"security group {args.name} ({gid}): SSH from {args.cidr} only, all traffic "
                   f"between its members", highlight=False)
     return 0
+
+
+def _aws_error(e: Exception, what: str) -> int:
+    """One paragraph for what AWS (or our own checks) refused; anything else is re-raised."""
+    module = type(e).__module__
+    if isinstance(e, (LookupError, ValueError)) or module.startswith(("botocore", "boto3")):
+        hint = ("" if isinstance(e, (LookupError, ValueError)) else
+                " Check that AWS credentials are available here (an instance role, "
+                "~/.aws/credentials or AWS_PROFILE), that --region names the cluster's region, "
+                "and that this identity may use Secrets Manager / EC2 as cluster.yaml's header "
+                "says.")
+        err.print(f"error: {what}: {type(e).__name__}: {e}.{hint}", highlight=False,
+                  markup=False, soft_wrap=True)
+        return 2
+    raise e
 
 
 def cmd_cluster_supervise(args) -> int:

@@ -225,3 +225,18 @@ def test_tar_members_over_the_cap_are_not_read(capsys, tmp_path, monkeypatch):
     code, _, err = _cli(capsys, "validate", str(path))
     err = " ".join(err.split())
     assert code == 2 and "s000.json" in err and "MMKD_MAX_TAR_MEMBER_BYTES" in err, err
+
+
+def test_cluster_token_without_aws_credentials_is_one_paragraph(capsys, tmp_path, monkeypatch):
+    """Tried as a user would on a laptop with no AWS access: exit 2 and what to check, not an
+    internal error."""
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    code, _, err = _cli(capsys, "cluster", "token", "--region", "us-west-2")
+    err = " ".join(err.split())
+    assert code == 2 and "NoCredentialsError" in err and "AWS credentials" in err
+    assert "bug in mmkd" not in err and "Traceback" not in err
