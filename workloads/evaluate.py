@@ -450,7 +450,9 @@ def _write_results(ctx: StageContext, config: EvalConfig, models: dict[str, str]
                    metric=head)
     with open(os.path.join(ctx.output_dir, HEADLINE_FILE), "w") as f:
         flagged = (checks or {}).get("below_floor", {})
-        json.dump({"metrics": {f"{name}/{head}": r[head] for name, r in results.items()},
+        headline = {f"{name}/{k}": r[k] for name, r in results.items()
+                    for k in (head, "image_drop", "below_floor_types") if k in r}
+        json.dump({"metrics": headline,
                    # MLflow tags on the pipeline's run: which models are below a floor, where
                    "tags": {f"mmkd.below_floor.{name}": ",".join(f) or "none"
                             for name, f in flagged.items()},
