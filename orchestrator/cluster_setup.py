@@ -30,7 +30,11 @@ __all__ = ["fetch_auth_token", "write_auth_token", "ensure_security_group", "sup
 def _client(service: str, region: str | None) -> Any:
     import boto3
 
-    return boto3.client(service, region_name=region or os.environ.get("AWS_DEFAULT_REGION"))
+    # A fresh session per call, not boto3's process-wide default one: that one reads the
+    # credential and config files once and keeps them, so an environment changed since
+    # (another profile, a credentials file written later) would be ignored.
+    session = boto3.session.Session(region_name=region or os.environ.get("AWS_DEFAULT_REGION"))
+    return session.client(service)
 
 
 def fetch_auth_token(secret_id: str, create: bool = False, wait_s: float = 0.0,

@@ -59,7 +59,10 @@ def moto_s3(workdir: Path, bucket: str = "mmkd-test") -> Iterator[str]:
 
     try:
         wait_until(f"the moto server to answer on 127.0.0.1:{port} (log: {log_path})", serving)
-        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket=bucket)
+        # a fresh session: boto3's default one keeps the credentials files it read first,
+        # and an earlier in-process test may have pointed them at nothing
+        s3 = boto3.session.Session().client("s3", endpoint_url=f"http://127.0.0.1:{port}")
+        s3.create_bucket(Bucket=bucket)
         yield f"s3://{bucket}/store?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
     finally:
         server.terminate()

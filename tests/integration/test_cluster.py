@@ -215,7 +215,7 @@ def test_security_group_allows_ssh_from_one_network_and_traffic_inside(tmp_path,
         endpoint = uri.split("endpoint_override=")[1].split("&")[0]
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{endpoint}")
         monkeypatch.setenv("AWS_DEFAULT_REGION", "us-west-2")
-        ec2 = boto3.client("ec2")
+        ec2 = boto3.session.Session().client("ec2")
         vpc = ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
         gid = ensure_security_group("203.0.113.7/32", vpc_id=vpc)
         assert ensure_security_group("198.51.100.0/24", vpc_id=vpc) == gid

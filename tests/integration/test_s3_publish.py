@@ -146,7 +146,7 @@ def test_credentials_in_values_reach_no_record(ray_session, s3_uri, tmp_path, mo
     assert rec.status == "success", rec.error
     written = [p.read_bytes() for p in home.rglob("*") if p.is_file()]
     endpoint = s3_uri.split("endpoint_override=")[1].split("&")[0]
-    s3 = boto3.client("s3", endpoint_url=f"http://{endpoint}")
+    s3 = boto3.session.Session().client("s3", endpoint_url=f"http://{endpoint}")
     for obj in s3.list_objects_v2(Bucket="mmkd-test").get("Contents", []):
         written.append(s3.get_object(Bucket="mmkd-test", Key=obj["Key"])["Body"].read())
     written.append(json.dumps(forwarded_env()).encode())
