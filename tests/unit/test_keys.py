@@ -232,6 +232,80 @@ def test_drivers_racing_for_a_stale_lease_never_both_win(tmp_path):
                 p.kill()
 
 
+def _hung_mlflow_server():
+    """An HTTP server that answers ``/health`` (so the driver connects) and then never
+    answers an API call: an MLflow server hung mid-run. Returns (port, stop)."""
+    import socket
+    import threading
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    held, stop = [], threading.Event()
+
+    def serve():
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                continue
+            request = conn.recv(65536)
+            if request.startswith(b"GET /health"):
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK")
+                conn.close()
+            else:
+                held.append(conn)  # read, never answered
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    def close():
+        stop.set()
+        thread.join()
+        for c in held:
+            c.close()
+        sock.close()
+
+    return sock.getsockname()[1], close
+
+
+def test_a_hung_mlflow_server_slows_the_driver_but_never_costs_its_lease(tmp_path,
+                                                                         monkeypatch):
+    """A real MLflow client against a server that stops answering: the driver's tracking call
+    ends within the bound mmkd sets on MLflow's requests (timeout x attempts), much longer than
+    the lease's ttl, the call is journaled for `mmkd relog`, and through all of it the lease
+    stays fresh: another driver cannot take the stage."""
+    from orchestrator.tracking import Tracker
+
+    # the same knobs mmkd bounds (orchestrator/tracking.py), smaller so the test is short
+    timeout_s, retries = 3, 1
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    port, close = _hung_mlflow_server()
+    holder = _lease(tmp_path, ttl=2.0, run="a")
+    assert holder.try_acquire()
+    journal = tmp_path / "run" / "tracking_journal.jsonl"
+    try:
+        tracker = Tracker("hung", journal, uri=f"http://127.0.0.1:{port}")
+        t0 = time.monotonic()
+        tracker.start_pipeline("hung · seed 0", {"seed": 0}, {})
+        took = time.monotonic() - t0
+        bound = (retries + 1) * (timeout_s + 5)  # every attempt times out; 5 s slack each
+        assert holder.ttl < took < bound, (took, bound)
+        assert not tracker.online and "Timeout" in tracker.offline_reason, tracker.offline_reason
+        assert json.loads(journal.read_text().splitlines()[0])["op"] == "start_pipeline"
+        other = Lease(holder.fs, str(tmp_path), "stage-abc", {"run_id": "b"}, local=True,
+                      ttl=2.0, keep_alive=False)
+        other.owner["host"] = "elsewhere"
+        assert not other.try_acquire(), "the lease went stale while MLflow hung"
+        assert holder.still_held()
+    finally:
+        holder.release()
+        close()
+
+
 def test_a_driver_stuck_in_a_slow_call_keeps_its_lease(tmp_path):
     """Heartbeats run on the lease's own thread: while this (driver) thread makes no call for
     longer than the ttl (as when a hung MLflow server blocks the driver loop) the lease is
