@@ -45,6 +45,8 @@ __all__ = ["EvalConfig", "evaluate", "normalize_answer", "exact_match", "accurac
            "results_table", "model_names", "generate_answer", "caption_perplexity",
            "score_interval", "compare_models", "seed_arms"]
 
+EVERY_QUESTION = 2**62  # SampleQuality's min_samples: no in-stream verdict
+
 
 def accuracy_by_type(records: Iterable[dict[str, Any]], key: str = "correct"
                      ) -> dict[str, float]:
@@ -343,10 +345,14 @@ def evaluate(config: EvalConfig, ctx: StageContext) -> dict[str, float]:
     source = config.data or _source(ctx.input("data"))
     if config.backend == "lmms_eval":
         return _evaluate_lmms(config, ctx, models, source)
-    quality = SampleQuality.create(max_bad_fraction=config.max_bad_fraction, min_samples=0,
-                                   use_ray=False, name=f"stage {ctx.stage!r} eval data")
+    # the budget is judged once, over every question read (below), not on a prefix: one bad
+    # question among the first few of a clean set must not fail the stage
+    quality = SampleQuality.create(max_bad_fraction=config.max_bad_fraction,
+                                   min_samples=EVERY_QUESTION, use_ray=False,
+                                   name=f"stage {ctx.stage!r} eval data")
     examples = list(islice(iter_eval_examples(source, quality), config.max_samples))
     quality.report(ctx)
+    quality.check()
     if not examples:
         raise ValueError(f"stage {ctx.stage!r}: eval data {source.paths} has no eval examples")
     metric = METRICS[config.metric]
