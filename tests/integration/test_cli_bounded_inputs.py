@@ -240,3 +240,29 @@ def test_cluster_token_without_aws_credentials_is_one_paragraph(capsys, tmp_path
     err = " ".join(err.split())
     assert code == 2 and "NoCredentialsError" in err and "AWS credentials" in err
     assert "bug in mmkd" not in err and "Traceback" not in err
+
+
+def test_an_answers_json_over_the_cap_is_refused_before_it_is_parsed(capsys, tmp_path,
+                                                                      monkeypatch):
+    """A JSON answers file is parsed in one piece, so its size is checked first: over the cap
+    `validate` names the file and the variable that raises it (JSONL answers are streamed)."""
+    import workloads.data.eval_formats as eval_formats
+    from PIL import Image
+
+    monkeypatch.setattr(eval_formats, "MAX_ANSWERS_JSON_BYTES", 1000)
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "img" / "a.png")
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "image": "a.png",
+                                             "text": "What colour?"}) + "\n" for i in range(40)))
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps([{"question_id": i, "answer": "red" * 20} for i in range(40)]))
+    path = tmp_path / "p.yaml"
+    path.write_text(json.dumps({"name": "p", "stages": {"e": {
+        "workload": "evaluate", "params": {"models": {"m": str(tmp_path)}, "data": {
+            "format": "llava_eval", "paths": str(questions), "answers": str(answers),
+            "image_root": str(tmp_path / "img")}}}}}))
+    code, _, err = _cli(capsys, "validate", str(path))
+    err = " ".join(err.split())
+    assert code == 2 and "answers.json" in err and "MMKD_MAX_ANSWERS_JSON_BYTES" in err, err
+    assert _one_paragraph(err), err
