@@ -26,6 +26,7 @@ CONTRASTS = [
     ("PT-SFT-DFT vs PT-SFT-FT (KD terms at equal compute)", "pt_sft_dft", "pt_sft_ft"),
     ("DPT-SFT-DFT vs PT-SFT-FT (whole recipe at equal compute)", "dpt_sft_dft", "pt_sft_ft"),
     ("+visual vs response-only (DFT)", "dpt_sft_dft_res_vis", "dpt_sft_dft_res"),
+    ("+relation vs response-only (DFT)", "dpt_sft_dft", "dpt_sft_dft_res"),
     ("+relation vs +visual (DFT)", "dpt_sft_dft", "dpt_sft_dft_res_vis"),
 ]
 

@@ -73,8 +73,11 @@ def test_default_pipeline_end_to_end(cli_env, tmp_path):
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 10
     dft_run = next(r for r in children if r.data.tags["mmkd.stage"] == "student_dft")
-    for term in ("loss", "ce", "l_res", "l_vis", "l_rel"):
-        assert len(client.get_metric_history(dft_run.info.run_id, term)) >= 1, term
+    history = {term: [m.value for m in client.get_metric_history(dft_run.info.run_id, term)]
+               for term in ("loss", "ce", "l_res", "l_vis", "l_rel")}
+    assert all(len(h) >= 1 for h in history.values()), history
+    # the default's KD terms are L_res and L_rel (beta 0: no L_vis)
+    assert set(history["l_vis"]) == {0.0} and min(history["l_rel"] + history["l_res"]) > 0
     assert dft_run.data.params["alpha"] == "1.0"
     eval_run = next(r for r in children if r.data.tags["mmkd.stage"] == "evaluate")
     logged = {a.path for a in client.list_artifacts(eval_run.info.run_id, "results")}

@@ -30,7 +30,31 @@ def test_default_pipeline_compares_teacher_baseline_and_kd_student():
     assert [s.workload for s in p.stages.values()].count("distill") == 2  # DPT and DFT
     assert p.stages["student_dpt"].config.train == p.stages["baseline_pt"].config.train
     dft = p.stages["student_dft"].config
-    assert (dft.alpha, dft.beta, dft.gamma, dft.temperature) == (1.0, 1.0, 0.5, 1.0)
+    # L_res + L_rel, no L_vis: chosen on the validation split (pipelines/kd_term_ablation.yaml)
+    assert (dft.alpha, dft.beta, dft.gamma, dft.temperature) == (1.0, 0.0, 0.5, 1.0)
+    assert p.stages["student_dpt"].config.beta == 0.0
+
+
+def test_kd_term_ablation_is_the_default_pipeline_four_ways_scored_on_validation():
+    from orchestrator.cache import compute_keys
+
+    default = compute_keys(load_pipeline(PIPELINES / "llava_kd.yaml").stages)
+    p = load_pipeline(PIPELINES / "kd_term_ablation.yaml")
+    terms = compute_keys(p.stages)
+    for stage in ("teacher_sft", "baseline_sft"):
+        assert terms[stage] == default[stage], stage
+    # the default's KD branch is the no-L_vis row, stage for stage (one cache)
+    for ours, theirs in (("dpt_no_vis", "student_dpt"), ("sft_no_vis", "student_sft"),
+                         ("dft_no_vis", "student_dft")):
+        assert terms[ours] == default[theirs], ours
+    weights = {v: (p.stages[f"dft_{v}"].config.beta, p.stages[f"dft_{v}"].config.gamma)
+               for v in ("paper", "no_vis", "no_rel", "res_only")}
+    assert weights == {"paper": (1.0, 0.5), "no_vis": (0.0, 0.5), "no_rel": (1.0, 0.0),
+                       "res_only": (0.0, 0.0)}
+    for v in ("paper", "no_vis", "no_rel", "res_only"):  # DPT distils with DFT's terms
+        dpt = p.stages[f"dpt_{v}"].config
+        assert (dpt.beta, dpt.gamma) == weights[v], v
+    assert p.stages["evaluate"].resolved_inputs["data"] == [("shapes", "val")]
 
 
 def test_kd_stage_ablation_shares_stages_with_the_default_pipeline():
