@@ -1,5 +1,6 @@
 """Where does a model's colour (and shape) information go? Linear probes on the models of one
-default-pipeline run, layer by layer, and what each model's LLM outputs at image positions.
+run of pipelines/kd_term_ablation.yaml (the teacher, the baseline and the KD student with four sets
+of KD terms), layer by layer, and what each model's LLM outputs at image positions.
 
 For held-out scenes drawn like the `shapes` data (1-4 objects in a 2x2 grid of a 32 px image,
 8 px patches), each object's feature at a layer is the mean of the 4 patch tokens of its grid
@@ -29,8 +30,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = {"teacher_sft": "teacher", "baseline_pt": None, "baseline_sft": "baseline_pt_sft",
-          "student_dpt": None, "student_sft": "kd_dpt_sft", "student_dft": "kd_dpt_sft_dft"}
+# stage -> its row in the run's evaluate table (None: not evaluated there)
+MODELS = {"teacher_sft": None, "baseline_sft": "baseline", "dft_paper": "kd_paper",
+          "dft_no_vis": "kd_no_vis", "dft_no_rel": "kd_no_rel", "dft_res_only": "kd_res_only"}
 GRID, PATCHES = 2, 4  # objects' grid cells; patches per image side
 
 
@@ -41,7 +43,7 @@ def find_run(home: Path, run_id: str | None, pipeline: str) -> dict:
     if not records:
         raise SystemExit(f"no successful {pipeline!r} run in {home}/runs"
                          + (f" with id {run_id}" if run_id else "")
-                         + "; run `mmkd run pipelines/llava_kd.yaml` first")
+                         + f"; run `mmkd run pipelines/{pipeline}.yaml` first")
     return max(records, key=lambda r: r["started"])
 
 
@@ -103,11 +105,16 @@ def probe(x: np.ndarray, y: np.ndarray, seed: int) -> float:
 
 def image_position_outputs(logits: torch.Tensor, tokenizer, top: int = 5) -> dict:
     p = logits.reshape(-1, logits.shape[-1]).softmax(-1)
-    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+    logp = p.clamp_min(1e-12).log()
+    entropy = -(p * logp).sum(-1).mean()
     mean = p.mean(0)
+    # how far each position's distribution is from the one shared by all images and positions:
+    # the part of the target that depends on what the image shows (or where the token is)
+    kl_to_mean = (p * (logp - mean.clamp_min(1e-12).log())).sum(-1).mean()
     best = mean.topk(top)
     return {"entropy": round(float(entropy), 3),
             "uniform_entropy": round(float(np.log(p.shape[-1])), 3),
+            "kl_to_mean": round(float(kl_to_mean), 3),
             "top_tokens": [[tokenizer.convert_ids_to_tokens(int(i)), round(float(v), 3)]
                            for v, i in zip(best.values, best.indices)]}
 
@@ -120,7 +127,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--home", default=str(ROOT / ".mmkd"), help="MMKD_HOME of the run")
     ap.add_argument("--run", default=None, help="run id (default: the latest successful one)")
-    ap.add_argument("--pipeline", default="llava_kd")
+    ap.add_argument("--pipeline", default="kd_term_ablation")
     ap.add_argument("--scenes", type=int, default=600)
     ap.add_argument("--seed", type=int, default=123)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/kd_probe.json"))
@@ -157,7 +164,7 @@ def main() -> None:
     report = {
         "what": "linear probes (colour, shape) per layer at each object's image patches, and the "
                 "LLM's next-token distribution at image positions, for the models of one "
-                "default-pipeline run",
+                f"{args.pipeline} run",
         "run": run["run_id"], "overrides": run.get("overrides"), "scenes": args.scenes,
         "objects": len(cells), "chance": {"color": 1 / len(COLORS), "shape": 1 / len(SHAPES)},
         "models": models, "environment": environment(),

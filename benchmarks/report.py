@@ -997,8 +997,10 @@ def train_overhead(R: Results) -> str:
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from render.kd_step_gpu import kd_step_gpu_block  # noqa: E402
+from render.kd_terms import kd_terms_block  # noqa: E402
 
 block("kd_step_gpu")(kd_step_gpu_block)
+block("kd-terms")(lambda R: kd_terms_block(R, para))
 
 
 # ----------------------------------------------------------------------------- driver

@@ -35,6 +35,7 @@ def run_seed(pipeline: str, student_stages: list[str], seed: int, home: Path,
     results = Path(record["stages"][evaluate]["uri"]) / "results" / "results.json"
     full = json.loads(results.read_text())
     return {"seed": seed, "wall_seconds": round(wall, 1), "run_id": record["run_id"],
+            "results_dir": str(results.parent),
             "stages": {n: s["status"] for n, s in record["stages"].items()},
             "table": full["results"], "comparisons": full.get("comparisons", [])}
 
