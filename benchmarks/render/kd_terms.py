@@ -41,25 +41,44 @@ def _terms_table(d: dict[str, Any]) -> list[str]:
     return [f"Validation accuracy (500 questions; {what}; `results/kd_terms.json`):", ""] + lines
 
 
+WITH_VIS = ("dft_paper", "dft_no_rel")                       # beta 1
+WITHOUT_VIS = ("baseline_sft", "dft_no_vis", "dft_res_only")  # no L_vis
+
+
 def _probe_text(p: dict[str, Any]) -> str:
     models = p["models"]
-    after = [m["probes"][layer]["color"] for m in models.values()
-             for layer in m["probes"] if layer == "projector" or layer.startswith("llm_")]
+
+    def colour(stages: tuple[str, ...], layer: str) -> str:
+        vals = []
+        for st in stages:
+            probes = models[st]["probes"]
+            key = max((k for k in probes if k.startswith("llm_")), key=lambda k: int(k[4:])) \
+                if layer == "last" else layer
+            vals.append(f"{probes[key]['color']:.2f}")
+        return " / ".join(vals)
+
+    text = (f"Where the colour goes: a linear probe (`benchmarks/kd_probe.py`, "
+            f"`results/kd_probe.json`, {p['objects']} objects in {p['scenes']} fresh scenes, "
+            f"chance {p['chance']['color']:.2f}) reads an object's colour from its image patches "
+            f"at {colour(WITHOUT_VIS, 'projector')} after the projector of the baseline and of the "
+            f"students trained without L_vis, but at {colour(WITH_VIS, 'projector')} in the two "
+            f"trained with it (last LLM layer: {colour(WITHOUT_VIS, 'last')} against "
+            f"{colour(WITH_VIS, 'last')}); every vision tower keeps it "
+            f"({colour(WITHOUT_VIS + WITH_VIS, 'vision')}). ")
     teacher = models.get("teacher_sft", {}).get("image_positions")
-    text = (f"The colour is there, and L_vis asks for something else. A linear probe "
-            f"(`benchmarks/kd_probe.py`, `results/kd_probe.json`, {p['objects']} objects in "
-            f"{p['scenes']} fresh scenes) reads an object's colour from its image patches at "
-            f"{min(after):.2f}–{max(after):.2f} accuracy (chance {p['chance']['color']:.2f}) after "
-            f"the projector and in every LLM layer, in every model: the information reaches the "
-            f"LLM. ")
     if teacher:
         tokens = ", ".join(f"`{t}` {v:.2f}" for t, v in teacher["top_tokens"][:4])
+        paper = models[WITH_VIS[0]]["image_positions"]
+        copied = ", ".join(f"`{t}` {v:.2f}" for t, v in paper["top_tokens"][:4])
         text += (f"What L_vis copies is the teacher's next-token distribution at the image "
-                 f"positions, where cross-entropy trains nothing: its entropy is "
-                 f"{teacher['entropy']:.1f} nats (uniform: {teacher['uniform_entropy']:.1f}), its "
-                 f"most likely tokens are {tokens}, and a position's distribution is on average "
+                 f"positions, where cross-entropy trains nothing: entropy "
+                 f"{teacher['entropy']:.1f} nats (uniform: {teacher['uniform_entropy']:.1f}), most "
+                 f"likely {tokens}, and each position's distribution only "
                  f"{teacher['kl_to_mean']:.2f} nats (KL) from the one shared by all images and "
-                 f"positions: a text prior, not a description of the image. ")
+                 f"positions: a text prior, not a description of the image. The students trained "
+                 f"with L_vis reproduce it ({copied}); their loss of colour at the projector "
+                 f"fits its gradient, which reaches the projector, pulling the image features "
+                 f"toward that image-independent output. ")
     return text
 
 
@@ -83,4 +102,16 @@ def kd_terms_block(R: Any, para: Any) -> str:
              f"{r0['kd_no_vis']['shape']:.2f}). So the default pipeline distils with L_res + L_rel "
              f"(β = 0); the paper-scale pipelines keep the paper's weights, and "
              f"`pipelines/tune_kd_weights.yaml` searches them.")
+    if (Path(R.dir) / "default_pipeline.json").exists():
+        dp = R.load("default_pipeline")
+        floor = dp["answer_prior"]["per_type"].get("exists")
+        below = {m: r["accuracy/exists"] for m, r in dp["results"].items()
+                 if floor is not None and r["accuracy/exists"] < floor}
+        if below:
+            text += (f" One question type stays at its floor whatever the terms, for the teacher "
+                     f"too: `exists` (held-out, above: "
+                     + ", ".join(f"{m} {v:.3f}" for m, v in below.items())
+                     + f" against {floor:.3f} for always answering the most frequent answer). No "
+                     f"model of this size and training length has learned it; it is not a KD "
+                     f"effect, and it is still open.")
     return "\n".join(lines) + "\n\n" + para(text)
