@@ -184,6 +184,34 @@ def main_job(R: Results) -> str:
         "`benchmarks/orchestration.py`).")
 
 
+def _pooled_p(x: float | None) -> str:
+    return "n/a" if x is None else ("< 0.001" if x < 0.001 else f"{x:.2g}")
+
+
+@block("kd-headline")
+def kd_headline(R: Results) -> str:
+    """The section's first sentence: does KD beat the baseline, over seeds, pooled."""
+    g = R.load("kd_gain")
+    pooled = (g.get("pooled_over_seeds") or {}).get("kd_dpt_sft_dft")
+    s, seeds = g["summary"], len(g["seeds"])
+    gain = g["gain_dpt_sft_dft_over_pt_sft"]
+    if pooled is None:
+        return para(f"Over {seeds} student seeds (`results/kd_gain.json`) the LLaVA-KD student "
+                    f"scores {pm(s['kd_dpt_sft_dft'])} against the baseline's "
+                    f"{pm(s['baseline_pt_sft'])} ({pts_pm(gain)} points).")
+    t_p = pooled["p_ttest_over_seeds"]
+    significant = pooled["p_mcnemar"] < 0.05 and t_p is not None and t_p < 0.05
+    verdict = "a significant gain" if significant and gain["mean"] > 0 else (
+        "a significant loss" if significant else "no significant difference")
+    return para(
+        f"**The result:** over {seeds} student seeds the LLaVA-KD student (DPT → SFT → DFT, "
+        f"L_res + L_rel) scores {pm(s['kd_dpt_sft_dft'])} on the held-out questions against the "
+        f"baseline's {pm(s['baseline_pt_sft'])}, {pts_pm(gain)} points: {verdict} (McNemar on "
+        f"the {pooled['n']:,} answers of all seeds pooled: p = {_pooled_p(pooled['p_mcnemar'])}; "
+        f"t-test of the per-seed differences: p = {_pooled_p(t_p)}; `benchmarks/kd_gain.py`, "
+        f"`results/kd_gain.json`).")
+
+
 @block("kd-gain")
 def kd_gain_text(R: Results) -> str:
     g = R.load("kd_gain")

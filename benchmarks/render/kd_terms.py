@@ -57,7 +57,8 @@ def _probe_text(p: dict[str, Any]) -> str:
             vals.append(f"{probes[key]['color']:.2f}")
         return " / ".join(vals)
 
-    text = (f"Where the colour goes: a linear probe (`benchmarks/kd_probe.py`, "
+    text = (f"Where the colour goes, in the seed-0 models ({p['run']}): a linear probe "
+            f"(`benchmarks/kd_probe.py`, "
             f"`results/kd_probe.json`, {p['objects']} objects in {p['scenes']} fresh scenes, "
             f"chance {p['chance']['color']:.2f}) reads an object's colour from its image patches "
             f"at {colour(WITHOUT_VIS, 'projector')} after the projector of the baseline and of the "
@@ -82,6 +83,30 @@ def _probe_text(p: dict[str, Any]) -> str:
     return text
 
 
+def _over_seeds(d: dict[str, Any]) -> tuple[list[str], str]:
+    """The paper's terms against the default's (no L_vis) over seeds: a table and a sentence."""
+    runs, seeds = d["runs"], ", ".join(str(s) for s in d["seeds"])
+    lines = [f"The paper's terms against the default's over student seeds {seeds} "
+             f"(validation, `results/kd_terms_paper_vs_no_vis.json`; per seed, then mean ± std):",
+             "", "| KD terms | accuracy | colour | shape |", "|---|---|---|---|"]
+    for key, label in (("baseline", "none (baseline)"), ("kd_paper", "L_res + L_vis + L_rel"),
+                       ("kd_no_vis", "L_res + L_rel (default)")):
+        cells = []
+        for col in ("accuracy", "color", "shape"):
+            vals = [r["accuracy"][key] if col == "accuracy" else r["per_type"][key][col]
+                    for r in runs]
+            cells.append(" ".join(f"{v:.2f}" for v in vals) + f" ({_num(vals)})")
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    diff = [r["accuracy"]["kd_no_vis"] - r["accuracy"]["kd_paper"] for r in runs]
+    dcol = [r["per_type"]["kd_no_vis"]["color"] - r["per_type"]["kd_paper"]["color"] for r in runs]
+    better = sum(x > 0 for x in diff)
+    text = (f"Over these {len(runs)} seeds, dropping L_vis changes accuracy by "
+            f"{_num([100 * x for x in diff], signed=True)} points (better on {better} of "
+            f"{len(runs)} seeds) and colour by {_num([100 * x for x in dcol], signed=True)} "
+            f"points. ")
+    return lines, text
+
+
 def kd_terms_block(R: Any, para: Any) -> str:
     """``para`` wraps prose as report.py's own blocks are wrapped."""
     d = R.load("kd_terms")
@@ -92,11 +117,15 @@ def kd_terms_block(R: Any, para: Any) -> str:
              "the validation split (the held-out set above only reports).")
     lines = [para(intro).rstrip("\n"), ""] + _terms_table(d)
     r0 = d["runs"][0]["per_type"]
-    text = ""
+    text, seeds_text = "", ""
+    if (Path(R.dir) / "kd_terms_paper_vs_no_vis.json").exists():
+        table, seeds_text = _over_seeds(R.load("kd_terms_paper_vs_no_vis"))
+        lines += [""] + table
     if (Path(R.dir) / "kd_probe.json").exists():
         text += _probe_text(R.load("kd_probe"))
-    text += (f"Without L_vis the colour comes back ({r0['kd_paper']['color']:.2f} → "
-             f"{r0['kd_no_vis']['color']:.2f} at seed {d['seeds'][0]}); L_rel, which matches the "
+    text += (f"At seed {d['seeds'][0]}, without L_vis the colour comes back "
+             f"({r0['kd_paper']['color']:.2f} → {r0['kd_no_vis']['color']:.2f}); " + seeds_text
+             + f"L_rel, which matches the "
              f"similarity structure of the image tokens, is what carries shape (L_res alone: "
              f"shape {r0['kd_res_only']['shape']:.2f}, L_res + L_rel: "
              f"{r0['kd_no_vis']['shape']:.2f}). So the default pipeline distils with L_res + L_rel "

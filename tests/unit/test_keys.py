@@ -279,12 +279,12 @@ def test_a_hung_mlflow_server_slows_the_driver_but_never_costs_its_lease(tmp_pat
     from orchestrator.tracking import Tracker
 
     # the same knobs mmkd bounds (orchestrator/tracking.py), smaller so the test is short
-    timeout_s, retries = 3, 1
+    timeout_s, retries = 4, 1
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
     port, close = _hung_mlflow_server()
-    holder = _lease(tmp_path, ttl=2.0, run="a")
+    holder = _lease(tmp_path, ttl=4.0, run="a")  # beats every 1 s; the hang lasts ~8 s
     assert holder.try_acquire()
     journal = tmp_path / "run" / "tracking_journal.jsonl"
     try:
@@ -297,7 +297,7 @@ def test_a_hung_mlflow_server_slows_the_driver_but_never_costs_its_lease(tmp_pat
         assert not tracker.online and "Timeout" in tracker.offline_reason, tracker.offline_reason
         assert json.loads(journal.read_text().splitlines()[0])["op"] == "start_pipeline"
         other = Lease(holder.fs, str(tmp_path), "stage-abc", {"run_id": "b"}, local=True,
-                      ttl=2.0, keep_alive=False)
+                      ttl=4.0, keep_alive=False)
         other.owner["host"] = "elsewhere"
         assert not other.try_acquire(), "the lease went stale while MLflow hung"
         assert holder.still_held()
