@@ -30,9 +30,14 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# stage -> its row in the run's evaluate table (None: not evaluated there)
-MODELS = {"teacher_sft": None, "baseline_sft": "baseline", "dft_paper": "kd_paper",
-          "dft_no_vis": "kd_no_vis", "dft_no_rel": "kd_no_rel", "dft_res_only": "kd_res_only"}
+# per pipeline: stage -> its row in the run's evaluate table (None: not evaluated there)
+MODELS = {
+    "kd_term_ablation": {"teacher_sft": None, "baseline_sft": "baseline", "dft_paper": "kd_paper",
+                         "dft_no_vis": "kd_no_vis", "dft_no_rel": "kd_no_rel",
+                         "dft_res_only": "kd_res_only"},
+    "llava_kd": {"teacher_sft": "teacher", "baseline_sft": "baseline_pt_sft",
+                 "student_sft": "kd_dpt_sft", "student_dft": "kd_dpt_sft_dft"},
+}
 GRID, PATCHES = 2, 4  # objects' grid cells; patches per image side
 
 
@@ -127,7 +132,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--home", default=str(ROOT / ".mmkd"), help="MMKD_HOME of the run")
     ap.add_argument("--run", default=None, help="run id (default: the latest successful one)")
-    ap.add_argument("--pipeline", default="kd_term_ablation")
+    ap.add_argument("--pipeline", default="kd_term_ablation", choices=sorted(MODELS))
     ap.add_argument("--scenes", type=int, default=600)
     ap.add_argument("--seed", type=int, default=123)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/kd_probe.json"))
@@ -142,7 +147,7 @@ def main() -> None:
     colour = np.array([list(COLORS).index(o["color"]) for _, _, o in cells])
     shape = np.array([SHAPES.index(o["shape"]) for _, _, o in cells])
     models = {}
-    for stage, row_name in MODELS.items():
+    for stage, row_name in MODELS[args.pipeline].items():
         if stage not in run["stages"]:
             continue
         path = Path(run["stages"][stage]["uri"].removeprefix("file://")) / "model"

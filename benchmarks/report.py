@@ -202,14 +202,17 @@ def kd_headline(R: Results) -> str:
     t_p = pooled["p_ttest_over_seeds"]
     significant = pooled["p_mcnemar"] < 0.05 and t_p is not None and t_p < 0.05
     verdict = "a significant gain" if significant and gain["mean"] > 0 else (
-        "a significant loss" if significant else "no significant difference")
+        "a significant loss" if significant else "not a significant difference across seeds")
+    wins = sum(r["accuracy"]["kd_dpt_sft_dft"] > r["accuracy"]["baseline_pt_sft"]
+               for r in g["runs"])
     return para(
         f"**The result:** over {seeds} student seeds the LLaVA-KD student (DPT → SFT → DFT, "
         f"L_res + L_rel) scores {pm(s['kd_dpt_sft_dft'])} on the held-out questions against the "
-        f"baseline's {pm(s['baseline_pt_sft'])}, {pts_pm(gain)} points: {verdict} (McNemar on "
-        f"the {pooled['n']:,} answers of all seeds pooled: p = {_pooled_p(pooled['p_mcnemar'])}; "
-        f"t-test of the per-seed differences: p = {_pooled_p(t_p)}; `benchmarks/kd_gain.py`, "
-        f"`results/kd_gain.json`).")
+        f"baseline's {pm(s['baseline_pt_sft'])}, {pts_pm(gain)} points, ahead on {wins} of "
+        f"{seeds} seeds: {verdict} (t-test of the {seeds} per-seed differences: "
+        f"p = {_pooled_p(t_p)}; McNemar on the {pooled['n']:,} answers of all seeds pooled: "
+        f"p = {_pooled_p(pooled['p_mcnemar'])}, which counts the same questions at every seed as "
+        f"new ones; `benchmarks/kd_gain.py`, `results/kd_gain.json`).")
 
 
 @block("kd-gain")

@@ -77,9 +77,7 @@ def _probe_text(p: dict[str, Any]) -> str:
                  f"likely {tokens}, and each position's distribution only "
                  f"{teacher['kl_to_mean']:.2f} nats (KL) from the one shared by all images and "
                  f"positions: a text prior, not a description of the image. The students trained "
-                 f"with L_vis reproduce it ({copied}); their loss of colour at the projector "
-                 f"fits its gradient, which reaches the projector, pulling the image features "
-                 f"toward that image-independent output. ")
+                 f"with L_vis reproduce it ({copied}). ")
     return text
 
 
@@ -107,6 +105,35 @@ def _over_seeds(d: dict[str, Any]) -> tuple[list[str], str]:
     return lines, text
 
 
+def _probe_other_seed(p: dict[str, Any]) -> str:
+    """The same probe on a run of the default pipeline at another seed."""
+    m = p["models"]
+    seed = next((o.split("=")[1] for o in p.get("overrides") or [] if "seed=" in o), "?")
+    kd = [st for st in ("student_sft", "student_dft") if st in m]
+    return (f"At seed {seed} (`results/kd_probe_default_seed2.json`) the default's students "
+            f"answer colour at " + " / ".join(f"{m[st]['answers']['color']:.2f}" for st in kd)
+            + " although the probe reads it after their projector at "
+            + " / ".join(f"{m[st]['probes']['projector']['color']:.2f}" for st in kd)
+            + f", as in the baseline (probe {m['baseline_sft']['probes']['projector']['color']:.2f},"
+            f" answers {m['baseline_sft']['answers']['color']:.2f}): the colour reaches the LLM "
+            f"in every model, and whether the two-layer student learns to use it varies with the "
+            f"seed. So L_vis is not the whole cause, and the cause is not settled. ")
+
+
+def _recipe_text() -> str:
+    """What the default pipeline runs now, read from its file."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    stages = yaml.safe_load((root / "pipelines" / "llava_kd.yaml").read_text())["stages"]
+    beta = {s: stages[s]["params"].get("beta", 1.0) for s in ("student_dpt", "student_dft")}
+    terms = "L_res + L_rel (β = 0)" if not any(beta.values()) else \
+        "the paper's L_res + L_vis + L_rel"
+    return (f"The default pipeline (`pipelines/llava_kd.yaml`) distils with {terms}; the "
+            f"paper-scale pipelines keep the paper's weights, and `pipelines/tune_kd_weights.yaml` "
+            f"searches them.")
+
+
 def kd_terms_block(R: Any, para: Any) -> str:
     """``para`` wraps prose as report.py's own blocks are wrapped."""
     d = R.load("kd_terms")
@@ -117,30 +144,47 @@ def kd_terms_block(R: Any, para: Any) -> str:
              "the validation split (the held-out set above only reports).")
     lines = [para(intro).rstrip("\n"), ""] + _terms_table(d)
     r0 = d["runs"][0]["per_type"]
-    text, seeds_text = "", ""
+    seeds_text = ""
     if (Path(R.dir) / "kd_terms_paper_vs_no_vis.json").exists():
         table, seeds_text = _over_seeds(R.load("kd_terms_paper_vs_no_vis"))
         lines += [""] + table
+    seed0 = (f"At seed {d['seeds'][0]}, without L_vis the colour came back "
+             f"({r0['kd_paper']['color']:.2f} → {r0['kd_no_vis']['color']:.2f}), and L_rel, which "
+             f"matches the similarity structure of the image tokens, carried shape (L_res alone: "
+             f"{r0['kd_res_only']['shape']:.2f}; L_res + L_rel: {r0['kd_no_vis']['shape']:.2f}). ")
     if (Path(R.dir) / "kd_probe.json").exists():
-        text += _probe_text(R.load("kd_probe"))
-    text += (f"At seed {d['seeds'][0]}, without L_vis the colour comes back "
-             f"({r0['kd_paper']['color']:.2f} → {r0['kd_no_vis']['color']:.2f}); " + seeds_text
-             + f"L_rel, which matches the "
-             f"similarity structure of the image tokens, is what carries shape (L_res alone: "
-             f"shape {r0['kd_res_only']['shape']:.2f}, L_res + L_rel: "
-             f"{r0['kd_no_vis']['shape']:.2f}). So the default pipeline distils with L_res + L_rel "
-             f"(β = 0); the paper-scale pipelines keep the paper's weights, and "
-             f"`pipelines/tune_kd_weights.yaml` searches them.")
+        seed0 += _probe_text(R.load("kd_probe"))
+    paragraphs = [seed0]
+    later = seeds_text
+    gain = R.load("kd_gain")
+    if "pooled_over_seeds" in gain and (Path(R.dir) / "default_pipeline.json").exists():
+        floor = R.load("default_pipeline")["answer_prior"]["per_type"]["color"]
+        blind = {k: [(r["seed"], r["per_type"][k]["color"]) for r in gain["runs"]
+                     if r["per_type"][k]["color"] < floor]
+                 for k in ("baseline_pt_sft", "kd_dpt_sft_dft")}
+        later += ("Held out, over the seeds of `results/kd_gain.json`, colour is below its "
+                  f"{floor:.3f} floor for " + "; ".join(
+                      f"{'the baseline' if k == 'baseline_pt_sft' else 'the KD student'} at "
+                      + (", ".join(f"seed {sd} ({v:.2f})" for sd, v in b) if b else "no seed")
+                      for k, b in blind.items()) + ". ")
+    if (Path(R.dir) / "kd_probe_default_seed2.json").exists():
+        later += _probe_other_seed(R.load("kd_probe_default_seed2"))
+    if later:
+        paragraphs.append(later)
+    paragraphs.append(_recipe_text())
+    text = ""
     if (Path(R.dir) / "default_pipeline.json").exists():
         dp = R.load("default_pipeline")
         floor = dp["answer_prior"]["per_type"].get("exists")
         below = {m: r["accuracy/exists"] for m, r in dp["results"].items()
                  if floor is not None and r["accuracy/exists"] < floor}
         if below:
-            text += (f" One question type stays at its floor whatever the terms, for the teacher "
+            text += (f"One question type stays at its floor whatever the terms, for the teacher "
                      f"too: `exists` (held-out, above: "
                      + ", ".join(f"{m} {v:.3f}" for m, v in below.items())
                      + f" against {floor:.3f} for always answering the most frequent answer). No "
                      f"model of this size and training length has learned it; it is not a KD "
                      f"effect, and it is still open.")
-    return "\n".join(lines) + "\n\n" + para(text)
+    if text:
+        paragraphs.append(text.strip())
+    return "\n".join(lines) + "\n\n" + "\n".join(para(t) for t in paragraphs)

@@ -14,13 +14,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from mmkd_test_plugins.gates import DEADLINE_S, wait_until
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,19 +32,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+def wait_http(url: str, timeout: float = 2 * DEADLINE_S,
+              proc: subprocess.Popen | None = None) -> None:
+    """Until ``url`` answers (any HTTP status: it is up); at once if ``proc`` exited. The
+    deadline only bounds a hang: a node starting on a loaded machine takes what it takes."""
+
+    def up() -> bool:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
         try:
             urllib.request.urlopen(url, timeout=2).read()
-            return
         except urllib.error.HTTPError:
-            return  # it answers (401 without a token): it is up
+            return True  # it answers (401 without a token)
         except Exception:  # noqa: BLE001 - not up yet
-            time.sleep(0.5)
-    raise TimeoutError(url)
+            return False
+        return True
+
+    wait_until(f"{url} to answer", up, timeout=timeout, interval=0.5)
 
 
 def _kill_group(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
@@ -131,7 +135,7 @@ def cluster(tmp_path_factory):
         try:
             procs.append(_shell(head_start, node_env["head"], logs / "head.log"))
             address = f"http://127.0.0.1:{dash}"
-            wait_http(f"{address}/api/version", 120, procs[-1])
+            wait_http(f"{address}/api/version", proc=procs[-1])
             (worker_start,) = [c for c in config["worker_start_ray_commands"] if "ray start" in c]
             worker_start = (worker_start.replace("$RAY_HEAD_IP:6379", f"127.0.0.1:{gcs}")
                             .replace("--object-manager-port=8076",
@@ -139,15 +143,18 @@ def cluster(tmp_path_factory):
                             + " --num-cpus=1" + common + own_ports())
             procs.append(_shell(worker_start, node_env["worker"], logs / "worker.log"))
             status_env = {**node_env["head"], "RAY_AUTH_MODE": "token"}
-            deadline = time.time() + 120
-            while time.time() < deadline:
+            last = {}
+
+            def joined() -> bool:
+                if procs[-1].poll() is not None:
+                    raise RuntimeError(f"the worker node exited ({procs[-1].returncode})")
                 out = subprocess.run(["ray", "status", f"--address=127.0.0.1:{gcs}"],
                                      env=status_env, capture_output=True, text=True)
-                if "0.0/3.0 CPU" in out.stdout or "3.0 CPU" in out.stdout:
-                    break
-                time.sleep(1)
-            else:
-                raise TimeoutError(f"second node never joined:\n{out.stdout}\n{out.stderr}")
+                last["out"] = out.stdout + out.stderr
+                return "3.0 CPU" in out.stdout
+
+            wait_until(lambda: f"the second node to join:\n{last.get('out', '')}", joined,
+                       timeout=2 * DEADLINE_S, interval=1.0)
 
             (mlflow_start,) = [c for c in config["head_start_ray_commands"] if "mlflow" in c]
             mlflow_port = free_port()
@@ -158,7 +165,7 @@ def cluster(tmp_path_factory):
                             + " --workers 1")
             procs.append(_shell(mlflow_start, node_env["head"], logs / "supervisor.log"))
             mlflow_uri = f"http://127.0.0.1:{mlflow_port}"
-            wait_http(f"{mlflow_uri}/health", 120, procs[-1])
+            wait_http(f"{mlflow_uri}/health", proc=procs[-1])
             yield {"address": address, "token": token, "mlflow": mlflow_uri,
                    "supervisor": procs[-1], "mlflow_log": homes["head"] / "mlflow.log",
                    "store": str(tmp_path_factory.mktemp("shared_store")),
@@ -313,11 +320,10 @@ def test_a_laptop_fetches_the_token_and_mlflow_comes_back_after_a_crash(cluster)
     first = min(servers, key=lambda p: p.create_time())
     first.kill()
     first.wait(30)
-    deadline = time.time() + 180
-    while "start 2:" not in cluster["mlflow_log"].read_text():
-        assert time.time() < deadline, cluster["mlflow_log"].read_text()[-2000:]
-        time.sleep(0.5)
-    wait_http(f"{cluster['mlflow']}/health", 180)
+    wait_until(lambda: f"the supervisor to restart MLflow:\n"
+                       f"{cluster['mlflow_log'].read_text()[-2000:]}",
+               lambda: "start 2:" in cluster["mlflow_log"].read_text(), interval=0.5)
+    wait_http(f"{cluster['mlflow']}/health")
     assert supervisor.is_running()
 
 
