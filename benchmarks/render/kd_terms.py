@@ -154,7 +154,7 @@ def _recipe_text(two_way: dict[str, Any] | None = None) -> str:
 def kd_terms_block(R: Any, para: Any) -> str:
     """``para`` wraps prose as report.py's own blocks are wrapped."""
     d = R.load("kd_terms")
-    intro = ("**Why the KD students were colour-blind.** With the paper's weights (α = 1, β = 1, "
+    intro = ("**Why were the KD students colour-blind?** With the paper's weights (α = 1, β = 1, "
              "γ = 0.5 in DPT and DFT) both KD students answered colour questions below the floor "
              "of always giving the most frequent colour. `pipelines/kd_term_ablation.yaml` runs "
              "the KD branch with four sets of terms and scores it where recipes are chosen, on "

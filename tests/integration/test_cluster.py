@@ -146,8 +146,10 @@ def cluster(tmp_path_factory):
             last = {}
 
             def joined() -> bool:
-                if procs[-1].poll() is not None:
-                    raise RuntimeError(f"the worker node exited ({procs[-1].returncode})")
+                for node, proc in zip(("head", "worker"), procs):
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"the {node} node exited ({proc.returncode}); its "
+                                           f"log: {logs / (node + '.log')}")
                 out = subprocess.run(["ray", "status", f"--address=127.0.0.1:{gcs}"],
                                      env=status_env, capture_output=True, text=True)
                 last["out"] = out.stdout + out.stderr
