@@ -14,12 +14,17 @@ ROWS = [("baseline", "none (baseline, PT → SFT)"),
         ("kd_res_only", "L_res only")]
 
 
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+    return mean, std
+
+
 def _num(values: list[float], signed: bool = False) -> str:
     fmt = "{:+.3f}" if signed else "{:.3f}"
     if len(values) == 1:
         return fmt.format(values[0])
-    mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    mean, std = _mean_std(values)
     return f"{fmt.format(mean)} ± {std:.3f}"
 
 
@@ -102,12 +107,10 @@ def _over_seeds(d: dict[str, Any]) -> tuple[list[str], str]:
               for r in runs]
 
     def pts(xs: list[float]) -> str:
-        mean = sum(xs) / len(xs)
-        std = (sum((x - mean) ** 2 for x in xs) / max(1, len(xs) - 1)) ** 0.5
+        mean, std = _mean_std(xs)
         return f"{100 * mean:+.1f} ± {100 * std:.1f}".replace("-", "−")
 
-    mean = sum(diff) / len(diff)
-    std = (sum((x - mean) ** 2 for x in diff) / max(1, len(diff) - 1)) ** 0.5
+    mean, std = _mean_std(diff)
     spread = "within the seed spread" if abs(mean) <= std else "beyond the seed spread"
     text = (f"Over these {len(runs)} seeds, dropping L_vis changes validation accuracy by "
             f"{pts(diff)} points (better on {better} of {len(runs)} seeds: {spread}), colour by {pts(dcol)} (higher without L_vis on "
