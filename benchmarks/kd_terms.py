@@ -42,6 +42,7 @@ def pipeline_for(variants: list[str], home: Path) -> tuple[str, list[str], list[
     ev = spec["stages"]["evaluate"]
     ev["inputs"]["models"] = ["baseline_sft.model"] + [f"dft_{v}.model" for v in variants]
     ev["params"]["names"] = ["baseline"] + [f"kd_{v}" for v in variants]
+    home.mkdir(parents=True, exist_ok=True)  # a fresh --home
     path = home / f"kd_term_ablation_{'_'.join(variants)}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     stages = ["baseline_pt", "baseline_sft"] + [f"{s}_{v}" for v in variants
