@@ -11,8 +11,13 @@ from orchestrator.cache import mmkd_home
 # Environment a stage process needs to see what the driver sees (a cluster's workers don't
 # inherit the driver's shell).
 _FORWARD_ENV = ("MLFLOW_TRACKING_URI", "MMKD_HOME", "DS_ACCELERATOR", "HF_HUB_OFFLINE",
-                "TRANSFORMERS_OFFLINE", "RAY_TRAIN_COLLECTIVE_TIMEOUT_S", "TOKENIZERS_PARALLELISM")
-
+                "TRANSFORMERS_OFFLINE", "RAY_TRAIN_COLLECTIVE_TIMEOUT_S", "TOKENIZERS_PARALLELISM",
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+# How often a Ray Train controller polls its workers (Ray's default: 2 s). The controller sees
+# that training ended (or failed) only at a poll, so the default leaves every Ray Train stage
+# idle for up to a poll interval at each state change; a poll is one small call per worker. benchmarks/train_stage_overhead.py
+# measures both values side by side. A value the user sets is kept.
+TRAIN_POLL_S = "0.5"
 
 
 def forwarded_env() -> dict[str, str]:
@@ -26,6 +31,7 @@ def forwarded_env() -> dict[str, str]:
            if (k in _FORWARD_ENV or k.startswith(("AWS_", "MMKD_"))) and not looks_secret(k)
            and k != RAY_OUTPUT_ENV and not contains_secret(v)}
     env.setdefault("MMKD_HOME", str(mmkd_home()))
+    env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
     from orchestrator.plugin import plugin_env
 
     env.update(plugin_env())  # MMKD_PLUGINS modules importable in every stage process
