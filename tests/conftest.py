@@ -16,6 +16,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_TRAIN_COLLECTIVE_TIMEOUT_S", "300")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+# as every mmkd stage task gets it (orchestrator/ray_setup.py), for the tests that start Ray
+# Train themselves: Ray Train hands it from this driver to its controller
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")
