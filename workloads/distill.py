@@ -1,6 +1,7 @@
 """``distill``: LLaVA-KD distillation (Cai et al. 2024) on the shared training loop.
 
     L = CE + alpha * L_res + beta * L_vis + gamma * L_rel        (paper: 1, 1, 0.5; tau = 1)
+          [+ w * term for every other KD term named in `terms`: workloads/kd_terms/]
 
 DPT (distilled pre-training) is ``train: [projector]`` — the KD gradients flow through the frozen
 LLM into the projector; DFT (distilled fine-tuning) is ``train: [projector, llm]``.
@@ -31,7 +32,7 @@ import json
 import os
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from workloads import distill_offline  # noqa: F401  (registers `teacher_logits`)
 from orchestrator.plugin import StageContext
@@ -63,6 +64,10 @@ class DistillConfig(TrainConfig):
     alpha: float = Field(1.0, ge=0, description="weight of L_res (response-token KD); 0 skips it")
     beta: float = Field(1.0, ge=0, description="weight of L_vis (image-token KD); 0 skips it")
     gamma: float = Field(0.5, ge=0, description="weight of L_rel (visual relation); 0 skips it")
+    terms: dict[str, Any] = Field(
+        default_factory=dict, description="KD terms beyond L_res/L_vis/L_rel (whose weights are "
+        "alpha/beta/gamma): {name: weight} or {name: {weight: w, <its parameters>}}; a term is a "
+        "file in workloads/kd_terms/ or a plugin's (entry-point group mmkd.kd_terms)")
     temperature: float = Field(1.0, gt=0, description="softmax temperature tau of L_res/L_vis")
     divergence: DivergenceSpec = Field(
         default_factory=lambda: DivergenceSpec(name="fkl"),
@@ -88,6 +93,29 @@ class DistillConfig(TrainConfig):
                            "weights may not be loaded); true: accept such a teacher")
 
 
+    @field_validator("terms")
+    @classmethod
+    def _known_terms(cls, terms: dict[str, Any]) -> dict[str, Any]:
+        """Each term registered and its parameters valid; stored canonical (defaults filled
+        in), so the stage key does not depend on how the YAML spelled them."""
+        from workloads.kd_terms import term_spec
+
+        return {name: term_spec(name, value) for name, value in terms.items()}
+
+    def kd_terms(self) -> dict[str, dict[str, Any]]:
+        """Every term of weight > 0 as ``{name: {"weight", "params"}}``, built-ins first."""
+        from workloads.kd_terms import resolve_terms
+
+        return resolve_terms({"res": self.alpha, "vis": self.beta, "rel": self.gamma},
+                             self.terms)
+
+    def image_kd(self) -> bool:
+        """A term reads image positions: teacher and student must encode images alike."""
+        from workloads.kd_terms import get_kd_term
+
+        return any(get_kd_term(n).needs & {"image", "relation"} for n in self.kd_terms())
+
+
 def _ref(value: Any) -> Any:
     return value[0] if isinstance(value, list) and len(value) == 1 else value
 
@@ -109,8 +137,9 @@ def validate_distill(config: DistillConfig, inputs: dict[str, Any]) -> list[str]
             and not inputs.get("tokenizer"):
         problems.append("distill: a preset/parts student needs input `tokenizer: <stage>.tokenizer` "
                         "(the teacher's tokenizer)")
-    if config.alpha == config.beta == config.gamma == 0:
-        problems.append("distill: alpha, beta and gamma are all 0 — that is `sft`; use the sft workload")
+    if not config.kd_terms():
+        problems.append("distill: alpha, beta and gamma are all 0 and `terms` adds none — that "
+                        "is `sft`; use the sft workload")
     if config.top_k is not None and config.teacher != "service":
         where = ("an online teacher uses the full vocabulary" if config.teacher == "online"
                  else "stored logits keep the `teacher_logits` stage's top_k")
@@ -391,7 +420,7 @@ def check_distill_pair(config: DistillConfig, spec: dict[str, Any], tokenizer_di
             raise DistillCompatError(where + str(e)) from None
         return "student"
     return check_family_pair(teacher_dir, student_processor_parts(spec, tokenizer_dir),
-                             image_kd=config.beta > 0 or config.gamma > 0, student_desc=desc,
+                             image_kd=config.image_kd(), student_desc=desc,
                              stage=stage)
 
 
@@ -410,7 +439,7 @@ def build_distill_loss(config: DistillConfig, ctx: StageContext) -> DistillLoss:
         parts = student_processor_parts(spec, tokenizer_dir)
         tok, image_token_id = parts.tokenizer, parts.image_token_id
     common = dict(vocab_size=len(tok), image_token_id=image_token_id,
-                  alpha=config.alpha, beta=config.beta, gamma=config.gamma,
+                  alpha=config.alpha, beta=config.beta, gamma=config.gamma, terms=config.terms,
                   temperature=config.temperature, divergence=config.divergence,
                   chunk_size=config.chunk_size,
                   grad_accum=config.grad_accum, allow_blind_teacher=config.allow_blind_teacher)

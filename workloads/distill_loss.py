@@ -1,6 +1,10 @@
 """The LLaVA-KD loss strategy plugged into the shared training loop (``train.LossFn``):
 
-    L = CE + alpha * L_res + beta * L_vis + gamma * L_rel
+    L = CE + alpha * L_res + beta * L_vis + gamma * L_rel [+ w * term for each of `terms`]
+
+Each step: the student's forward and CE; the teacher's side of the batch in the form its
+placement gives (``kd_terms/teacher_rows.py``: full logits online, stored top-k offline and from
+the service); then every configured KD term (``workloads/kd_terms/``, one file each) on it.
 
 ``DistillLoss`` travels to every Ray Train worker inside the loop's config dict (it must stay
 picklable: only paths and numbers before ``setup``). ``setup`` loads the teacher in every worker
@@ -62,12 +66,22 @@ class DistillLoss:
     service: dict[str, str] | None = None
     # at the first step, an online teacher must answer differently when its images are blanked
     allow_blind_teacher: bool = False
+    # KD terms beyond the three built-ins: {name: weight | {weight, <params>}} (kd_terms/)
+    terms: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.teacher_inputs == "own" and (self.beta > 0 or self.gamma > 0):
+        from workloads.kd_terms import get_kd_term, resolve_terms
+
+        # {name: {"weight", "params"}} of every term with a weight > 0, built-ins first
+        self.active = resolve_terms({"res": self.alpha, "vis": self.beta, "rel": self.gamma},
+                                    self.terms or {})
+        visual = [n for n in self.active if get_kd_term(n).needs & {"image", "relation"}]
+        if self.teacher_inputs == "own" and visual:
             raise DistillCompatError(
-                "DistillLoss: a teacher that tokenizes images differently from the student "
-                "(teacher_inputs='own') supports response KD only; set beta: 0 and gamma: 0")
+                f"DistillLoss: a teacher that tokenizes images differently from the student "
+                f"(teacher_inputs='own') supports response KD only; the terms "
+                f"{', '.join(visual)} read image positions: set their weights to 0 (beta: 0 "
+                f"and gamma: 0 for the built-ins)")
 
     # ------------------------------------------------------------------ setup (per worker)
 
@@ -115,50 +129,52 @@ class DistillLoss:
     # ------------------------------------------------------------------ one micro-step
 
     def __call__(self, engine: Any, batch: dict[str, Any], sctx: Any):
-        import torch
-
-        from workloads.losses import (align_vocab, kd_objective, relation_kd_loss,
-                                      response_kd_loss, visual_kd_loss)
+        from workloads.kd_terms import KDBatch, get_kd_term, objective
         from workloads.train_setup import model_inputs
 
         state = sctx.state
         # the teacher's own encoding (teacher_inputs="own") is no input of the student
         inputs = model_inputs({k: v for k, v in batch.items() if not k.startswith(TEACHER_PREFIX)})
         out = engine(**inputs, labels=batch["labels"])
-        ce = out.loss
         image_mask = batch["input_ids"] == state.get("image_token_id", self.image_token_id)
-        need = {"l_res": self.alpha > 0, "l_vis": self.beta > 0, "l_rel": self.gamma > 0}
-        terms: dict[str, Any] = {}
-        if any(need.values()):
-            if "offline" in state:
-                terms = state["offline"].terms(out.logits, batch, image_mask, self, need)
-            elif "service" in state:  # the offline path's terms, on entries served just now
-                served = state["service"].teacher_for(batch)
-                terms = served.terms(out.logits, batch, image_mask, self, need)
-            elif self.teacher_inputs == "own":
-                terms["l_res"] = self._response_kd_own_inputs(out.logits, batch, sctx)
-            else:
-                with torch.no_grad():
-                    t_logits = state["teacher"](**inputs).logits
-                if state["micro"] == 0 and not self.allow_blind_teacher:
-                    self._probe_teacher_sees(state["teacher"], inputs, t_logits, sctx)
-                s, t = align_vocab(out.logits, t_logits, self.vocab_size)
-                if need["l_res"]:
-                    terms["l_res"] = response_kd_loss(s, t, batch["labels"], kind=self.divergence,
-                                                      temperature=self.temperature,
-                                                      chunk_size=self.chunk_size)
-                if need["l_vis"]:
-                    terms["l_vis"] = visual_kd_loss(s, t, image_mask, kind=self.divergence,
-                                                    temperature=self.temperature,
-                                                    chunk_size=self.chunk_size)
-                if need["l_rel"]:
-                    terms["l_rel"] = relation_kd_loss(s, t, image_mask)
-        total, logged = kd_objective(ce, terms.get("l_res"), terms.get("l_vis"),
-                                     terms.get("l_rel"), self.alpha, self.beta, self.gamma)
-        metrics = {k: float(logged.get(k, 0.0)) for k in ("loss", "ce", "l_res", "l_vis", "l_rel")}
+        values: dict[str, Any] = {}
+        if self.active:
+            s, rows = self._teacher_rows(out.logits, batch, inputs, image_mask, sctx)
+            x = KDBatch(s, rows, self.divergence, self.temperature, self.chunk_size)
+            for name, term in self.active.items():
+                x.term = name
+                values[name] = get_kd_term(name).loss(x, **term["params"])
+        total, logged = objective(out.loss, values,
+                                  {n: t["weight"] for n, t in self.active.items()})
+        metrics = {k: 0.0 for k in ("l_res", "l_vis", "l_rel")}
+        metrics.update({k: float(v) for k, v in logged.items()})
         metrics.update(self._teacher_checks(sctx))
         state["micro"] += 1
         return total, metrics
+
+    def _teacher_rows(self, student_logits: Any, batch: dict[str, Any], inputs: dict[str, Any],
+                      image_mask: Any, sctx: Any) -> tuple[Any, Any]:
+        """The student's logits cut to the shared vocabulary, and the teacher's side of the
+        batch in the form its placement gives (``kd_terms/teacher_rows.py``)."""
+        import torch
+
+        from workloads.kd_terms.teacher_rows import DenseRows
+        from workloads.losses import align_vocab
+
+        state = sctx.state
+        if "offline" in state:
+            return state["offline"].rows(student_logits, batch, image_mask, self.vocab_size)
+        if "service" in state:  # the offline path's rows, on entries served just now
+            served = state["service"].teacher_for(batch)
+            return served.rows(student_logits, batch, image_mask, self.vocab_size)
+        if self.teacher_inputs == "own":
+            return self._own_inputs_rows(student_logits, batch, sctx)
+        with torch.no_grad():
+            t_logits = state["teacher"](**inputs).logits
+        if state["micro"] == 0 and not self.allow_blind_teacher:
+            self._probe_teacher_sees(state["teacher"], inputs, t_logits, sctx)
+        s, t = align_vocab(student_logits, t_logits, self.vocab_size)
+        return s, DenseRows(t, batch["labels"], image_mask)
 
     def wrap_batches(self, batches: Any, sctx: Any) -> Any:
         """The training loop's batches, each one's teacher request sent a step ahead
@@ -166,12 +182,14 @@ class DistillLoss:
         client = sctx.state.get("service")
         return client.ahead(batches) if client is not None else batches
 
-    def _response_kd_own_inputs(self, student_logits: Any, batch: dict[str, Any], sctx: Any):
-        """L_res with the teacher on its own encoding of the same rows: both models' response
-        positions (same tokenizer, so the same reply tokens per row) are paired in order."""
+    def _own_inputs_rows(self, student_logits: Any, batch: dict[str, Any], sctx: Any
+                         ) -> tuple[Any, Any]:
+        """The teacher on its own encoding of the same rows: both models' response positions
+        (same tokenizer, so the same reply tokens per row) are paired in order."""
         import torch
 
-        from workloads.losses import align_vocab, kd_divergence, response_mask
+        from workloads.kd_terms.teacher_rows import PairedRows
+        from workloads.losses import align_vocab, response_mask
         from workloads.train_setup import model_inputs
 
         n = len(TEACHER_PREFIX)
@@ -196,8 +214,9 @@ class DistillLoss:
                 f"tokens than the student's; both must come from the same rows and tokenizer")
         with torch.no_grad():
             t_logits = sctx.state["teacher"](**model_inputs(t_batch)).logits
-        s, t = align_vocab(student_logits[s_mask], t_logits[t_mask], self.vocab_size)
-        return kd_divergence(s, t, None, self.divergence, self.temperature, self.chunk_size)
+        _, t = align_vocab(student_logits[s_mask], t_logits[t_mask], self.vocab_size)
+        s = student_logits[..., :self.vocab_size]
+        return s, PairedRows(t, s_mask, f"teacher {self.teacher_dir}")
 
     def _probe_teacher_sees(self, teacher: Any, inputs: dict[str, Any], logits: Any,
                             sctx: Any) -> None:

@@ -262,15 +262,16 @@ class OfflineTeacher:
                 "is_img": s["is_img"][a:b], "values": s["values"][a:b],
                 "indices": s["indices"][a:b], "gram": s["gram"][g0:g1].reshape(n, n)}
 
-    def terms(self, student_logits: Any, batch: dict[str, Any], image_mask: Any, cfg: Any,
-              need: dict[str, bool]) -> dict[str, Any]:
-        """L_res / L_vis (top-k divergence) and L_rel (against the stored matrices)."""
+    def rows(self, student_logits: Any, batch: dict[str, Any], image_mask: Any,
+             vocab_size: int) -> tuple[Any, Any]:
+        """The student's logits cut to the vocabulary, and this batch's stored entries as
+        ``StoredRows`` (top-k at response and image positions, image Gram matrices)."""
         import torch
 
-        from workloads.losses import GroupGrams, relation_from_grams, response_mask, \
-            topk_kd_divergence
+        from workloads.kd_terms.teacher_rows import StoredRows
+        from workloads.losses import response_mask
 
-        s, _ = _align(student_logits, cfg.vocab_size)
+        s, _ = _align(student_logits, vocab_size)
         B, T, _V = s.shape
         k = int(self.manifest["top_k"])
         vals = torch.zeros(B, T, k, dtype=torch.float32, device=s.device)
@@ -290,21 +291,10 @@ class OfflineTeacher:
         if not (torch.equal(resp, response_mask(batch["labels"])) and torch.equal(img, image_mask)):
             raise ValueError(f"offline teacher {self.dir}: stored response/image positions differ "
                              f"from the training batch's; the data was tokenized differently")
-        out = {}
-        if need["l_res"]:
-            out["l_res"] = topk_kd_divergence(s, vals, idx, resp, cfg.divergence, cfg.temperature)
-        if need["l_vis"]:
-            out["l_vis"] = topk_kd_divergence(s, vals, idx, img, cfg.divergence, cfg.temperature)
-        if need["l_rel"]:
-            flat = s.reshape(B * T, -1)
-            losses = []
-            for b, gt in enumerate(grams):
-                rows = img[b].nonzero().squeeze(1) + b * T
-                if rows.numel():
-                    gs = GroupGrams.apply(flat, 4096, rows)[0]
-                    losses.append(relation_from_grams(gs, gt.to(gs.dtype)))
-            out["l_rel"] = torch.stack(losses).mean() if losses else flat[:0].sum().float()
-        return out
+        return s, StoredRows(vals, idx, resp, img, grams, vocab_size, self.describe())
+
+    def describe(self) -> str:
+        return f"the offline teacher in {self.dir}"
 
 
 def _align(logits: Any, vocab_size: int) -> tuple[Any, Any]:

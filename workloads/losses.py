@@ -619,12 +619,7 @@ def kd_objective(
     Returns the total (with graph) and ``{"loss", "ce", "l_res", "l_vis", "l_rel"}`` detached,
     for logging — only the terms that were given.
     """
-    total = ce
-    terms = {"ce": ce.detach()}
-    weighted = (("l_res", l_res, alpha), ("l_vis", l_vis, beta), ("l_rel", l_rel, gamma))
-    for name, value, weight in weighted:
-        if value is not None:
-            total = total + weight * value
-            terms[name] = value.detach()
-    terms["loss"] = total.detach()
-    return total, terms
+    from workloads.kd_terms import objective
+
+    given = {n: v for n, v in (("res", l_res), ("vis", l_vis), ("rel", l_rel)) if v is not None}
+    return objective(ce, given, {"res": alpha, "vis": beta, "rel": gamma})

@@ -301,7 +301,8 @@ def _nonfinite_terms(loss: Any, extra: dict[str, float], agree: bool, device: An
     so that all ranks skip the same batch and no collective is left waiting)."""
     import torch
 
-    bad = [k for k, v in extra.items() if k in _LOSS_TERMS and not math.isfinite(v)]
+    bad = [k for k, v in extra.items()
+           if (k in _LOSS_TERMS or k.startswith("l_")) and not math.isfinite(v)]
     if not bool(torch.isfinite(loss.detach()).all()) and not bad:
         bad = ["loss"]
     if agree:
@@ -314,7 +315,7 @@ def _nonfinite_terms(loss: Any, extra: dict[str, float], agree: bool, device: An
     return bad
 
 
-_LOSS_TERMS = ("loss", "ce", "l_res", "l_vis", "l_rel")
+_LOSS_TERMS = ("loss", "ce")  # and every KD term's `l_<name>`
 
 
 def _check_grad_norm(engine: Any, stage: str, step: int) -> None:

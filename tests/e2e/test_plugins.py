@@ -1,5 +1,6 @@
 """A plugin package (tests/plugin: mmkd-test-plugins) extends mmkd through entry points alone:
-a workload, a KD divergence and a merge method, used together by one pipeline via the CLI."""
+a workload, a KD divergence, a KD term and a merge method, used together by one pipeline via
+the CLI."""
 
 from __future__ import annotations
 
@@ -30,11 +31,12 @@ stages:
     workload: distill
     inputs: {init: merged.model, teacher: pair.first, data: shapes.instruct}
     params: {divergence: tvd, train: [projector, llm], max_steps: 2, batch_size: 4,
-             checkpoint_every: 0, alpha: 1.0, beta: 1.0, gamma: 0.0}
+             checkpoint_every: 0, alpha: 1.0, beta: 1.0, gamma: 0.0,
+             terms: {argmax_ce: {weight: 0.5, min_confidence: 0.0}}}
 """
 
 
-def test_a_plugin_workload_divergence_and_merge_method_run_in_one_pipeline(tmp_path, cli_env):
+def test_a_plugin_workload_divergence_kd_term_and_merge_method_run_in_one_pipeline(tmp_path, cli_env):
     out = mmkd(["workloads"], cli_env, tmp_path, check=True)
     rows = {line.split("│")[1].strip(): line for line in out.stdout.splitlines() if "│" in line}
     assert "mmkd-test-plugins" in rows["tiny_pair"] and "mmkd-test-plugins" in rows["noop"]
@@ -63,3 +65,6 @@ def test_a_plugin_workload_divergence_and_merge_method_run_in_one_pipeline(tmp_p
     # the plugin divergence: total variation is at most 1 per position
     metrics = stages["kd"]["metrics"]
     assert 0.0 < metrics["l_res"] <= 1.0 and metrics["steps"] == 2
+    # the plugin KD term ran in the training worker: a cross-entropy over the 320-token
+    # vocabulary of a random-init student, near log(320) = 5.77, and logged under its name
+    assert 3.0 < metrics["l_argmax_ce"] < 9.0

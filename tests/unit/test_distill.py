@@ -88,6 +88,26 @@ def test_kd_terms_are_positive_and_weighted_and_backprop(tiny):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in proj.parameters())
 
 
+def test_a_plugin_kd_term_is_added_with_its_weight_and_logged(tiny):
+    torch.manual_seed(1)
+    student = build_model({"preset": "tiny-student"}, tiny["tok_dir"])[0]
+    _, base = _run(_loss(tiny), student, tiny["batch"])
+    _, m = _run(_loss(tiny, terms={"argmax_ce": {"weight": 0.25, "min_confidence": 0.0}}),
+                student, tiny["batch"])
+    assert m["l_argmax_ce"] > 0 and {k: m[k] for k in TERMS if k != "loss"} == \
+        {k: base[k] for k in TERMS if k != "loss"}  # the built-ins as without it
+    assert m["loss"] == pytest.approx(base["loss"] + 0.25 * m["l_argmax_ce"], rel=1e-6)
+    # terms only: not `sft`, so validate has nothing to say about the weights
+    config = DistillConfig(max_steps=1, alpha=0, beta=0, gamma=0, terms={"argmax_ce": 1})
+    assert not any("sft" in p for p in validate_distill(config, {"init": "a", "teacher": "b"}))
+
+
+def test_a_teacher_on_its_own_encoding_refuses_the_terms_that_read_images(tiny):
+    with pytest.raises(DistillCompatError, match="the terms vis, rel read image positions"):
+        _loss(tiny, teacher_inputs="own")
+    _loss(tiny, teacher_inputs="own", beta=0, gamma=0, terms={"argmax_ce": 1})  # response only
+
+
 def test_zero_weights_give_plain_ce_and_skip_the_teacher(tiny):
     torch.manual_seed(1)
     student = build_model({"preset": "tiny-student"}, tiny["tok_dir"])[0]

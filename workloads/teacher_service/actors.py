@@ -12,7 +12,7 @@ Data path of one request (nothing passes through any driver)::
 The payload per row is exactly what the offline ``teacher_logits`` stage stores
 (``distill_offline.teacher_entries``): top-k values + indices at response and image-token
 positions and the image tokens' Gram matrix, so the student computes its KD terms with
-``OfflineTeacher.terms`` either way.
+``OfflineTeacher.rows`` either way.
 
 Sharing: rows are keyed by ``distill_offline.row_digests`` (token ids, labels, image), so the
 same sample tokenized the same way costs one teacher forward whoever asks, while it stays in

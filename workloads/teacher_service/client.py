@@ -7,7 +7,7 @@ whose later stages use the service holds it between them (``release_run`` at the
 
 ``ServiceClient`` (each student worker): send each batch's request one step ahead
 (``ahead``), and turn the reply into a ``ServedTeacher`` — an ``OfflineTeacher`` whose entries
-came from the service instead of ``.npy`` files, so ``terms`` is the offline path's own code.
+came from the service instead of ``.npy`` files, so ``rows`` is the offline path's own code.
 """
 
 from __future__ import annotations
@@ -190,6 +190,10 @@ class ServedTeacher(OfflineTeacher):
         self.manifest = {"top_k": top_k}
         self._entries = entries
         self._shards = {}
+        self.name = name
+
+    def describe(self) -> str:
+        return f"the teacher service {self.name!r} (top_k {self.manifest['top_k']})"
 
     def entry(self, digest: str) -> dict[str, Any]:
         e = self._entries.get(digest)
