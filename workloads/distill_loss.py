@@ -31,15 +31,11 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from workloads.families.pairing import DistillCompatError
+
 __all__ = ["DistillLoss", "DistillCompatError", "teacher_state_digest", "TEACHER_PREFIX"]
 
 TEACHER_PREFIX = "teacher_"  # batch keys of the teacher's own encoding (teacher_inputs="own")
-
-
-class DistillCompatError(ValueError):
-    """Teacher and student (or stored teacher logits) cannot be distilled together."""
-
-    deterministic = True  # Ray Train raises it at once (workloads/errors.py)
 
 
 @dataclass

@@ -9,9 +9,9 @@ import torch
 
 from orchestrator.plugin import StageContext
 from workloads.data.collate import collate
-from workloads.distill import (DistillCompatError, DistillConfig, check_teacher_student,
-                               validate_distill)
+from workloads.distill import DistillCompatError, DistillConfig, validate_distill
 from workloads.distill_loss import DistillLoss
+from workloads.families.pairing import check_teacher_student
 from workloads.distill_offline import _ShardWriter, row_digests, teacher_entries
 from workloads.models import build_model, load_model, save_model
 from mmkd_test_plugins.train_fixtures import build_tiny_tokenizer, shapes_rows

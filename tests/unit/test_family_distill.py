@@ -16,7 +16,8 @@ import torch
 from orchestrator.plugin import StageContext
 from workloads import families
 from workloads.distill import (DistillCompatError, DistillConfig, check_distill_pair,
-                               check_family_pair, validate_distill)
+                               validate_distill)
+from workloads.families.pairing import check_family_pair
 from workloads.distill_loss import DistillLoss
 from workloads.train_setup import StepContext
 
