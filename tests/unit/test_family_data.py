@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -248,6 +247,7 @@ def test_offline_teacher_full_topk_equals_online(proc_dir, tmp_path):
     from workloads.distill_offline import (INDEX, MANIFEST, OfflineTeacher, _ShardWriter,
                                            teacher_entries)
     from workloads.families import image_token_id
+    from workloads.kd_terms import KDBatch, get_kd_term
     from workloads.losses import (align_vocab, relation_kd_loss, response_kd_loss,
                                   visual_kd_loss)
 
@@ -269,10 +269,9 @@ def test_offline_teacher_full_topk_equals_online(proc_dir, tmp_path):
     writer.flush()
     json.dump({"rows": writer.index, "keys": writer.keys}, open(out_dir / INDEX, "w"))
     json.dump({"top_k": vocab}, open(out_dir / MANIFEST, "w"))
-    cfg = SimpleNamespace(vocab_size=vocab, divergence="fkl", temperature=1.0)
     mask = batch["input_ids"] == image_id
-    off = OfflineTeacher(str(out_dir)).terms(s, batch, mask, cfg,
-                                             {"l_res": True, "l_vis": True, "l_rel": True})
+    stored = KDBatch(*OfflineTeacher(str(out_dir)).rows(s, batch, mask, vocab), "fkl", 1.0, None)
+    off = {f"l_{n}": get_kd_term(n).loss(stored) for n in ("res", "vis", "rel")}
     sa, ta = align_vocab(s, t, vocab)
     on = {"l_res": response_kd_loss(sa, ta, batch["labels"], kind="fkl"),
           "l_vis": visual_kd_loss(sa, ta, mask, kind="fkl"),

@@ -84,7 +84,7 @@ class StoredRows:
 
     def divergence(self, s: Any, where: str, kind: Any, temperature: float,
                    chunk_size: int | None) -> Any:
-        from workloads.losses import topk_kd_divergence
+        from workloads.kernels.chunked import topk_kd_divergence
 
         return topk_kd_divergence(s, self.values, self.indices, self.masks[where], kind,
                                   temperature)
@@ -92,7 +92,7 @@ class StoredRows:
     def relation(self, s: Any) -> Any:
         import torch
 
-        from workloads.losses import GroupGrams, relation_from_grams
+        from workloads.kernels.relation import GroupGrams, relation_from_grams
 
         B, T = s.shape[:2]
         flat = s.reshape(B * T, -1)

@@ -11,7 +11,7 @@ so each row is read twice in forward (log-sum-exp, then f) and once in backward,
 size ``(rows, V)`` outlives one block. On CUDA the built-in divergences run as Triton kernels
 (``triton_divergence.py``, one program per row); elsewhere, and for a registered divergence
 that has a pointwise form but no Triton twin, the same math runs in torch ``chunk`` rows at a
-time. A divergence without a pointwise form is left to the chunked kernel in ``losses.py``.
+time. A divergence without a pointwise form is left to the chunked kernel (``chunked.py``).
 """
 
 from __future__ import annotations
