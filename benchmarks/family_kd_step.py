@@ -163,7 +163,7 @@ def bench_family(name: str, tok_dir: str, rows: list[dict], args: argparse.Names
                      teacher_dir=teacher_dir, alpha=1.0, beta=1.0, gamma=0.5)
     student_step, _ = runner(CausalLMLoss())
     kd_step, kd_ctx = runner(kd)
-    teacher = kd_ctx.state["teacher"]
+    teacher = kd_ctx.state["teacher"].model
     inputs = model_inputs(batch)
 
     def teacher_forward() -> None:

@@ -62,8 +62,8 @@ def main() -> None:
 
     from orchestrator.plugin import StageContext
     from workloads.distill_loss import DistillLoss
-    from workloads.distill_offline import INDEX, MANIFEST, _ShardWriter, row_digests, \
-        teacher_entries
+    from workloads.teacher.offline import INDEX, MANIFEST, ShardWriter
+    from workloads.teacher.payload import row_digests, teacher_entries
     from workloads.models import build_model, save_model
     from mmkd_test_plugins.train_fixtures import build_tiny_tokenizer
     from workloads.train_setup import CausalLMLoss, StepContext, model_inputs
@@ -82,7 +82,7 @@ def main() -> None:
     logits_dir = os.path.join(tmp, "logits")
     with torch.no_grad():
         t_logits = teacher.eval()(**model_inputs(batch)).logits
-    writer = _ShardWriter(logits_dir, shard_size=1024)
+    writer = ShardWriter(logits_dir, shard_size=1024)
     for d, e in zip(row_digests(batch), teacher_entries(t_logits, batch, len(tok), image_id,
                                                          args.top_k)):
         writer.add(d, d, e)

@@ -165,7 +165,7 @@ def bench_pair(name: str, args) -> dict:
 
     from mmkd_test_plugins.train_fixtures import build_tiny_tokenizer
     from workloads.models import count_params, save_model
-    from workloads.teacher_service import ServiceLease, ServiceSpec
+    from workloads.teacher.service import ServiceLease, ServiceSpec
 
     tmp = tempfile.mkdtemp(prefix=f"ts-bench-{name}-")
     tok_dir = build_tiny_tokenizer(os.path.join(tmp, "tok"))

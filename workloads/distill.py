@@ -14,7 +14,7 @@ Inputs (``ctx.inputs``, local paths):
   data            training shards dir (or ``params.data``)
 
 ``teacher: service`` runs the teacher outside the student workers, in a shared Ray service
-(``workloads/teacher_service``) that returns the offline stage's payload per batch, one step
+(``workloads/teacher/service``) that returns the offline stage's payload per batch, one step
 ahead of the student; with ``top_k`` unset (full vocabulary) its losses equal ``online``'s.
 
 Checked at stage start (``families/pairing.py``; ``mmkd validate`` only sees unresolved references, so it checks the
@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from workloads import distill_offline  # noqa: F401  (registers `teacher_logits`)
+from workloads import teacher_logits  # noqa: F401  (registers the `teacher_logits` stage)
 from orchestrator.plugin import StageContext
 from workloads.distill_loss import DistillLoss
 from workloads.families.pairing import (DistillCompatError, check_family_pair,
@@ -42,8 +42,8 @@ from workloads.families.pairing import (DistillCompatError, check_family_pair,
                                         student_processor_parts, student_vision)
 from workloads.divergences import DivergenceSpec
 from orchestrator.plugin import workload
-from workloads.teacher_service.stage import (TeacherResources, serve, service_spec,
-                                             side_resources)
+from workloads.teacher.service.stage import (TeacherResources, serve, service_spec,
+                                              side_resources)
 from workloads.training import Part, TrainConfig, run_train_stage, resolve_model_spec
 
 __all__ = ["DistillConfig", "distill", "validate_distill", "check_distill_pair",
@@ -223,7 +223,7 @@ def build_distill_loss(config: DistillConfig, ctx: StageContext) -> DistillLoss:
                 f"encoding) or give the student the teacher's image processor settings")
         return DistillLoss(service={}, **common)
 
-    from workloads.distill_offline import read_manifest, tokenization_fingerprint
+    from workloads.teacher.offline import read_manifest, tokenization_fingerprint
 
     logits_dir = _ref(ctx.input("teacher_logits"))
     if os.path.isdir(os.path.join(logits_dir, "logits")):

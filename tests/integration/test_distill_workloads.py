@@ -10,7 +10,8 @@ import torch
 
 from stage_helpers import files_digest, stage_ctx
 from workloads.distill import DistillConfig, distill
-from workloads.distill_offline import TeacherLogitsConfig, read_manifest, teacher_logits
+from workloads.teacher.offline import read_manifest
+from workloads.teacher_logits import TeacherLogitsConfig, teacher_logits
 
 TERMS = ("loss", "ce", "l_res", "l_vis", "l_rel")
 

@@ -11,8 +11,8 @@ import torch
 from mmkd_test_plugins.gates import DEADLINE_S, Gate, GatedStageContext, wait_until
 from stage_helpers import stage_ctx
 from workloads.distill import DistillConfig, distill, service_spec, validate_distill
-from workloads.distill_offline import TeacherLogitsConfig, teacher_logits
-from workloads.teacher_service import ServiceLease, ServiceSpec, find_service
+from workloads.teacher_logits import TeacherLogitsConfig, teacher_logits
+from workloads.teacher.service import ServiceLease, ServiceSpec, find_service
 
 TERMS = ("loss", "ce", "l_res", "l_vis", "l_rel")
 # 3 steps over the same seeded batches in every run (1 worker, preserved row order)
@@ -217,7 +217,7 @@ def test_consecutive_stages_of_a_run_share_one_load(setup):
 def test_a_runs_hold_ends_with_the_run_or_after_hold_s(setup):
     """The runner's ``release_run`` at the end of a run drops the hold at once; a hold nobody
     releases (its driver died) ends after ``hold_s``."""
-    from workloads.teacher_service import release_run
+    from workloads.teacher.service import release_run
 
     spec = ServiceSpec(teacher_dir=setup["teacher"], top_k=4)
     with ServiceLease(spec, stage="a", run_id="run-held", hold_s=600):

@@ -384,7 +384,7 @@ def test_tune_trials_share_one_teacher_service(ray_session, files):
     between trials (one teacher load serves both) and frees it when it ends."""
     from mmkd_test_plugins.data_tiny import build_tiny_data
     from workloads.models import build_model, save_model
-    from workloads.teacher_service.spec import SERVICE_PREFIX
+    from workloads.teacher.service.spec import SERVICE_PREFIX
 
     import ray
 

@@ -12,7 +12,8 @@ from workloads.data.collate import collate
 from workloads.distill import DistillCompatError, DistillConfig, validate_distill
 from workloads.distill_loss import DistillLoss
 from workloads.families.pairing import check_teacher_student
-from workloads.distill_offline import _ShardWriter, row_digests, teacher_entries
+from workloads.teacher.offline import ShardWriter
+from workloads.teacher.payload import row_digests, teacher_entries
 from workloads.models import build_model, load_model, save_model
 from mmkd_test_plugins.train_fixtures import build_tiny_tokenizer, shapes_rows
 from workloads.train_setup import StepContext, model_inputs
@@ -120,7 +121,7 @@ def test_zero_weights_give_plain_ce_and_skip_the_teacher(tiny):
 def test_teacher_is_frozen_and_in_eval_mode(tiny):
     sctx = _sctx()
     _loss(tiny).setup(None, sctx)
-    teacher = sctx.state["teacher"]
+    teacher = sctx.state["teacher"].model
     assert not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
 
@@ -169,7 +170,7 @@ def test_offline_full_topk_equals_online(tiny, tmp_path):
         logits = teacher(**model_inputs(batch)).logits
     entries = teacher_entries(logits, batch, len(tok), tok.convert_tokens_to_ids("<image>"),
                               top_k=10**6)
-    writer = _ShardWriter(str(tmp_path / "logits"), shard_size=4)
+    writer = ShardWriter(str(tmp_path / "logits"), shard_size=4)
     for i, (d, e) in enumerate(zip(row_digests(batch), entries)):
         writer.add(d, f"k{i}", e)
     writer.flush()

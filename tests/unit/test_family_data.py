@@ -18,7 +18,7 @@ from workloads.data.preprocess import (IGNORE_INDEX, Preprocessor, conversation_
                                        rows_to_columns, unpack_image_inputs)
 from workloads.data.processor import load_processor
 from workloads.data.quality import SampleQuality
-from workloads.distill_offline import row_digests
+from workloads.teacher.payload import row_digests
 from workloads.families import (FAMILIES, encode, load_processor_parts, save_processor_parts,
                                 tiny_config, tiny_model, tiny_processor_parts)
 from workloads.train_setup import model_inputs
@@ -107,7 +107,7 @@ def test_a_model_dir_is_recognised_by_its_config(name, tmp_path, tok_dir, proc_d
     """The family comes from config.json; the image mask token is config.image_token_id (Gemma 3:
     the soft token, not <start_of_image>); the offline teacher's tokenization fingerprint of
     the model dir equals that of a processor-only dir (what distill saves for the student)."""
-    from workloads.distill_offline import tokenization_fingerprint
+    from workloads.teacher.offline import tokenization_fingerprint
     from workloads.families import build_tiny
 
     path = build_tiny(name, "student", tok_dir, str(tmp_path / name))
@@ -244,8 +244,8 @@ def test_image_token_mismatches_are_skipped(name, conv, image, why, proc_dir):
 def test_offline_teacher_full_topk_equals_online(proc_dir, tmp_path):
     """k = vocab size on a Qwen2-VL batch: stored top-k terms equal the online losses, found by
     row digest (pixels are concatenated over the batch, so the digest comes from collate)."""
-    from workloads.distill_offline import (INDEX, MANIFEST, OfflineTeacher, _ShardWriter,
-                                           teacher_entries)
+    from workloads.teacher.offline import INDEX, MANIFEST, OfflineTeacher, ShardWriter
+    from workloads.teacher.payload import teacher_entries
     from workloads.families import image_token_id
     from workloads.kd_terms import KDBatch, get_kd_term
     from workloads.losses import (align_vocab, relation_kd_loss, response_kd_loss,
@@ -262,7 +262,7 @@ def test_offline_teacher_full_topk_equals_online(proc_dir, tmp_path):
         t = teacher(**model_inputs(batch)).logits
         s = student(**model_inputs(batch)).logits
     out_dir = tmp_path / "logits"
-    writer = _ShardWriter(str(out_dir), shard_size=2)
+    writer = ShardWriter(str(out_dir), shard_size=2)
     for i, (d, e) in enumerate(zip(row_digests(batch),
                                    teacher_entries(t, batch, vocab, image_id, top_k=10**6))):
         writer.add(d, f"k{i}", e)
@@ -270,7 +270,7 @@ def test_offline_teacher_full_topk_equals_online(proc_dir, tmp_path):
     json.dump({"rows": writer.index, "keys": writer.keys}, open(out_dir / INDEX, "w"))
     json.dump({"top_k": vocab}, open(out_dir / MANIFEST, "w"))
     mask = batch["input_ids"] == image_id
-    stored = KDBatch(*OfflineTeacher(str(out_dir)).rows(s, batch, mask, vocab), "fkl", 1.0, None)
+    stored = KDBatch(*OfflineTeacher(str(out_dir), vocab).rows(s, batch, None, mask), "fkl", 1.0, None)
     off = {f"l_{n}": get_kd_term(n).loss(stored) for n in ("res", "vis", "rel")}
     sa, ta = align_vocab(s, t, vocab)
     on = {"l_res": response_kd_loss(sa, ta, batch["labels"], kind="fkl"),

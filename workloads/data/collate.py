@@ -48,7 +48,7 @@ def collate(batch: dict[str, np.ndarray], pad_token_id: int,
     layout (concatenated, tile-padded, or one padded row per sample for Idefics3/SmolVLM) and
     its extra inputs (``image_grid_thw``, ``image_sizes``, ``pixel_attention_mask``); plus
     ``has_image`` and ``mm_digest`` (B,16) uint8, a digest of each row's image inputs (what
-    ``distill_offline.row_digests`` uses, since pixels no longer index by row). A batch without
+    ``teacher.payload.row_digests`` uses, since pixels no longer index by row). A batch without
     images gets an empty ``pixel_values`` (``model_inputs`` leaves it out). Every value is a
     tensor, so ``{k: v.to(device)}`` works on the whole batch.
 

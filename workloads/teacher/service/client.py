@@ -6,8 +6,8 @@ service). A driver that dies stops heartbeating; the service drops it after ``le
 whose later stages use the service holds it between them (``release_run`` at the run's end).
 
 ``ServiceClient`` (each student worker): send each batch's request one step ahead
-(``ahead``), and turn the reply into a ``ServedTeacher`` — an ``OfflineTeacher`` whose entries
-came from the service instead of ``.npy`` files, so ``rows`` is the offline path's own code.
+(``ahead``), and turn the reply into ``StoredRows`` with the offline path's own code
+(``payload.stored_rows``).
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import uuid
 from collections import deque
 from typing import Any, Iterable, Iterator
 
-from workloads.distill_offline import OfflineTeacher, row_digests
-from workloads.teacher_service.actors import TeacherService
-from workloads.teacher_service.spec import NAMESPACE, SERVICE_PREFIX, ServiceSpec
+from workloads.teacher.payload import row_digests, stored_rows
+from workloads.teacher.service.actors import TeacherService
+from workloads.teacher.service.spec import NAMESPACE, SERVICE_PREFIX, ServiceSpec
 
-__all__ = ["ServiceLease", "ServiceClient", "ServedTeacher", "TeacherServiceError", "find_service",
+__all__ = ["ServiceLease", "ServiceClient", "TeacherServiceError", "find_service",
            "release_run", "run_user"]
 
 _TEACHER_PREFIX = "teacher_"  # the teacher's own encoding (distill_loss.TEACHER_PREFIX): not sent
@@ -182,35 +182,16 @@ def release_run(run_id: str) -> None:
 # ----------------------------------------------------------------------------- worker side
 
 
-class ServedTeacher(OfflineTeacher):
-    """The entries of one batch as the service returned them, read like stored logits."""
-
-    def __init__(self, entries: dict[str, dict[str, Any]], top_k: int, name: str):
-        self.dir = f"(teacher service {name})"
-        self.manifest = {"top_k": top_k}
-        self._entries = entries
-        self._shards = {}
-        self.name = name
-
-    def describe(self) -> str:
-        return f"the teacher service {self.name!r} (top_k {self.manifest['top_k']})"
-
-    def entry(self, digest: str) -> dict[str, Any]:
-        e = self._entries.get(digest)
-        if e is None:
-            raise KeyError(f"teacher service: no entry for a training row; the batch changed "
-                           f"between the request and the loss (digest {digest})")
-        return e
-
-
 class ServiceClient:
-    """A student worker's connection to the service (created in ``DistillLoss.setup``)."""
+    """A student worker's connection to the service (created in ``DistillLoss.setup``), and
+    the ``service`` placement of the ``Teacher`` interface (``workloads/teacher/__init__.py``):
+    ``rows`` gives each batch's entries, as the service computed them, as ``StoredRows``."""
 
-    def __init__(self, name: str, user: str, start_timeout_s: float = 600.0):
+    def __init__(self, name: str, user: str, vocab_size: int, start_timeout_s: float = 600.0):
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
-        self.name, self.user = name, user
+        self.name, self.user, self.vocab_size = name, user, vocab_size
         self.handle = find_service(name)
         if self.handle is None:
             raise TeacherServiceError(f"teacher service {name} is not running (its users' "
@@ -262,8 +243,16 @@ class ServiceClient:
         finally:
             self._ahead.clear()  # an unfinished epoch: its replies are not needed
 
-    def teacher_for(self, batch: dict[str, Any]) -> ServedTeacher:
-        """The teacher's entries for ``batch``: the reply sent ahead, or a request now."""
+    def rows(self, student_logits: Any, batch: dict[str, Any], inputs: Any, image_mask: Any,
+             sctx: Any = None) -> tuple[Any, Any]:
+        """The student's logits cut to the vocabulary, and ``batch``'s entries as
+        ``StoredRows``: the offline path's own code, on entries served just now."""
+        return stored_rows(self.entries(batch), student_logits, batch, image_mask, self.top_k,
+                           self.vocab_size, f"the teacher service {self.name!r} (top_k "
+                                            f"{self.top_k})")
+
+    def entries(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """The teacher's entries for ``batch``'s rows: the reply sent ahead, or a request now."""
         import ray
 
         digests, ref = row_digests(batch), None
@@ -283,4 +272,4 @@ class ServiceClient:
             if not msg.startswith("teacher service"):
                 msg = f"teacher service {self.name}: {msg}"
             raise TeacherServiceError(msg) from e
-        return ServedTeacher(dict(zip(digests, entries)), self.top_k, self.name)
+        return entries

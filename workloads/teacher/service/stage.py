@@ -57,7 +57,7 @@ def side_resources(config: Any, inputs: dict) -> SideResources | None:
 
 def release_holds(run_id: str) -> None:
     """``SideResources.release``: the run has ended, drop its holds on teacher services."""
-    from workloads.teacher_service.client import release_run
+    from workloads.teacher.service.client import release_run
 
     release_run(run_id)
 
@@ -65,7 +65,7 @@ def release_holds(run_id: str) -> None:
 def service_spec(config: Any, ctx: StageContext) -> Any:
     """The ``ServiceSpec`` of a ``teacher: service`` stage: its teacher, top_k, the stage's
     precision (the teacher's forward dtype, as online) and ``teacher_resources``."""
-    from workloads.teacher_service.spec import ServiceSpec
+    from workloads.teacher.service.spec import ServiceSpec
 
     r = config.teacher_resources
     teacher = ctx.input("teacher")
@@ -83,7 +83,7 @@ def serve(config: Any, ctx: StageContext, loss_fn: Any,
     none runs); the service's counters join the final metrics as ``teacher_service/*``. Later
     stages of the run that use it (``ctx.side_later``) find it held for them."""
     from orchestrator.executor import DATA_CPUS
-    from workloads.teacher_service.client import ServiceLease
+    from workloads.teacher.service.client import ServiceLease
 
     res = ctx.resources
     with ServiceLease(service_spec(config, ctx), stage=ctx.stage,

@@ -10,11 +10,11 @@ Data path of one request (nothing passes through any driver)::
     TeacherReplica --entries--> TeacherService (cache) --entries--> student worker
 
 The payload per row is exactly what the offline ``teacher_logits`` stage stores
-(``distill_offline.teacher_entries``): top-k values + indices at response and image-token
+(``teacher/payload.py``): top-k values + indices at response and image-token
 positions and the image tokens' Gram matrix, so the student computes its KD terms with
-``OfflineTeacher.rows`` either way.
+``payload.stored_rows`` either way.
 
-Sharing: rows are keyed by ``distill_offline.row_digests`` (token ids, labels, image), so the
+Sharing: rows are keyed by ``payload.row_digests`` (token ids, labels, image), so the
 same sample tokenized the same way costs one teacher forward whoever asks, while it stays in
 the LRU cache or is still being computed (a second request for it waits on the first).
 
@@ -71,7 +71,7 @@ class TeacherReplica:
         """Entries for ``rows`` of the collated batch ``request`` (all rows when None)."""
         import torch
 
-        from workloads.distill_offline import teacher_entries
+        from workloads.teacher.payload import teacher_entries
         from workloads.train_setup import model_inputs
 
         batch = {k: torch.tensor(v) for k, v in request.items()}

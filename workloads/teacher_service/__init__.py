@@ -1,9 +1,0 @@
-"""``teacher: service`` — the frozen teacher as a shared Ray service (see ``actors.py`` for the
-data path, ``client.py`` for the stage's and the workers' side, ``spec.py`` for naming)."""
-
-from workloads.teacher_service.client import (ServedTeacher, ServiceClient, ServiceLease,
-                                              TeacherServiceError, find_service, release_run)
-from workloads.teacher_service.spec import NAMESPACE, ServiceSpec
-
-__all__ = ["NAMESPACE", "ServiceSpec", "ServiceLease", "ServiceClient", "ServedTeacher",
-           "TeacherServiceError", "find_service", "release_run"]
