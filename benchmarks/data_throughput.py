@@ -89,7 +89,7 @@ def training_consumption(data: str, processor: str, tokenizer: str, max_length: 
     from workloads.data.readers import iter_rows
     from workloads.data.source import DataSource
     from workloads.models import ModelSpec, build_model
-    from workloads.train_setup import model_inputs
+    from workloads.train_loop_parts import model_inputs
 
     import numpy as np
 

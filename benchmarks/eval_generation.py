@@ -1,6 +1,6 @@
 """Questions/s of evaluation's greedy generation: today's one-question-at-a-time loop
-(``workloads.evaluate.generate_answer``) against batched generation
-(``workloads.generation.generate_answers``: left padding, KV cache) at batch sizes 1, 4, 16, on
+(``workloads.evaluation.evaluate.generate_answer``) against batched generation
+(``workloads.evaluation.generation.generate_answers``: left padding, KV cache) at batch sizes 1, 4, 16, on
 the tiny presets, and writes ``benchmarks/results/eval_generation.json``.
 
     python benchmarks/eval_generation.py [--questions 64] [--repeats 5] [--max-new-tokens 8]
@@ -51,8 +51,8 @@ def bench_model(preset: str, tokenizer: str, questions: list, repeats: int,
                 max_new_tokens: int) -> dict:
     import torch
 
-    from workloads.evaluate import generate_answer
-    from workloads.generation import batching, generate_answers
+    from workloads.evaluation.evaluate import generate_answer
+    from workloads.evaluation.generation import batching, generate_answers
     from workloads.models import build_model
 
     torch.manual_seed(0)

@@ -114,7 +114,7 @@ def bench_family(name: str, tok_dir: str, rows: list[dict], args: argparse.Names
     from workloads.distill_loss import DistillLoss
     from workloads.losses import align_vocab, relation_kd_loss, response_kd_loss, visual_kd_loss
     from workloads.models import build_model, save_model
-    from workloads.train_setup import CausalLMLoss, StepContext, model_inputs
+    from workloads.train_loop_parts import CausalLMLoss, StepContext, model_inputs
 
     root = Path(tmp) / name
     torch.manual_seed(0)

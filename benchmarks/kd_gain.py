@@ -20,7 +20,7 @@ from seeded import ROOT, run_seed, summary
 from scipy import stats
 
 from orchestrator.provenance import environment
-from workloads.eval_stats import paired_comparison
+from workloads.evaluation.stats import paired_comparison
 
 STUDENT_STAGES = ["baseline_pt", "baseline_sft", "student_dpt", "student_sft", "student_dft"]
 MODELS = ["teacher", "baseline_pt_sft", "kd_dpt_sft", "kd_dpt_sft_dft"]

@@ -66,7 +66,7 @@ def main() -> None:
     from workloads.teacher.payload import row_digests, teacher_entries
     from workloads.models import build_model, save_model
     from mmkd_test_plugins.train_fixtures import build_tiny_tokenizer
-    from workloads.train_setup import CausalLMLoss, StepContext, model_inputs
+    from workloads.train_loop_parts import CausalLMLoss, StepContext, model_inputs
 
     torch.set_num_threads(args.threads)
     tmp = tempfile.mkdtemp(prefix="kd-step-")

@@ -88,7 +88,7 @@ class Student:
 
         from orchestrator.plugin import StageContext
         from workloads.distill_loss import DistillLoss
-        from workloads.train_setup import CausalLMLoss, StepContext, model_inputs
+        from workloads.train_loop_parts import CausalLMLoss, StepContext, model_inputs
 
         model = build_llava("tiny-student", self.tok_dir, self.text, seed=1)[0]
         model.model.vision_tower.requires_grad_(False)  # DFT: projector + LLM
@@ -165,7 +165,7 @@ def bench_pair(name: str, args) -> dict:
 
     from mmkd_test_plugins.train_fixtures import build_tiny_tokenizer
     from workloads.models import count_params, save_model
-    from workloads.teacher.service import ServiceLease, ServiceSpec
+    from workloads.teacher.service import ServiceUse, ServiceSpec
 
     tmp = tempfile.mkdtemp(prefix=f"ts-bench-{name}-")
     tok_dir = build_tiny_tokenizer(os.path.join(tmp, "tok"))
@@ -188,7 +188,7 @@ def bench_pair(name: str, args) -> dict:
                                          args.warmup, "online"))
     ray.kill(s)
     spec = ServiceSpec(teacher_dir=teacher_dir, cpus=1, cache_mb=0)
-    with ServiceLease(spec, stage=f"bench-{name}") as lease:
+    with ServiceUse(spec, stage=f"bench-{name}") as lease:
         s = actor.options(num_cpus=1).remote(tok_dir, 1, student_text)
         kw = {"service": {"name": lease.name, "user": lease.user}, **common}
         out["service"] = ray.get(s.run.remote(kw, batches, args.warmup, "service"))

@@ -159,7 +159,7 @@ def run_mode(mode: str, models: dict, args) -> dict:
 
 def _tune(mode: str, models: dict, args, idle_mb: float) -> dict:
     from orchestrator.tune_runner import run_tune
-    from orchestrator.tuning import load_tune
+    from orchestrator.tune_spec import load_tune
 
     root = tempfile.mkdtemp(prefix=f"tune-{mode}-", dir=args.work)
     os.environ["MMKD_HOME"] = os.path.join(root, "home")

@@ -8,7 +8,7 @@ loop's step time goes.
 Both loops time each optimizer step including fetching its batch; the first ``--warmup`` steps
 are dropped, and throughput is tokens / seconds summed over the rest (a cost paid once per
 window or epoch, such as Ray Data fetching the next block, counts in full). The mmkd loop is
-the real one (``workloads.train.run_training``); its loss is ``CausalLMLoss`` plus timers
+the real one (``workloads.train_loop.run_training``); its loss is ``CausalLMLoss`` plus timers
 (``TimedLoss``): at ``setup`` it wraps the worker's dataset shard iterators, ``collate`` and the
 DeepSpeed engine's ``backward``/``step``, so each step (from one ``engine.step`` return to the
 next) splits into
@@ -70,7 +70,7 @@ def plain_loop(rows, tok_dir, args, pad_id) -> list[dict]:
 
     from workloads.data.collate import collate
     from workloads.models import build_model, set_trainable
-    from workloads.train_setup import TrainParams, build_optimizer, model_inputs
+    from workloads.train_loop_parts import TrainParams, build_optimizer, model_inputs
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -242,7 +242,7 @@ class TimedLoss:
                            "pid": os.getpid()}, f)
 
     def __call__(self, engine: Any, batch: dict, sctx: Any):
-        from workloads.train_setup import model_inputs
+        from workloads.train_loop_parts import model_inputs
 
         t, c = time.perf_counter(), time.process_time()
         out = engine(**model_inputs(batch), labels=batch["labels"])
@@ -276,8 +276,8 @@ def mmkd_loop(rows, tok_dir, args, pad_id, work: str, rep: int, py_spy: bool) ->
     import ray
 
     from orchestrator.plugin import Resources, StageContext
-    from workloads.train import run_training
-    from workloads.train_setup import TrainParams
+    from workloads.train_loop import run_training
+    from workloads.train_loop_parts import TrainParams
 
     name = f"throughput-{rep}"
     timings = f"{work}/timings-{rep}.json"

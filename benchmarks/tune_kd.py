@@ -33,7 +33,7 @@ def main() -> None:
     from orchestrator.runner import PipelineRunner
     from orchestrator.loader import load_pipeline
     from orchestrator.tune_runner import run_tune
-    from orchestrator.tuning import load_tune
+    from orchestrator.tune_spec import load_tune
 
     tune_file = str(ROOT / "pipelines/tune_kd_weights.yaml")
     spec, pipeline = load_tune(tune_file)

@@ -99,7 +99,7 @@ def plan(pipeline: str | os.PathLike | Pipeline, overrides: Sequence[str] = (),
 class RunResult:
     """What ``run`` returns: the run record, and readers of what its stages published."""
 
-    record: Any  # orchestrator.runs.RunRecord
+    record: Any  # orchestrator.run_records.RunRecord
     tracking_deferred: bool = False  # all cached: a background `mmkd relog` writes MLflow
     tracking_error: str = ""  # MLflow was unreachable: `mmkd relog RUN` once it is back
 
@@ -174,12 +174,12 @@ def run(pipeline: str | os.PathLike | Pipeline, overrides: Sequence[str] = (),
 
 def runs(pipeline: str | None = None, limit: int = 20) -> list[Any]:
     """Recent run records, newest first."""
-    from orchestrator.runs import list_runs
+    from orchestrator.run_records import list_runs
 
     return list_runs(pipeline, limit)
 
 
 def show(run_id: str) -> RunResult:
-    from orchestrator.runs import RunRecord
+    from orchestrator.run_records import RunRecord
 
     return RunResult(RunRecord.load(run_id))

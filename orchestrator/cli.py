@@ -145,7 +145,7 @@ def _print_results(record) -> None:
 
 
 def cmd_runs(args) -> int:
-    from orchestrator.runs import format_duration, list_runs
+    from orchestrator.run_records import format_duration, list_runs
 
     table = Table(title="recent pipeline runs")
     for col in ("run", "pipeline", "status", "stages", "started", "duration"):
@@ -165,7 +165,7 @@ def cmd_runs(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from orchestrator.runs import RunRecord
+    from orchestrator.run_records import RunRecord
     from orchestrator.view import stage_table
 
     record = RunRecord.load(args.run)  # FileNotFoundError: exit 2 (main)
@@ -218,7 +218,7 @@ def cmd_ui(args) -> int:
 
 
 def cmd_relog(args) -> int:
-    from orchestrator.runs import RunRecord
+    from orchestrator.run_records import RunRecord
     from orchestrator.tracking import replay
 
     record = RunRecord.load(args.run)
@@ -239,7 +239,7 @@ def cmd_relog(args) -> int:
 
 def cmd_tune(args) -> int:
     from orchestrator.tune_runner import run_tune
-    from orchestrator.tuning import TuneError, load_tune
+    from orchestrator.tune_spec import TuneError, load_tune
 
     try:
         spec, pipeline = load_tune(args.spec, args.set or [])
@@ -247,8 +247,8 @@ def cmd_tune(args) -> int:
         err.print(f"[red]invalid tune spec[/]: {e}", highlight=False)
         return 2
     if not args.verbose:  # Ray Tune's boxes and the trials' output go to a file, as for `run`
-        from orchestrator.cache import mmkd_home
-        from orchestrator.tuning import tune_name
+        from orchestrator.artifact_store import mmkd_home
+        from orchestrator.tune_spec import tune_name
 
         output = QuietOutput().to_file(mmkd_home() / "tune" / tune_name(spec, pipeline)
                                        / "output.log")

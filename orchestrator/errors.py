@@ -16,7 +16,7 @@ def explain(e: Exception) -> tuple[int, str]:
     """Exit code and one paragraph for an error that reached `main`: the user's mistakes are
     2 with what to do; anything else is an internal error (1) with its traceback in a file."""
     from orchestrator.submit import SubmitError
-    from orchestrator.tuning import TuneError
+    from orchestrator.tune_spec import TuneError
 
     if isinstance(e, PipelineError):
         return 2, f"invalid pipeline: {e}"
@@ -48,7 +48,7 @@ def explain(e: Exception) -> tuple[int, str]:
         return 2, f"error: could not connect: {e}; {hint}"
     if isinstance(e, ValueError):  # a bad --set / --force / --only / data-shapes argument
         return 2, f"error: {e}"
-    from orchestrator.cache import mmkd_home
+    from orchestrator.artifact_store import mmkd_home
 
     return 1, internal_error(e, mmkd_home() / "logs")
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cache import ArtifactStore
+from orchestrator.artifact_store import ArtifactStore
 from orchestrator.plugin import get_workload, missing_outputs
 from orchestrator.ray_setup import forwarded_env
 from orchestrator.spec import Pipeline, Stage

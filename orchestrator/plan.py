@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.cache import ArtifactStore, compute_key_parts, mmkd_home
+from orchestrator.artifact_store import ArtifactStore, compute_key_parts, mmkd_home
 from orchestrator.fingerprint import config_fingerprint
 from orchestrator.keys import code_fingerprint, explain_change
 from orchestrator.plugin import get_workload

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from orchestrator.cache import mmkd_home
+from orchestrator.artifact_store import mmkd_home
 
 # Environment a stage process needs to see what the driver sees (a cluster's workers don't
 # inherit the driver's shell).

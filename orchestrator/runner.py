@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cache import mmkd_home
+from orchestrator.artifact_store import mmkd_home
 from orchestrator.dag import ready_stages
 from orchestrator.executor import (DATA_CPUS, StageFailed, progress_hub_class, run_name_for,
                                    release_sides, side_later, stage_cpus, stage_payload,
@@ -26,7 +26,7 @@ from orchestrator.lease import Lease
 from orchestrator.placement import Reaper
 from orchestrator.plan import pipeline_keys, resolve_force, store_for
 from orchestrator.ray_setup import ensure_ray
-from orchestrator.runs import RunRecord, StageRecord, list_runs
+from orchestrator.run_records import RunRecord, StageRecord, list_runs
 from orchestrator.spec import Pipeline, Stage
 from orchestrator.stage_outcomes import StageOutcomes, error_text
 from orchestrator.secret_env import redact_text

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from orchestrator.plugin import HEADLINE_FILE, root_cause
-from orchestrator.runs import StageRecord
+from orchestrator.run_records import StageRecord
 from orchestrator.spec import Stage
 
 logger = logging.getLogger("mmkd")

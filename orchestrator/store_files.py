@@ -1,6 +1,6 @@
 """The files of a stored result: checksums for its manifest, durable writes, integrity checks
 of what is read back, and sweeping what crashed writers and downloads left behind (see
-``orchestrator/cache.py`` for how a publish uses them)."""
+``orchestrator/artifact_store.py`` for how a publish uses them)."""
 
 from __future__ import annotations
 

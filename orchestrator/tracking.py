@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cache import mmkd_home
+from orchestrator.artifact_store import mmkd_home
 from orchestrator.lease import pid_alive
 from orchestrator.secret_env import redact_text
 

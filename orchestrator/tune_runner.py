@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cache import compute_keys, mmkd_home
+from orchestrator.artifact_store import compute_keys, mmkd_home
 from orchestrator.placement import Reaper
 from orchestrator.console import RAY_OUTPUT_ENV
 from orchestrator.executor import progress_hub_class, release_sides, stage_payload, stage_task
@@ -29,7 +29,7 @@ from orchestrator.ray_setup import ensure_ray
 from orchestrator.runner import PipelineRunner
 from orchestrator.spec import Pipeline
 from orchestrator.tracking import Tracker, default_tracking_uri, driver_tag
-from orchestrator.tuning import (TuneSpec, default_concurrency, param_space, select_chain,
+from orchestrator.tune_spec import (TuneSpec, default_concurrency, param_space, select_chain,
                                  tune_name, upstream_pipeline)
 
 logger = logging.getLogger("mmkd.tune")
@@ -46,7 +46,7 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any]) -> None:
     import ray
     from ray import tune
 
-    from orchestrator.cache import ArtifactStore, stage_key
+    from orchestrator.artifact_store import ArtifactStore, stage_key
     from orchestrator.spec import Stage
 
     stage: Stage = base["stage"]

@@ -8,7 +8,7 @@ __all__ = ["runs_page", "open_when_up"]
 def runs_page(uri: str, base: str, pipeline: str | None) -> str:
     """The runs table of ``pipeline`` (default: the pipeline of the most recent run), not
     MLflow's home page; the home page when there is no such experiment yet."""
-    from orchestrator.runs import list_runs
+    from orchestrator.run_records import list_runs
 
     if pipeline is None:
         recent = list_runs(limit=1)

@@ -10,7 +10,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from orchestrator.runs import RunRecord, format_duration
+from orchestrator.run_records import RunRecord, format_duration
 
 _STYLE = {"pending": "dim", "running": "bold cyan", "cached": "blue", "done": "green",
           "failed": "bold red", "skipped": "yellow"}

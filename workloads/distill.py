@@ -44,7 +44,7 @@ from workloads.divergences import DivergenceSpec
 from orchestrator.plugin import workload
 from workloads.teacher.service.stage import (TeacherResources, serve, service_spec,
                                               side_resources)
-from workloads.training import Part, TrainConfig, run_train_stage, resolve_model_spec
+from workloads.pretrain_sft import Part, TrainConfig, run_train_stage, resolve_model_spec
 
 __all__ = ["DistillConfig", "distill", "validate_distill", "check_distill_pair",
            "build_distill_loss", "DistillCompatError", "TeacherResources", "service_spec"]
@@ -242,7 +242,7 @@ def build_distill_loss(config: DistillConfig, ctx: StageContext) -> DistillLoss:
 
 
 def _validate(config: DistillConfig, inputs: dict | None = None) -> list[str]:
-    from workloads.training import data_problems
+    from workloads.pretrain_sft import data_problems
 
     return validate_distill(config, inputs) + data_problems(config, inputs)
 

@@ -102,7 +102,7 @@ class DistillLoss:
 
     def __call__(self, engine: Any, batch: dict[str, Any], sctx: Any):
         from workloads.kd_terms import KDBatch, get_kd_term, objective
-        from workloads.train_setup import model_inputs
+        from workloads.train_loop_parts import model_inputs
 
         state = sctx.state
         teacher = state["teacher"]

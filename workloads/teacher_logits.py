@@ -43,7 +43,7 @@ def teacher_logits(config: TeacherLogitsConfig, ctx: StageContext) -> dict[str, 
     from workloads.data.processor import processor_family
     from workloads.families import image_token_id as config_image_token_id
     from workloads.models import load_model
-    from workloads.training import resolve_data_source
+    from workloads.pretrain_sft import resolve_data_source
 
     teacher_dir = ctx.input("teacher")
     teacher_dir = teacher_dir[0] if isinstance(teacher_dir, list) else teacher_dir
@@ -62,7 +62,7 @@ def teacher_logits(config: TeacherLogitsConfig, ctx: StageContext) -> dict[str, 
     out_dir = os.path.join(ctx.output_dir, "logits")
     writer = ShardWriter(out_dir, config.shard_size)
     n_rows = 0
-    from workloads.train_setup import model_inputs
+    from workloads.train_loop_parts import model_inputs
 
     for raw in ds.iter_batches(batch_size=config.batch_size, batch_format="numpy"):
         batch = collate(raw, tok.pad_token_id, family=family)

@@ -76,7 +76,7 @@ def test_show_refuses_what_is_not_a_run_id(capsys, tmp_path, monkeypatch, run_id
 
 def test_error_text_with_brackets_prints_as_written(capsys, tmp_path, monkeypatch):
     """Rich would read `[/data/x]` as a closing markup tag and crash the console."""
-    from orchestrator.runs import RunRecord, StageRecord
+    from orchestrator.run_records import RunRecord, StageRecord
 
     monkeypatch.setenv("MMKD_HOME", str(tmp_path / "home"))
     rec = RunRecord(run_id="run-0badc0de", pipeline="p", path="p.yaml", overrides=[],
@@ -123,7 +123,7 @@ def test_ui_opens_on_the_pipelines_runs_page(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.ui import runs_page as _runs_page
-    from orchestrator.runs import RunRecord
+    from orchestrator.run_records import RunRecord
 
     monkeypatch.setenv("MMKD_HOME", str(tmp_path))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workloads.evaluate import (accuracy_by_type, exact_match, model_names, normalize_answer,
+from workloads.evaluation.evaluate import (accuracy_by_type, exact_match, model_names, normalize_answer,
                                 results_table)
 
 

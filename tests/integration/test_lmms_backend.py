@@ -1,6 +1,6 @@
-"""lmms-eval as ``evaluate``'s backend (``workloads.lmms_backend``) on a local task built from the
+"""lmms-eval as ``evaluate``'s backend (``workloads.evaluation.lmms_backend``) on a local task built from the
 shapes eval split, offline: lmms-eval's answers and its exact-match score are checked against
-the same models' greedy answers (``workloads.evaluate.generate_answer``) scored in the test.
+the same models' greedy answers (``workloads.evaluation.evaluate.generate_answer``) scored in the test.
 
 Two tiny models: a random one (its answers depend on every pixel and prompt token, so equal
 answers mean lmms-eval asked the same question about the same image) and a "yes-sayer" made by
@@ -18,9 +18,9 @@ import torch
 
 from workloads.data.eval_examples import iter_eval_examples
 from workloads.data.source import DataSource
-from workloads.evaluate import exact_match, generate_answer
+from workloads.evaluation.evaluate import exact_match, generate_answer
 from mmkd_test_plugins.train_fixtures import yes_sayer
-from workloads.lmms_backend import INSTALL, run_lmms_eval, write_local_task
+from workloads.evaluation.lmms_backend import INSTALL, run_lmms_eval, write_local_task
 
 TASK = "mmkd_shapes_eval"
 MAX_NEW_TOKENS = 8
@@ -134,7 +134,7 @@ def test_evaluate_stage_with_the_lmms_eval_backend(setup):
     """`evaluate` with `backend: lmms_eval` and no `tasks`: the eval data becomes a local task;
     lmms-eval's scores land in the same table, with an interval and a paired test."""
     from orchestrator.plugin import StageContext
-    from workloads.evaluate import EvalConfig, evaluate
+    from workloads.evaluation.evaluate import EvalConfig, evaluate
 
     ctx = StageContext(pipeline="p", stage="evaluate", key="k",
                        output_dir=str(setup["root"] / "stage"),

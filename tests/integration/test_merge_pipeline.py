@@ -85,7 +85,7 @@ def test_merge_workload_then_evaluate_style_generation(setup, method, extra):
 
     from workloads.data.eval_examples import iter_eval_examples
     from workloads.data.source import DataSource
-    from workloads.evaluate import generate_answer
+    from workloads.evaluation.evaluate import generate_answer
 
     root, dirs = setup["root"], setup["dirs"]
     if not (root / "part_k2" / "partitions").exists():

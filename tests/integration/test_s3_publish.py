@@ -11,8 +11,8 @@ import pyarrow.fs as pafs
 import pytest
 from moto_server import moto_s3
 
-import orchestrator.cache as cache
-from orchestrator.cache import POINTER, ArtifactStore, StoreIntegrityError
+import orchestrator.artifact_store as cache
+from orchestrator.artifact_store import POINTER, ArtifactStore, StoreIntegrityError
 
 KEY = "cd" * 32
 

@@ -8,7 +8,7 @@ import pytest
 from mmkd_test_plugins.gates import wait_until
 from moto_server import moto_s3
 
-from orchestrator.cache import ArtifactStore
+from orchestrator.artifact_store import ArtifactStore
 from orchestrator.runner import PipelineRunner
 from orchestrator.loader import load_pipeline
 

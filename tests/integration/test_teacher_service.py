@@ -12,7 +12,7 @@ from mmkd_test_plugins.gates import DEADLINE_S, Gate, GatedStageContext, wait_un
 from stage_helpers import stage_ctx
 from workloads.distill import DistillConfig, distill, service_spec, validate_distill
 from workloads.teacher_logits import TeacherLogitsConfig, teacher_logits
-from workloads.teacher.service import ServiceLease, ServiceSpec, find_service
+from workloads.teacher.service import ServiceUse, ServiceSpec, find_service
 
 TERMS = ("loss", "ce", "l_res", "l_vis", "l_rel")
 # 3 steps over the same seeded batches in every run (1 worker, preserved row order)
@@ -187,7 +187,7 @@ def test_a_user_that_stops_heartbeating_is_dropped_and_the_service_ends(setup):
     """A stage whose driver died (registered, then silent): its lease expires, and the
     service, left without users, kills its replica and itself."""
     spec = ServiceSpec(teacher_dir=setup["teacher"], top_k=3, lease_s=2.0)
-    lease = ServiceLease(spec, stage="dies").__enter__()
+    lease = ServiceUse(spec, stage="dies").__enter__()
     # its replicas, asked while the lease still beats (the service cannot end meanwhile)
     replicas = __import__("ray").get(lease.handle.replicas.remote())
     lease._stop.set()  # the driver "dies": no more heartbeats, no unregister
@@ -220,14 +220,14 @@ def test_a_runs_hold_ends_with_the_run_or_after_hold_s(setup):
     from workloads.teacher.service import release_run
 
     spec = ServiceSpec(teacher_dir=setup["teacher"], top_k=4)
-    with ServiceLease(spec, stage="a", run_id="run-held", hold_s=600):
+    with ServiceUse(spec, stage="a", run_id="run-held", hold_s=600):
         pass
     service = find_service(spec.name)
     assert service is not None and __import__("ray").get(service.metrics.remote())["users"] == 1
     release_run("run-held")
     assert _wait_gone(spec.name)
     hold_s = 8.0
-    with ServiceLease(spec, stage="b", run_id="run-dead-driver", hold_s=hold_s):
+    with ServiceUse(spec, stage="b", run_id="run-dead-driver", hold_s=hold_s):
         # the hold is registered as the block exits, after this instant: it cannot expire
         # before `since + hold_s`, and without it the service would end as the stage leaves
         since = time.monotonic()

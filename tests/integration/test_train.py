@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from orchestrator.plugin import Resources, StageContext
-from workloads.train import run_training
+from workloads.train_loop import run_training
 from mmkd_test_plugins.train_fixtures import build_tiny_tokenizer, shapes_rows
-from workloads.train_setup import ResourceError, TrainParams
+from workloads.train_loop_parts import ResourceError, TrainParams
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 
 from orchestrator.plugin import Resources, StageContext
 from workloads.data.quality import DataQualityError
-from workloads.training import PretrainConfig, pretrain
+from workloads.pretrain_sft import PretrainConfig, pretrain
 
 
 def _ctx(root, stage, inputs):

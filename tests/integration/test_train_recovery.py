@@ -11,10 +11,10 @@ import signal
 import threading
 
 from orchestrator.plugin import Resources, StageContext
-from workloads.train import run_training
+from workloads.train_loop import run_training
 from mmkd_test_plugins.gates import Gate, pid_gone, wait_until
 from mmkd_test_plugins.train_fixtures import SlowLoss, build_tiny_tokenizer, shapes_rows
-from workloads.train_setup import TrainParams
+from workloads.train_loop_parts import TrainParams
 
 
 def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from orchestrator.plugin import Resources, StageContext
-from workloads.evaluate import EvalConfig, accuracy_by_type, evaluate
-from workloads.training import PretrainConfig, SFTConfig, pretrain, sft
+from workloads.evaluation.evaluate import EvalConfig, accuracy_by_type, evaluate
+from workloads.pretrain_sft import PretrainConfig, SFTConfig, pretrain, sft
 
 
 def _ctx(root, stage, inputs, workers=2):
@@ -74,7 +74,7 @@ def test_trained_model_loads_with_plain_transformers(chain):
 
     from workloads.data.eval_examples import iter_eval_examples
     from workloads.data.source import DataSource
-    from workloads.evaluate import generate_answer
+    from workloads.evaluation.evaluate import generate_answer
 
     path = os.path.join(chain["sft"].output_dir, "model")
     model = LlavaForConditionalGeneration.from_pretrained(path).eval()

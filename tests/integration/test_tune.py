@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.tune_runner import run_tune
-from orchestrator.tuning import TuneError, load_tune
+from orchestrator.tune_spec import TuneError, load_tune
 
 PIPE = """
 name: tune_me
@@ -317,7 +317,7 @@ def test_a_killed_trial_gives_its_training_resources_back(ray_session, files):
     import ray
     from ray.util import placement_group_table
 
-    from orchestrator.cache import compute_keys
+    from orchestrator.artifact_store import compute_keys
     from orchestrator.placement import Reaper
     from orchestrator.executor import stage_payload, stage_task
     from orchestrator.plan import fingerprints, store_for
@@ -400,7 +400,7 @@ def test_tune_trials_share_one_teacher_service(ray_session, files):
     (files / "tune.yaml").write_text(textwrap.dedent(TRAIN_TUNE).replace(
         "metric: loss", "metric: ce").replace("stage: fit", "stage: dft"))
     spec, pipeline = load_tune(str(files / "tune.yaml"))
-    from orchestrator.tuning import default_concurrency
+    from orchestrator.tune_spec import default_concurrency
 
     assert default_concurrency(pipeline, "dft") == 1  # (4 CPUs - 1 replica) // (1 + 1)
     out = run_tune(spec, pipeline, str(files / "tune.yaml"))

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from orchestrator.cache import SUCCESS, ArtifactStore, compute_keys
+from orchestrator.artifact_store import SUCCESS, ArtifactStore, compute_keys
 from orchestrator.loader import load_pipeline
 
 PIPE = """
@@ -35,7 +35,7 @@ def keys_for(path, overrides=()):
 
 def test_keys_are_stable_across_processes(pipe_path):
     here = keys_for(pipe_path)
-    code = ("import json,sys; from orchestrator.cache import compute_keys; "
+    code = ("import json,sys; from orchestrator.artifact_store import compute_keys; "
             "from orchestrator.loader import load_pipeline; "
             f"print(json.dumps(compute_keys(load_pipeline({str(pipe_path)!r}).stages)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -174,7 +174,7 @@ def test_collate_pads_right():
 def test_llava_rows_and_batches_keep_their_exact_columns(tiny, spec):
     """The family data path (tests/unit/test_family_data.py) leaves LLaVA dirs as they were:
     no `mm`/`family` columns, one pixel row per sample, images picked by has_image."""
-    from workloads.train_setup import model_inputs
+    from workloads.train_loop_parts import model_inputs
 
     assert spec.family == "llava" and spec.parts is None
     pre = Preprocessor(tiny["processor"], max_length=128, quality=None)

@@ -16,7 +16,7 @@ from workloads.teacher.offline import ShardWriter
 from workloads.teacher.payload import row_digests, teacher_entries
 from workloads.models import build_model, load_model, save_model
 from mmkd_test_plugins.train_fixtures import build_tiny_tokenizer, shapes_rows
-from workloads.train_setup import StepContext, model_inputs
+from workloads.train_loop_parts import StepContext, model_inputs
 
 TERMS = ("loss", "ce", "l_res", "l_vis", "l_rel")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from workloads.eval_metrics import (
+from workloads.evaluation.metrics import (
     METRICS,
     exact_match,
     extract_choice,
@@ -92,7 +92,7 @@ def test_gqa_match(prediction, answer, expected):
 
 
 def test_todays_exact_match_kept():
-    # the behaviour workloads.evaluate had: punctuation -> space, articles dropped
+    # the behaviour workloads.evaluation.evaluate had: punctuation -> space, articles dropped
     assert normalize_answer("The Red, Ball!") == "red ball"
     assert normalize_answer("a  big-circle") == "big circle"
     assert exact_match("A cat.", "cat") and not exact_match("cats", "cat")

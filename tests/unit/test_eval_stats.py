@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from workloads.eval_stats import (
+from workloads.evaluation.stats import (
     MCNEMAR_EXACT_BELOW,
     Comparison,
     bootstrap_interval,
@@ -173,7 +173,7 @@ def test_format_comparison_raw_scale():
 # -- results that flag themselves (#24) --------------------------------------------------------
 
 def test_answer_floors_and_below_floor_by_hand():
-    from workloads.eval_checks import answer_floors, below_floor
+    from workloads.evaluation.checks import answer_floors, below_floor
 
     refs = ([{"question_type": "colour", "answer": a} for a in
              ["green", "Green.", "green", "red", "blue"]]
@@ -190,7 +190,7 @@ def test_blind_examples_replace_images_by_one_grey_image():
     from PIL import Image
 
     from workloads.data.eval_examples import EvalExample
-    from workloads.eval_checks import BLIND_RGB, blind_examples
+    from workloads.evaluation.checks import BLIND_RGB, blind_examples
 
     ex = EvalExample(key="k", source="s", image=Image.new("RGB", (8, 6), (255, 0, 0)),
                      prompt_conversation=[], answer="red", question_type="colour")

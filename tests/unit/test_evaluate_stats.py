@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from scipy import stats
 
-from workloads.eval_metrics import METRICS
-from workloads.evaluate import compare_models, results_table, score_interval, seed_arms
+from workloads.evaluation.metrics import METRICS
+from workloads.evaluation.evaluate import compare_models, results_table, score_interval, seed_arms
 
 
 def test_exact_match_interval_is_wilson():

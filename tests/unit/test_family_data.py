@@ -21,7 +21,7 @@ from workloads.data.quality import SampleQuality
 from workloads.teacher.payload import row_digests
 from workloads.families import (FAMILIES, encode, load_processor_parts, save_processor_parts,
                                 tiny_config, tiny_model, tiny_processor_parts)
-from workloads.train_setup import model_inputs
+from workloads.train_loop_parts import model_inputs
 
 NAMES = sorted(FAMILIES)
 Q = {"from": "human", "value": "<image>\nWhat color is the shape?"}

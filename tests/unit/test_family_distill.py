@@ -19,7 +19,7 @@ from workloads.distill import (DistillCompatError, DistillConfig, check_distill_
                                validate_distill)
 from workloads.families.pairing import check_family_pair
 from workloads.distill_loss import DistillLoss
-from workloads.train_setup import StepContext
+from workloads.train_loop_parts import StepContext
 
 NAMES = ["qwen2_vl", "idefics3", "gemma3"]
 CONV = [{"role": "user", "content": "<image>\nWhat color is the shape?"},

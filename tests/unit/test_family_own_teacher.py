@@ -23,7 +23,7 @@ from workloads.data.preprocess import IGNORE_INDEX, Preprocessor, rows_to_column
 from workloads.data.processor import load_processor
 from workloads.data.quality import SampleQuality
 from workloads.distill_loss import DistillLoss
-from workloads.train_setup import StepContext
+from workloads.train_loop_parts import StepContext
 
 FAMILY = "smolvlm"
 Q = {"from": "human", "value": "<image>\nWhat color is the shape?"}
@@ -248,7 +248,7 @@ def test_run_train_stage_saves_the_teacher_processor_for_own_inputs(pair, shard_
     is saved beside the student's and passed to the dataset; any other loss -> nothing."""
     import workloads.data.dataset as dataset_mod
     from workloads.distill import DistillConfig
-    from workloads.training import run_train_stage
+    from workloads.pretrain_sft import run_train_stage
 
     seen = []
 

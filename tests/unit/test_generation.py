@@ -14,8 +14,8 @@ import torch
 
 from workloads.data.eval_examples import EvalExample, iter_eval_examples
 from workloads.data.source import DataSource
-from workloads.evaluate import generate_answer
-from workloads.generation import batching, generate_answers, prompt_text
+from workloads.evaluation.evaluate import generate_answer
+from workloads.evaluation.generation import batching, generate_answers, prompt_text
 
 
 @pytest.fixture(scope="module")

@@ -221,7 +221,7 @@ def test_incompatible_inputs_name_the_method_and_the_need(pico):
 
 def test_wrappers_score_mixed_image_text_batches_like_evaluate(pico):
     """evaluate's caption_perplexity passes images only for rows that have one."""
-    from workloads.evaluate import caption_perplexity
+    from workloads.evaluation.evaluate import caption_perplexity
 
     m1, m2 = pico["models"]["expert1"], pico["models"]["expert2"]
     b = _batch(m1, pico["processor"], n=2)

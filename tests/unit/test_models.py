@@ -10,7 +10,7 @@ import torch
 from workloads.models import (ModelCompatError, ModelSpec, build_model, build_processor,
                               check_compat, describe_model, save_model, set_trainable)
 from mmkd_test_plugins.train_fixtures import build_tiny_tokenizer
-from workloads.train_setup import (ResourceError, TrainParams, build_optimizer, check_resources,
+from workloads.train_loop_parts import (ResourceError, TrainParams, build_optimizer, check_resources,
                                    deepspeed_config, warmup_cosine)
 
 

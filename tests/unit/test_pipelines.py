@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.loader import load_pipeline
-from orchestrator.tuning import load_tune
+from orchestrator.tune_spec import load_tune
 
 PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 
@@ -36,7 +36,7 @@ def test_default_pipeline_compares_teacher_baseline_and_kd_student():
 
 
 def test_kd_term_ablation_is_the_default_pipeline_four_ways_scored_on_validation():
-    from orchestrator.cache import compute_keys
+    from orchestrator.artifact_store import compute_keys
 
     default = compute_keys(load_pipeline(PIPELINES / "llava_kd.yaml").stages)
     p = load_pipeline(PIPELINES / "kd_term_ablation.yaml")
@@ -58,7 +58,7 @@ def test_kd_term_ablation_is_the_default_pipeline_four_ways_scored_on_validation
 
 
 def test_kd_stage_ablation_shares_stages_with_the_default_pipeline():
-    from orchestrator.cache import compute_keys
+    from orchestrator.artifact_store import compute_keys
 
     default = compute_keys(load_pipeline(PIPELINES / "llava_kd.yaml").stages)
     ablation = compute_keys(load_pipeline(PIPELINES / "kd_stage_ablation.yaml").stages)
@@ -90,7 +90,7 @@ def test_tune_spec_loads():
     assert pipeline.name == "llava_kd"
     dpt, pipeline = load_tune(str(PIPELINES / "tune_kd_weights_dpt.yaml"))
     assert dpt.stage == "student_dpt" and dpt.select.stage == "evaluate"
-    from orchestrator.tuning import select_chain
+    from orchestrator.tune_spec import select_chain
 
     chain = [s.name for s in select_chain(pipeline, dpt.stage, dpt.select.stage)]
     assert chain == ["student_sft", "student_dft", "evaluate"]
@@ -188,7 +188,7 @@ def test_tune_selects_on_the_validation_split_by_default():
     """The tune's select stage reads shapes.val, not the held-out shapes.eval; the pipeline
     itself (what `mmkd run` reports) still evaluates on shapes.eval."""
     from orchestrator.loader import load_pipeline
-    from orchestrator.tuning import load_tune
+    from orchestrator.tune_spec import load_tune
 
     root = Path(__file__).resolve().parents[2]
     spec, pipeline = load_tune(str(root / "pipelines" / "tune_kd_weights.yaml"))

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from orchestrator.cache import MANIFEST, SUCCESS, ArtifactStore, sweep_local
+from orchestrator.artifact_store import MANIFEST, SUCCESS, ArtifactStore, sweep_local
 
 KEY = "ab" * 32
 
@@ -87,7 +87,7 @@ def test_leftovers_of_a_dead_writer_are_swept(tmp_path):
 def test_disk_full_while_publishing_names_the_path_and_publishes_nothing(tmp_path, monkeypatch):
     import errno
 
-    import orchestrator.cache as cache
+    import orchestrator.artifact_store as cache
 
     store = ArtifactStore(str(tmp_path / "store"))
     _publish(store, "old")

@@ -3,7 +3,7 @@
 name, the family compatibility check and an offline description.
 
 Prompts. mmkd renders a prompt with the tokenizer's chat template first and hands the rendered
-string to the processor (``workloads/generation.py``), so ``FamilyProcessor.image_token`` is the
+string to the processor (``workloads/evaluation/generation.py``), so ``FamilyProcessor.image_token`` is the
 family's ``image_placeholder`` — the string a rendered prompt carries once per image and
 ``__call__`` expands (``<image>``, ``<|image_pad|>``, ``<IMG_CONTEXT>``, ``<start_of_image>``).
 A plain-string user turn with that placeholder renders exactly like the family's own image item

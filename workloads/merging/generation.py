@@ -1,7 +1,7 @@
 """Greedy generation for merged wrappers (``cross``, ``ensemble``) that are not HF
 ``GenerationMixin`` models. Same call shape as HF: ``generate(input_ids=, attention_mask=,
 pixel_values=, max_new_tokens=, do_sample=False)`` → prompt + new ids, so
-``workloads/evaluate.py``'s ``generate_answer`` works unchanged. No KV cache: every step
+``workloads/evaluation/evaluate.py``'s ``generate_answer`` works unchanged. No KV cache: every step
 re-runs the whole sequence (fine for short VQA answers; cost O(T²)). The image token is never
 generated (``suppress``): the re-run would read it as an image placeholder.
 

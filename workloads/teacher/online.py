@@ -94,7 +94,7 @@ class OnlineTeacher:
 
         from workloads.kd_terms.teacher_rows import PairedRows
         from workloads.losses import align_vocab, response_mask
-        from workloads.train_setup import model_inputs
+        from workloads.train_loop_parts import model_inputs
 
         n = len(TEACHER_PREFIX)
         t_batch = {k[n:]: v for k, v in batch.items() if k.startswith(TEACHER_PREFIX)}

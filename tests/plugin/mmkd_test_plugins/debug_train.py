@@ -52,7 +52,7 @@ class _NanAtStep:
         import time
 
         from mmkd_test_plugins.train_fixtures import hold_at_gate
-        from workloads.train_setup import CausalLMLoss
+        from workloads.train_loop_parts import CausalLMLoss
 
         hold_at_gate(self.gate_dir, self.hold_after_step, sctx)
         time.sleep(self.seconds)
@@ -79,9 +79,9 @@ def tiny_train(config: TinyTrainConfig, ctx: StageContext) -> dict[str, float]:
     import ray
     from transformers import AutoTokenizer
 
-    from workloads.train import run_training
+    from workloads.train_loop import run_training
     from mmkd_test_plugins.train_fixtures import build_tiny_tokenizer, shapes_rows
-    from workloads.train_setup import TrainParams
+    from workloads.train_loop_parts import TrainParams
 
     tok_dir = build_tiny_tokenizer(os.path.join(ctx.output_dir, "_tokenizer"))
     tok = AutoTokenizer.from_pretrained(tok_dir)

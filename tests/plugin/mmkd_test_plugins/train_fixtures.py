@@ -113,7 +113,7 @@ class SlowLoss:
     def __call__(self, model: Any, batch: dict[str, Any], sctx: Any):
         import time
 
-        from workloads.train_setup import CausalLMLoss
+        from workloads.train_loop_parts import CausalLMLoss
 
         hold_at_gate(self.gate_dir, self.hold_after_step, sctx)
         time.sleep(self.seconds)

@@ -72,7 +72,7 @@ class TeacherReplica:
         import torch
 
         from workloads.teacher.payload import teacher_entries
-        from workloads.train_setup import model_inputs
+        from workloads.train_loop_parts import model_inputs
 
         batch = {k: torch.tensor(v) for k, v in request.items()}
         if rows is not None:

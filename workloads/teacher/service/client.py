@@ -1,6 +1,6 @@
 """Both ends of a stage's use of the teacher service.
 
-``ServiceLease`` (the stage's driver): find the service by name or start it, register the stage
+``ServiceUse`` (the stage's driver): find the service by name or start it, register the stage
 as a user, heartbeat while the stage runs, unregister at the end (the last user out stops the
 service). A driver that dies stops heartbeating; the service drops it after ``lease_s``. A run
 whose later stages use the service holds it between them (``release_run`` at the run's end).
@@ -23,7 +23,7 @@ from workloads.teacher.payload import row_digests, stored_rows
 from workloads.teacher.service.actors import TeacherService
 from workloads.teacher.service.spec import NAMESPACE, SERVICE_PREFIX, ServiceSpec
 
-__all__ = ["ServiceLease", "ServiceClient", "TeacherServiceError", "find_service",
+__all__ = ["ServiceUse", "ServiceClient", "TeacherServiceError", "find_service",
            "release_run", "run_user"]
 
 _TEACHER_PREFIX = "teacher_"  # the teacher's own encoding (distill_loss.TEACHER_PREFIX): not sent
@@ -48,9 +48,9 @@ def find_service(name: str) -> Any | None:
 # ----------------------------------------------------------------------------- driver side
 
 
-class ServiceLease:
-    """``with ServiceLease(spec, stage=...) as lease:`` — the stage is a user of the service for
-    the duration of the block; ``lease.final_metrics`` holds the service's counters at exit.
+class ServiceUse:
+    """``with ServiceUse(spec, stage=...) as use:`` — the stage is a user of the service for
+    the duration of the block; ``use.final_metrics`` holds the service's counters at exit.
 
     ``run_id`` with ``hold_s > 0``: later stages of the run use the service too, so at exit the
     run holds it (user ``run/<run_id>``, dropped after ``hold_s``, or by ``release_run`` when
@@ -70,7 +70,7 @@ class ServiceLease:
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
-    def __enter__(self) -> "ServiceLease":
+    def __enter__(self) -> "ServiceUse":
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 

@@ -83,10 +83,10 @@ def serve(config: Any, ctx: StageContext, loss_fn: Any,
     none runs); the service's counters join the final metrics as ``teacher_service/*``. Later
     stages of the run that use it (``ctx.side_later``) find it held for them."""
     from orchestrator.executor import DATA_CPUS
-    from workloads.teacher.service.client import ServiceLease
+    from workloads.teacher.service.client import ServiceUse
 
     res = ctx.resources
-    with ServiceLease(service_spec(config, ctx), stage=ctx.stage,
+    with ServiceUse(service_spec(config, ctx), stage=ctx.stage,
                       need_cpus=res.num_workers * res.cpus_per_worker + DATA_CPUS,
                       need_gpus=res.num_workers * res.gpus_per_worker, run_id=ctx.run_id,
                       hold_s=config.teacher_resources.hold_s if ctx.side_later else 0.0) as lease:

@@ -37,13 +37,13 @@ __all__ = ["INSTALL", "LmmsUnavailable", "write_local_task", "run_lmms_eval", "f
 INSTALL = ("pip install --no-deps lmms-eval==0.7.3 && pip install accelerate datasets evaluate "
            "loguru tenacity sacrebleu pytablewriter decord")
 
-# lmms-eval's stock exact_match, normalised like ``workloads.evaluate.normalize_answer``
+# lmms-eval's stock exact_match, normalised like ``workloads.evaluation.evaluate.normalize_answer``
 # (lowercase, no punctuation, no articles, whitespace ignored); regexes run before lowercasing.
 _EXACT_MATCH = {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
                 "ignore_case": True, "ignore_punctuation": True,
                 "regexes_to_ignore": [r"(?i)\b(a|an|the)\b", r"\s+"]}
 
-_UTILS_PY = '''"""Written by mmkd (workloads/lmms_backend.py); images lie beside data.jsonl."""
+_UTILS_PY = '''"""Written by mmkd (workloads/evaluation/lmms_backend.py); images lie beside data.jsonl."""
 import os
 
 from PIL import Image

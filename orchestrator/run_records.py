@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cache import mmkd_home
+from orchestrator.artifact_store import mmkd_home
 
 STATUSES = ("pending", "waiting", "running", "cached", "done", "failed", "skipped")
 

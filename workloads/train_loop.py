@@ -26,7 +26,7 @@ from orchestrator.plugin import StageContext
 from workloads.checkpoints import load_worker_state, refusing_pickled_code, save_worker_state
 from workloads.errors import NonFiniteLossError, StageError, no_retry_failure_policy, root_stage_error
 from workloads.lineage import write_lineage
-from workloads.train_setup import (CausalLMLoss, LossFn, StepContext, TrainParams, build_optimizer,
+from workloads.train_loop_parts import (CausalLMLoss, LossFn, StepContext, TrainParams, build_optimizer,
                                    check_resources, deepspeed_config)
 
 __all__ = ["run_training", "train_loop_per_worker", "plan_total_steps", "CKPT_META"]

@@ -15,7 +15,7 @@ import dataclasses
 from collections import Counter, defaultdict
 from typing import Any, Sequence
 
-from workloads.eval_metrics import normalize_answer
+from workloads.evaluation.metrics import normalize_answer
 
 __all__ = ["answer_floors", "below_floor", "blind_examples", "floor_lines"]
 

@@ -6,7 +6,7 @@ metric, ``options`` ({letter: text}), ``label`` (yes/no), ``image_id``, ``catego
 ``circular_id``.
 
 Each ``Metric`` has ``item_score(prediction, reference) -> float`` in [0, 1] (what
-``workloads.eval_stats`` resamples), ``aggregate(records) -> dict`` with the benchmark's numbers,
+``workloads.evaluation.stats`` resamples), ``aggregate(records) -> dict`` with the benchmark's numbers,
 and ``headline``, the key a paper reports.
 
 Registry keys, benchmarks, and the official scorer each follows:
@@ -14,7 +14,7 @@ Registry keys, benchmarks, and the official scorer each follows:
 - ``vqa``: VQAv2, TextVQA, VizWiz. EvalAI answer processing and the leave-one-out soft accuracy
   (GT-Vision-Lab/VQA vqaEval.py; mmf/LLaVA m4c_evaluator.py; lmms-eval vqa_eval_metric.py).
 - ``gqa``: GQA. LLaVA scripts/convert_gqa_for_eval.py, then GQA eval.py's prediction == gold.
-- ``exact_match``: mmkd's own VQA splits, as ``workloads.evaluate`` scored them (unchanged).
+- ``exact_match``: mmkd's own VQA splits, as ``workloads.evaluation.evaluate`` scored them (unchanged).
 - ``pope``: POPE. AoiDragon/POPE evaluate.py (= LLaVA llava/eval/eval_pope.py).
 - ``multiple_choice``: ScienceQA, MMBench, MMMU. MMBench's rule-based ``can_infer``
   (lmms-eval tasks/mmbench/mmbench_evals.py), without its GPT fallback.

@@ -1,4 +1,4 @@
-"""``pretrain`` and ``sft``: the same loop (``workloads.train``) with different defaults.
+"""``pretrain`` and ``sft``: the same loop (``workloads.train_loop``) with different defaults.
 
 Inputs (``ctx.inputs``, local paths):
   tokenizer  tokenizer dir, needed when the model comes from a preset
@@ -18,8 +18,8 @@ from workloads.data.preflight import validate_config_sources
 from workloads.data.source import DataSource
 from workloads.models import ModelSpec, save_processor
 from orchestrator.plugin import WorkloadConfig, workload
-from workloads.train import run_training
-from workloads.train_setup import TrainParams
+from workloads.train_loop import run_training
+from workloads.train_loop_parts import TrainParams
 
 __all__ = ["TrainConfig", "PretrainConfig", "SFTConfig", "pretrain", "sft", "resolve_model_spec",
            "resolve_data_source", "train_params"]

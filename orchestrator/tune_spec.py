@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from orchestrator.cache import compute_keys
+from orchestrator.artifact_store import compute_keys
 from orchestrator.loader import load_pipeline
 from orchestrator.spec import Pipeline
 from orchestrator.yaml_lines import YamlError, load_yaml_with_lines

@@ -1,4 +1,4 @@
-"""Stage keys (content hashes) and the artifact store.
+"""The artifact store: where stage results live, under their keys.
 
 A stage's key is sha256 over what determines its result (``orchestrator.keys``: the code it
 runs, library versions, params, upstream keys, resources that change numerics, a fingerprint of

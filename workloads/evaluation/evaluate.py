@@ -1,7 +1,7 @@
 """``evaluate``: greedy answers to held-out questions (batched, with the KV cache), scored with
-the benchmark's own metric (``workloads.eval_metrics``: exact match, VQA soft accuracy, GQA,
+the benchmark's own metric (``workloads.evaluation.metrics``: exact match, VQA soft accuracy, GQA,
 POPE, multiple choice, MME), each model's score with its 95% interval, a paired test for every
-pair of models (``workloads.eval_stats``), one row per arm with mean ± std across seeds when
+pair of models (``workloads.evaluation.stats``), one row per arm with mean ± std across seeds when
 the models come from a seed matrix, caption perplexity, a predictions JSONL per model and a
 results table (markdown + CSV + JSON + chart) with each model's parameter count (an ensemble
 counts all its experts) and, from its lineage (``workloads.lineage``), the samples and wall
@@ -34,12 +34,12 @@ from typing import Any, Iterable, Literal, Sequence
 from pydantic import Field
 
 from orchestrator.plugin import HEADLINE_FILE, SUMMARY_FILE, StageContext, WorkloadConfig, workload
-from workloads.eval_checks import answer_floors, below_floor, blind_examples, floor_lines
+from workloads.evaluation.checks import answer_floors, below_floor, blind_examples, floor_lines
 from workloads.data.preflight import validate_config_sources
 from workloads.data.source import DataSource
-from workloads.eval_metrics import METRICS, Metric, exact_match, normalize_answer
+from workloads.evaluation.metrics import METRICS, Metric, exact_match, normalize_answer
 from workloads.merging.io import MERGED_META
-from workloads.report import accuracy_chart
+from workloads.evaluation.charts import accuracy_chart
 
 __all__ = ["EvalConfig", "evaluate", "normalize_answer", "exact_match", "accuracy_by_type",
            "results_table", "model_names", "generate_answer", "caption_perplexity",
@@ -166,10 +166,10 @@ def conversation_messages(conv: list[dict[str, str]]) -> list[dict[str, str]]:
 
 def generate_answer(model: Any, processor: Any, example: Any, max_new_tokens: int) -> str:
     """Greedy answer to one ``EvalExample``, one question per ``generate`` call: the reference
-    the batched ``workloads.generation.generate_answers`` is tested against."""
+    the batched ``workloads.evaluation.generation.generate_answers`` is tested against."""
     import torch
 
-    from workloads.generation import prompt_text
+    from workloads.evaluation.generation import prompt_text
 
     text = prompt_text(processor, example)
     images = [example.image] if example.image is not None else None
@@ -183,7 +183,7 @@ def caption_perplexity(model: Any, batches: Iterable[dict[str, Any]]) -> float:
     """exp(mean next-token NLL over label tokens) on collated batches."""
     import torch
 
-    from workloads.train_setup import model_inputs
+    from workloads.train_loop_parts import model_inputs
 
     nll, count = 0.0, 0
     with torch.no_grad():
@@ -224,7 +224,7 @@ def score_interval(metric: Metric, records: Sequence[dict[str, Any]], scores: Se
     image together, since acc+ needs the pair)."""
     import numpy as np
 
-    from workloads.eval_stats import bootstrap_interval, wilson_interval
+    from workloads.evaluation.stats import bootstrap_interval, wilson_interval
 
     if not scores:
         return float("nan"), float("nan")
@@ -251,7 +251,7 @@ def compare_models(scores: dict[str, list[float]], confidence: float = 0.95,
     """A paired test for every pair of models scored on the same questions (later − earlier):
     McNemar's test for 0/1 scores, a paired bootstrap otherwise; the difference's interval
     from the paired bootstrap."""
-    from workloads.eval_stats import format_comparison, paired_comparison
+    from workloads.evaluation.stats import format_comparison, paired_comparison
 
     out = []
     for a, b in itertools.combinations(scores, 2):
@@ -270,7 +270,7 @@ def seed_arms(results: dict[str, dict[str, Any]], headline: str,
               confidence: float = 0.95) -> dict[str, dict[str, Any]]:
     """Models named ``<arm>_seed-<n>`` grouped per arm (two seeds or more): mean ± std of the
     headline across seeds and the t-interval of the mean."""
-    from workloads.eval_stats import seed_summary
+    from workloads.evaluation.stats import seed_summary
 
     arms: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for name, res in results.items():
@@ -334,7 +334,7 @@ def evaluate(config: EvalConfig, ctx: StageContext) -> dict[str, float]:
 
     from workloads.data.eval_examples import iter_eval_examples
     from workloads.data.quality import SampleQuality
-    from workloads.generation import generate_answers
+    from workloads.evaluation.generation import generate_answers
     from workloads.lineage import totals as lineage_totals
     from workloads.merging import load_any_model
 
@@ -405,7 +405,7 @@ def _image_reliance(model: Any, processor: Any, examples: list, scores: list[flo
                     refs: list[dict[str, Any]], config: EvalConfig) -> dict[str, float] | None:
     """Accuracy on the first ``image_reliance_samples`` questions with their images replaced
     by a grey one, against the same questions with their images."""
-    from workloads.generation import generate_answers
+    from workloads.evaluation.generation import generate_answers
 
     k = min(config.image_reliance_samples, len(examples))
     if k == 0 or not any(getattr(ex, "image", None) is not None for ex in examples[:k]):
@@ -475,9 +475,9 @@ def _evaluate_lmms(config: EvalConfig, ctx: StageContext, models: dict[str, str]
                    source: DataSource) -> dict[str, float]:
     """lmms-eval on every model: its scores (``<task>/<metric>``) in the same table, intervals
     and paired tests on its per-question scores, the same MLflow headline."""
-    from workloads.eval_stats import wilson_interval
+    from workloads.evaluation.stats import wilson_interval
     from workloads.lineage import totals as lineage_totals
-    from workloads.lmms_backend import run_lmms_eval, write_local_task
+    from workloads.evaluation.lmms_backend import run_lmms_eval, write_local_task
 
     tasks, include = list(config.tasks), list(config.include_path)
     if not tasks:  # the eval data itself as a local task
