@@ -117,3 +117,24 @@ def test_a_stage_error_is_read_through_rays_wrappers():
     assert isinstance(direct, Bad) and error_text(direct) == "Bad: no"
     plain = ray.exceptions.RayTaskError("stage", "tb", KeyError("tokenizer")).as_instanceof_cause()
     assert error_text(plain) == "KeyError: 'tokenizer'"
+
+
+def _stage_modules() -> set[str]:
+    """The modules that register mmkd's own stages (pyproject's mmkd.workloads entry points)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return set(project["entry-points"]["mmkd.workloads"].values())
+
+
+def test_stage_modules_are_leaves_for_everything_but_other_stages():
+    """A stage module (what a pipeline names) may build on another stage's module (distill on
+    pretrain/sft's loop setup), but no library module reaches up into one: the pieces a stage
+    is made of never depend on the stage."""
+    stages = _stage_modules()
+    assert "workloads.distill" in stages and "workloads.evaluation.evaluate" in stages
+    offenders = [f"{name} imports {mod}" for name, (path, pkg) in _modules().items()
+                 if name not in stages
+                 for mod, names in _imports(name, path, pkg)
+                 for cand in [mod] + [f"{mod}.{n}" for n in names] if cand in stages]
+    assert offenders == []
