@@ -62,7 +62,7 @@ def _family_problem(model_dir: str) -> str | None:
         family_of(model_type)
     except ValueError as e:
         return f"repo: {model_dir}: {e}"
-    from workloads.models import config_problem
+    from workloads.model_spec import config_problem
 
     return config_problem(model_dir, "repo")
 

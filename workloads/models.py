@@ -24,10 +24,11 @@ family model each parameter by ``families.parameter_part``), and for a JAM-Cross
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import (BaseModel, ConfigDict, Field, field_validator, model_serializer,
-                      model_validator)
+from workloads.model_parts import count_params, model_parts, part_parameters, set_trainable
+from workloads.model_spec import (PARTS, PRESETS, ModelCompatError, ModelSpec, PartsSpec,
+                                  check_family, checkpoint_family, is_local)
 
 __all__ = [
     "PRESETS", "PARTS", "ModelSpec", "PartsSpec", "ModelCompatError", "describe_model",
@@ -36,25 +37,7 @@ __all__ = [
     "checkpoint_family",
 ]
 
-PARTS = ("vision", "projector", "llm", "bridges")
 IMAGE_TOKEN = "<image>"
-
-# Tiny presets: 32×32 images, patch 8 → 16 image tokens for both, so visual-token KD can match
-# positions. The teacher is ~10× the student so a few CPU minutes of training separate them.
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny-teacher": {
-        "vision": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=4, image_size=32, patch_size=8),
-        "text": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
-    },
-    "tiny-student": {
-        "vision": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                       num_attention_heads=2, image_size=32, patch_size=8),
-        "text": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512),
-    },
-}
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -64,124 +47,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-class ModelCompatError(ValueError):
-    """A model, its tokenizer and its image processor disagree; the message says what to change."""
-
-    deterministic = True  # Ray Train raises it at once (workloads/errors.py)
-
-
-class PartsSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    vision: str = Field(description="hub id or local path of a SigLIP/CLIP vision tower")
-    llm: str = Field(description="hub id or local path of a causal LM (e.g. Qwen2)")
-    projector: Literal["mlp2x_gelu"] = Field("mlp2x_gelu", description="projector type")
-
-
-class ModelSpec(BaseModel):
-    """Exactly one of ``preset``, ``path`` or ``parts``; ``family`` with ``preset`` or ``path``.
-    ``family: llava`` is stored as None (LLaVA-1.5), so it names the same model, with the same
-    cache key, as no family; with ``path`` it therefore checks nothing."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    preset: Literal["tiny-teacher", "tiny-student"] | None = Field(
-        None, description="random-init tiny model; vocab size = the tokenizer's")
-    path: str | None = Field(None, description="HF checkpoint dir of a supported family "
-                                                 "(its config.json model_type decides)")
-    parts: PartsSpec | None = Field(None, description="vision tower + LLM joined by a new projector")
-    family: str | None = Field(
-        None, description="VLM family (workloads.families: qwen2_vl, internvl, gemma3, ...): with "
-                          "`preset` a tiny model of that family; with `path` the family the "
-                          "checkpoint must be of. None or `llava`: LLaVA-1.5")
-
-    @field_validator("family")
-    @classmethod
-    def _known_family(cls, value: str | None) -> str | None:
-        from workloads.families import FAMILIES
-
-        if value is not None and value not in FAMILIES:
-            import difflib
-
-            close = difflib.get_close_matches(value, FAMILIES, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ValueError(f"model.family: unknown family {value!r}; {hint}known: "
-                             f"{sorted(FAMILIES)}")
-        return None if value == "llava" else value  # LLaVA-1.5 is the family-less path
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> "ModelSpec":
-        given = [k for k in ("preset", "path", "parts") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                f"model: give exactly one of `preset`, `path` or `parts` (got {given or 'none'}); "
-                f"e.g. `model: {{preset: tiny-student}}`")
-        if self.family and self.parts:
-            raise ValueError(f"model: `parts` builds a LLaVA-1.5 model; drop `family: "
-                             f"{self.family}` or name a `preset` / `path` of that family")
-        if self.path:
-            problem = config_problem(self.path, "model.path")
-            if problem:
-                raise ValueError(problem)
-        return self
-
-    @model_serializer(mode="wrap")
-    def _drop_unset_family(self, handler: Any) -> dict[str, Any]:
-        # A LLaVA spec dumps as before the field existed, so its stage cache keys do not change.
-        data = handler(self)
-        if self.family is None:
-            data.pop("family", None)
-        return data
-
-
-def config_problem(model_dir: str, field: str) -> str | None:
-    """Why the ``config.json`` of a local model directory does not load in this transformers
-    (a field that fails its validation, say), or None; checked when a pipeline is validated,
-    so such a file fails before any compute instead of inside a stage, where its exception
-    may not survive the trip through Ray."""
-    cfg_file = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(cfg_file):
-        return None
-    try:
-        from transformers import AutoConfig
-
-        AutoConfig.from_pretrained(model_dir)
-    except Exception as e:  # noqa: BLE001 - any failure to load is the user's to see
-        import transformers
-
-        detail = " ".join(str(e).split())[:400]
-        return (f"{field}: {cfg_file} does not load in transformers {transformers.__version__} "
-                f"({type(e).__name__}: {detail}); fix that field of the file, or re-save the "
-                f"model with this transformers version")
-    return None
-
-
-def _is_local(ref: str) -> bool:
-    return os.path.isabs(ref) or ref.startswith(".") or os.path.isdir(ref)
-
-
-def checkpoint_family(path: str) -> str | None:
-    """The family of the checkpoint at ``path`` by its ``config.json`` ``model_type`` (``None``
-    for LLaVA-1.5 and for a dir without config.json); ModelCompatError for any other type."""
-    import json
-
-    from workloads.families import FAMILIES, family_of
-
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_file):
-        return None
-    with open(cfg_file) as f:
-        model_type = json.load(f).get("model_type")
-    try:
-        name = family_of(model_type).name
-    except ValueError:
-        raise ModelCompatError(
-            f"model path {path!r}: config.json model_type {model_type!r} is not a supported VLM "
-            f"family; supported: {sorted(FAMILIES)} (model types "
-            f"{sorted(t for f in FAMILIES.values() for t in f.model_types)})") from None
-    return None if name == "llava" else name
 
 
 def describe_model(spec: ModelSpec | dict, vocab_size: int | None = None) -> dict[str, Any]:
@@ -207,7 +72,7 @@ def describe_model(spec: ModelSpec | dict, vocab_size: int | None = None) -> dic
         from transformers import AutoConfig
 
         family = checkpoint_family(spec.path)
-        _check_family(spec, family)
+        check_family(spec, family)
         cfg = AutoConfig.from_pretrained(spec.path)
         if family is not None:
             from workloads.families import get_family
@@ -223,15 +88,8 @@ def describe_model(spec: ModelSpec | dict, vocab_size: int | None = None) -> dic
                         "num_hidden_layers": t.num_hidden_layers, "vocab_size": t.vocab_size},
                 "projector": "mlp2x_gelu"}
     parts = spec.parts
-    return {"kind": "parts", "vision": {"ref": parts.vision, "local": _is_local(parts.vision)},
-            "llm": {"ref": parts.llm, "local": _is_local(parts.llm)}, "projector": parts.projector}
-
-
-def _check_family(spec: ModelSpec, found: str | None) -> None:
-    """``family`` given with ``path``: the checkpoint must be of that family."""
-    if spec.family is not None and spec.family != found:
-        raise ModelCompatError(f"model: `family: {spec.family}` but {spec.path!r} is a "
-                               f"{found or 'llava'} checkpoint; drop `family` or fix `path`")
+    return {"kind": "parts", "vision": {"ref": parts.vision, "local": is_local(parts.vision)},
+            "llm": {"ref": parts.llm, "local": is_local(parts.llm)}, "projector": parts.projector}
 
 
 def _llava_config(vision_cfg: Any, text_cfg: Any, image_token_id: int) -> Any:
@@ -283,7 +141,7 @@ def build_model(spec: ModelSpec | dict, tokenizer_dir: str | None = None) -> tup
     """Return ``(model, processor)`` for ``spec``. Presets and parts need ``tokenizer_dir``."""
     spec = ModelSpec.model_validate(spec)
     if spec.path:
-        _check_family(spec, checkpoint_family(spec.path))
+        check_family(spec, checkpoint_family(spec.path))
         return load_model(spec.path, tokenizer_dir)
     if not tokenizer_dir:
         raise ModelCompatError("model: a preset or parts model needs a tokenizer; give the stage "
@@ -445,69 +303,6 @@ def check_compat(model: Any, processor: Any) -> None:
         raise ModelCompatError("model/processor mismatch: " + "; ".join(problems))
 
 
-def model_parts(model: Any) -> dict[str, list[Any]]:
-    """Part name → modules (transformers 5 attribute names). A JAM-Cross merge maps each part
-    over both parent decoders and adds ``bridges`` (its new layers). A family model (any but
-    LLaVA-1.5) has no module per part (Qwen's projector sits inside its vision module): each
-    part is one ``.parameters()``-able group, by ``part_parameters``."""
-    from workloads.families.adapter import ParameterGroup, family_of_model
-
-    if hasattr(model, "new_parameters") and hasattr(model, "decoders"):
-        per = [model_parts(d) for d in model.decoders]
-        parts = {k: [m for p in per for m in p[k]] for k in ("vision", "projector", "llm")}
-        parts["bridges"] = [model.bridges_ab, model.bridges_ba, model.fusion]
-        return parts
-    family = family_of_model(model)
-    if family is not None and family.name != "llava":
-        return {k: [ParameterGroup(v)] for k, v in part_parameters(model).items()}
-    inner = model.model
-    return {"vision": [inner.vision_tower], "projector": [inner.multi_modal_projector],
-            "llm": [inner.language_model, model.lm_head]}
-
-
-def part_parameters(model: Any) -> dict[str, list[Any]]:
-    """Part name → its parameters. For a family model each parameter is in exactly one part
-    (``families.parameter_part``; ModelCompatError names one that is in none)."""
-    from workloads.families.adapter import family_of_model
-    from workloads.families.adapter import part_parameters as by_name
-
-    family = family_of_model(model)
-    if family is not None and family.name != "llava" and not hasattr(model, "decoders"):
-        try:
-            return by_name(model, family)
-        except ValueError as e:
-            raise ModelCompatError(f"cannot freeze by part: {e}") from None
-    out = {}
-    for name, modules in model_parts(model).items():
-        out[name] = list({id(p): p for m in modules for p in m.parameters()}.values())
-    return out
-
-
-def set_trainable(model: Any, train: list[str]) -> dict[str, int]:
-    """Freeze every part not in ``train``; returns trainable parameter counts per part."""
-    unknown = sorted(set(train) - set(PARTS))
-    if unknown or not train:
-        raise ValueError(f"train: parts must be a non-empty subset of {list(PARTS)}, got {train}")
-    parts = part_parameters(model)
-    if "bridges" in train and "bridges" not in parts:
-        raise ValueError("train: `bridges` are the new layers of a JAM-Cross merge; start the "
-                         "stage from one (input `init: <cross merge stage>.model`) or train "
-                         "vision / projector / llm")
-    counts = {}
-    for name, params in parts.items():
-        on = name in train
-        for p in params:
-            p.requires_grad_(on)
-        counts[name] = sum(p.numel() for p in params) if on else 0
-    return counts
-
-
-def count_params(model: Any) -> dict[str, int]:
-    out = {name: sum(p.numel() for p in params) for name, params in part_parameters(model).items()}
-    out["total"] = sum(out.values())
-    return out
-
-
 def save_model(model: Any, processor: Any, out_dir: str, state_dict: dict | None = None) -> str:
     """Write ``model`` (+ processor) to ``out_dir`` atomically: a temp dir beside it, then rename."""
     from workloads.fsutil import atomic_dir
@@ -531,7 +326,7 @@ def save_processor(spec: ModelSpec | dict, tokenizer_dir: str | None, out_dir: s
 
     family = checkpoint_family(spec.path) if spec.path else spec.family
     if spec.path:
-        _check_family(spec, family)
+        check_family(spec, family)
     if family is not None:
         from workloads.families import save_processor_parts, tiny_processor_parts
         from workloads.families.adapter import FamilyProcessor

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import socket
 import tempfile
@@ -26,31 +25,15 @@ from orchestrator.plugin import StageContext
 from workloads.checkpoints import load_worker_state, refusing_pickled_code, save_worker_state
 from workloads.errors import NonFiniteLossError, StageError, no_retry_failure_policy, root_stage_error
 from workloads.lineage import write_lineage
-from workloads.train_loop_parts import (CausalLMLoss, LossFn, StepContext, TrainParams, build_optimizer,
-                                   check_resources, deepspeed_config)
+from workloads.train_loop_parts import (CausalLMLoss, LossFn, StepContext, TrainParams,
+                                        build_optimizer, check_resources, deepspeed_config,
+                                        deterministic_algorithms, plan_total_steps, seed_all)
 
-__all__ = ["run_training", "train_loop_per_worker", "plan_total_steps", "CKPT_META"]
+__all__ = ["run_training", "train_loop_per_worker", "CKPT_META"]
 
 CKPT_META = "mmkd_checkpoint.json"
 MAX_SKIPPED_IN_A_ROW = 20  # `nonfinite: skip_batch` gives up after this many NaN batches
 DS_TAG = "ds"
-
-
-def plan_total_steps(p: TrainParams, num_rows: int | None, world_size: int) -> int:
-    """Optimizer steps for the run: ``max_steps`` if given, else epochs over ``num_rows``."""
-    if p.max_steps:
-        return int(p.max_steps)
-    if not p.epochs or num_rows is None:
-        raise ValueError("train: give `max_steps` or `epochs` (epochs needs a data set of known size)")
-    per_step = p.batch_size * p.grad_accum * world_size
-    # Ray Train splits the rows equally across workers; the loop counts micro-batches across
-    # epoch boundaries, so a partial accumulation window carries over into the next epoch.
-    batches_per_epoch = math.ceil((num_rows // world_size) / p.batch_size)
-    steps = int(batches_per_epoch * p.epochs) // p.grad_accum
-    if steps < 1:
-        raise ValueError(f"train: {num_rows} rows give no full optimizer step of {per_step} samples "
-                         f"(batch_size × grad_accum × workers); lower batch_size or grad_accum")
-    return int(steps)
 
 
 def run_training(ctx: StageContext, *, model_spec: dict[str, Any], tokenizer_dir: str | None,
@@ -168,8 +151,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed  # imported in the worker: picks the accelerator of this machine
 
     _write_pid(config.get("pid_dir"), rank)
-    _seed_all(p.seed)
-    nondeterministic = _deterministic_algorithms(on_gpu and p.deterministic)
+    seed_all(p.seed)
+    nondeterministic = deterministic_algorithms(on_gpu and p.deterministic)
     if on_gpu:
         from ray.train.torch import get_device
 
@@ -406,38 +389,3 @@ def _write_pid(pid_dir: str | None, rank: int) -> None:
         json.dump({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}, f)
     with open(os.path.join(pid_dir, "starts.log"), "a") as f:  # one line per worker (re)start
         f.write(f"{rank} {os.getpid()} {time.time():.3f}\n")
-
-
-def _deterministic_algorithms(enabled: bool) -> set[str]:
-    """On GPU: torch's deterministic algorithms, warn-only, so an op without a deterministic
-    implementation runs anyway and is named; returns the set that collects those names."""
-    import warnings
-
-    import torch
-
-    found: set[str] = set()
-    if not enabled:
-        return found
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    shown = warnings.showwarning
-
-    def collect(message, category, filename, lineno, file=None, line=None):
-        text = str(message)
-        if "deterministic" in text:
-            found.add(text.split(" does not have a deterministic")[0].strip()[:120])
-        return shown(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = collect
-    return found
-
-
-def _seed_all(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

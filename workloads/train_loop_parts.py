@@ -1,18 +1,22 @@
 """Pieces of the training loop that are pure or nearly so: hyperparameters, the DeepSpeed config,
 optimizer + schedule, batch collation, the loss strategy and the resource pre-flight check.
 
-Kept apart from ``train.py`` so the loop there reads top to bottom.
+Kept apart from ``train_loop.py`` so the loop there reads top to bottom; also how many steps a run
+has (``plan_total_steps``) and seeding (``seed_all``, ``deterministic_algorithms``).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import random
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 __all__ = ["TrainParams", "LossFn", "CausalLMLoss", "StepContext", "model_inputs",
            "deepspeed_config", "build_optimizer", "warmup_cosine",
-           "check_resources", "ResourceError"]
+           "check_resources", "ResourceError",
+           "plan_total_steps", "deterministic_algorithms", "seed_all"]
 
 
 @dataclass
@@ -184,3 +188,55 @@ def check_resources(stage: str, num_workers: int, cpus_per_worker: float, gpus_p
                         f"training) or add GPU nodes")
     if problems:
         raise ResourceError(f"stage {stage!r} cannot start: " + "; ".join(problems))
+
+
+def plan_total_steps(p: TrainParams, num_rows: int | None, world_size: int) -> int:
+    """Optimizer steps for the run: ``max_steps`` if given, else epochs over ``num_rows``."""
+    if p.max_steps:
+        return int(p.max_steps)
+    if not p.epochs or num_rows is None:
+        raise ValueError("train: give `max_steps` or `epochs` (epochs needs a data set of known size)")
+    per_step = p.batch_size * p.grad_accum * world_size
+    # Ray Train splits the rows equally across workers; the loop counts micro-batches across
+    # epoch boundaries, so a partial accumulation window carries over into the next epoch.
+    batches_per_epoch = math.ceil((num_rows // world_size) / p.batch_size)
+    steps = int(batches_per_epoch * p.epochs) // p.grad_accum
+    if steps < 1:
+        raise ValueError(f"train: {num_rows} rows give no full optimizer step of {per_step} samples "
+                         f"(batch_size × grad_accum × workers); lower batch_size or grad_accum")
+    return int(steps)
+
+
+def deterministic_algorithms(enabled: bool) -> set[str]:
+    """On GPU: torch's deterministic algorithms, warn-only, so an op without a deterministic
+    implementation runs anyway and is named; returns the set that collects those names."""
+    import warnings
+
+    import torch
+
+    found: set[str] = set()
+    if not enabled:
+        return found
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    shown = warnings.showwarning
+
+    def collect(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if "deterministic" in text:
+            found.add(text.split(" does not have a deterministic")[0].strip()[:120])
+        return shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = collect
+    return found
+
+
+def seed_all(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

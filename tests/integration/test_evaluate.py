@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from workloads.evaluation.evaluate import (accuracy_by_type, exact_match, model_names, normalize_answer,
-                                results_table)
+from workloads.evaluation.evaluate import exact_match, model_names, normalize_answer
+from workloads.evaluation.tables import accuracy_by_type, results_table
 
 
 def test_normalize_and_exact_match():

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from orchestrator.plugin import Resources, StageContext
-from workloads.evaluation.evaluate import EvalConfig, accuracy_by_type, evaluate
+from workloads.evaluation.evaluate import EvalConfig, evaluate
+from workloads.evaluation.tables import accuracy_by_type
 from workloads.pretrain_sft import PretrainConfig, SFTConfig, pretrain, sft
 
 

@@ -91,6 +91,12 @@ def test_engine_files_stay_readable():
     assert long == {}
 
 
+def test_science_files_stay_readable():
+    long = {str(p.relative_to(ROOT)): n for p in (ROOT / "workloads").rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert long == {}
+
+
 def test_a_stage_error_is_read_through_rays_wrappers():
     """What `mmkd run` prints for a failed stage is the workload's own exception."""
     import ray.exceptions

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from workloads.evaluation.metrics import METRICS
-from workloads.evaluation.evaluate import compare_models, results_table, score_interval, seed_arms
+from workloads.evaluation.tables import compare_models, results_table, score_interval, seed_arms
 
 
 def test_exact_match_interval_is_wilson():

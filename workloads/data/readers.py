@@ -1,12 +1,6 @@
 """Readers: every format becomes the same normalized rows, lazily and file by file.
 
-Row schema (one sample each):
-    key            str    sample id, unique within its file
-    source         str    file the sample came from (shard, JSON or parquet file)
-    image          bytes  raw encoded image, or None (text-only sample / missing image)
-    conversations  str    JSON list of {"from": "human"|"gpt"|"system", "value": str}
-    extra          str    JSON dict of every other metadata field (answer, question_type, ...)
-    bad            str    "" when fine, else a bad-sample kind (see ``quality.py``)
+The row schema is ``rows.py``'s (``ROW_SCHEMA``).
 
 Readers never raise for a bad input: they flag it in ``bad`` (and say what was wrong in
 ``extra["bad_detail"]``) so preprocessing can count it — a counted skip, not a dead dataset.
@@ -42,6 +36,8 @@ from workloads.data import json_records
 from workloads.data.eval_formats import (QUESTION_FIELDS, Answers, EvalRecordError,
                                          load_answers, question_id_of, question_record)
 from workloads.data.json_records import ByteRange, Record
+from workloads.data.rows import (CAPTION_PROMPT, ROW_SCHEMA, bad_detail, bad_row, make_row,
+                                 normalize_conversations, row_from_metadata)
 from workloads.data.quality import (MALFORMED_JSON, MAX_IMAGE_BYTES, MAX_MEMBER_BYTES,
                                     MISSING_IMAGE, NON_UTF8,
                                     OVERSIZE_IMAGE, TRUNCATED_SHARD, UNSAFE_PATH,
@@ -51,87 +47,10 @@ from workloads.data.source import DataSource, filesystem, resolve_files
 __all__ = ["ROW_SCHEMA", "iter_file_rows", "iter_rows", "sample_file_rows",
            "CAPTION_PROMPT", "SPLIT_BYTES", "bad_detail"]
 
-ROW_SCHEMA = pa.schema([
-    ("key", pa.string()), ("source", pa.string()), ("image", pa.binary()),
-    ("conversations", pa.string()), ("extra", pa.string()), ("bad", pa.string()),
-])
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
-# A bare caption (`{key}.txt`) becomes this one-turn conversation, as in LLaVA pre-training.
-CAPTION_PROMPT = "<image>\nDescribe the image."
-_ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt",
-          "system": "system"}
 BLOCK_ROWS = 128
 # LLaVA JSON/JSONL files larger than this are read by several tasks, one byte range each.
 SPLIT_BYTES = 64 << 20
-_DETAIL = "bad_detail"  # key in a bad row's `extra`: what exactly was wrong
-
-
-def _row(key: str, source: str, image: bytes | None, conversations: list | None,
-         extra: dict | None, bad: str = "") -> dict[str, Any]:
-    return {"key": key, "source": source, "image": image,
-            "conversations": json.dumps(conversations or []),
-            "extra": json.dumps(extra or {}, sort_keys=True), "bad": bad}
-
-
-def _bad(key: str, source: str, kind: str, detail: str, **extra: Any) -> dict[str, Any]:
-    return _row(key, source, None, None, {_DETAIL: detail, **extra}, kind)
-
-
-def bad_detail(extra: str) -> str:
-    """What a reader said about a bad row ("" when it said nothing)."""
-    try:
-        value = json.loads(extra).get(_DETAIL, "")
-    except (ValueError, AttributeError, RecursionError):
-        return ""
-    return value if isinstance(value, str) else ""
-
-
-def _normalize_conversations(conv: Any) -> tuple[list[dict[str, str]] | None, str]:
-    """LLaVA's conversation list with roles normalized, or (None, bad kind) when it is not one."""
-    if isinstance(conv, str):
-        try:
-            conv = json.loads(conv)
-        except (ValueError, RecursionError):
-            return None, MALFORMED_JSON
-    if conv is None or (isinstance(conv, list) and not conv):
-        return None, MALFORMED_JSON
-    if not isinstance(conv, list):
-        return None, WRONG_FIELD_TYPE
-    out = []
-    for turn in conv:
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            return None, WRONG_FIELD_TYPE
-        role = _ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
-        if role is None:
-            return None, MALFORMED_JSON
-        out.append({"from": role, "value": turn["value"]})
-    return out, ""
-
-
-def _from_metadata(key: str, source: str, image: bytes | None, meta: Any,
-                   caption: str | None) -> dict[str, Any]:
-    """A row from a parsed metadata dict (webdataset .json) and/or a caption (.txt)."""
-    if meta is None and caption is not None:
-        conv = [{"from": "human", "value": CAPTION_PROMPT}, {"from": "gpt", "value": caption}]
-        return _row(key, source, image, conv, {})
-    if not isinstance(meta, dict):
-        return _bad(key, source, MALFORMED_JSON, "the metadata is not a JSON object")
-    extra = {k: v for k, v in meta.items() if k not in ("conversations", "caption")}
-    kind = ""
-    if "conversations" in meta:
-        conv, kind = _normalize_conversations(meta["conversations"])
-    elif isinstance(meta.get("caption", caption), str):
-        conv = [{"from": "human", "value": CAPTION_PROMPT},
-                {"from": "gpt", "value": meta.get("caption", caption)}]
-    else:
-        conv, kind = None, MALFORMED_JSON
-    if conv is None:
-        what = "of the wrong type" if kind == WRONG_FIELD_TYPE else "missing or unusable"
-        return _bad(key, source, kind, f"`conversations` {what}")
-    try:
-        return _row(key, source, image, conv, extra)
-    except (RecursionError, TypeError, ValueError):  # e.g. a metadata value nested too deeply
-        return _bad(key, source, MALFORMED_JSON, "metadata nested too deeply to re-encode")
 
 
 # ---- webdataset ---------------------------------------------------------------------------
@@ -146,24 +65,24 @@ def _split_member(name: str) -> tuple[str, str]:
 def _webdataset_sample(key: str, source: str, files: dict[str, bytes],
                        oversize: str = "") -> dict[str, Any]:
     if oversize:
-        return _bad(key, source, OVERSIZE_IMAGE, oversize)
+        return bad_row(key, source, OVERSIZE_IMAGE, oversize)
     image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
     try:
         caption = files["txt"].decode("utf-8").strip() if "txt" in files else None
         text = files["json"].decode("utf-8-sig") if "json" in files else None
     except UnicodeDecodeError as e:
-        return _bad(key, source, NON_UTF8, f"not UTF-8 ({e})")
+        return bad_row(key, source, NON_UTF8, f"not UTF-8 ({e})")
     meta = None
     if text is not None:
         try:
             meta = json.loads(text)
         except RecursionError:
-            return _bad(key, source, MALFORMED_JSON, "JSON nested too deeply")
+            return bad_row(key, source, MALFORMED_JSON, "JSON nested too deeply")
         except ValueError as e:
-            return _bad(key, source, MALFORMED_JSON, f"not valid JSON ({e})")
+            return bad_row(key, source, MALFORMED_JSON, f"not valid JSON ({e})")
     elif caption is None:
-        return _bad(key, source, MALFORMED_JSON, "no .json or .txt member")
-    return _from_metadata(key, source, image, meta, caption)
+        return bad_row(key, source, MALFORMED_JSON, "no .json or .txt member")
+    return row_from_metadata(key, source, image, meta, caption)
 
 
 def _tar_ended_cleanly(tar: tarfile.TarFile) -> bool:
@@ -184,7 +103,7 @@ def _read_webdataset(f: Any, path: str, source: DataSource) -> Iterator[dict[str
         # "r|*": a forward-only stream, so a shard is never loaded whole.
         tar = tarfile.open(fileobj=f, mode="r|*")
     except tar_errors as e:
-        yield _bad("", name, TRUNCATED_SHARD, f"not a readable tar archive ({e})")
+        yield bad_row("", name, TRUNCATED_SHARD, f"not a readable tar archive ({e})")
         return
     key, files, oversize, member_name, in_member = None, {}, "", None, False
     with tar:
@@ -219,7 +138,7 @@ def _read_webdataset(f: Any, path: str, source: DataSource) -> Iterator[dict[str
                     yield _webdataset_sample(key, name, files, oversize)
                 where = f"after member {member_name}" if member_name else "at its start"
                 lost, row_key = "", ""
-            yield _bad(row_key or "", name, TRUNCATED_SHARD,
+            yield bad_row(row_key or "", name, TRUNCATED_SHARD,
                        f"shard {name} is truncated {where} ({e}); {lost}the rest of the shard "
                        f"is lost")
             return
@@ -262,11 +181,11 @@ def _question_row(key: str, name: str, image: bytes | None, entry: dict,
     try:
         qid, conv, extra = question_record(entry, answers, key)
     except EvalRecordError as e:
-        return _bad(key, name, e.kind, str(e))
+        return bad_row(key, name, e.kind, str(e))
     try:
-        return _row(qid, name, image, conv, extra)
+        return make_row(qid, name, image, conv, extra)
     except (RecursionError, TypeError, ValueError):
-        return _bad(qid, name, MALFORMED_JSON, "metadata nested too deeply to re-encode")
+        return bad_row(qid, name, MALFORMED_JSON, "metadata nested too deeply to re-encode")
 
 
 def _eval_answers(source: DataSource) -> Answers | None:
@@ -281,17 +200,17 @@ def _llava_row(rec: Record, name: str, jsonl: bool, fs: pafs.FileSystem, root: s
     if key is None:
         key = f"line{rec.index + 1}" if jsonl else str(rec.index)
     if rec.non_utf8:
-        return _bad(key, name, NON_UTF8, "invalid UTF-8 bytes in the record")
+        return bad_row(key, name, NON_UTF8, "invalid UTF-8 bytes in the record")
     if rec.error:
-        return _bad(key, name, MALFORMED_JSON, rec.error)
+        return bad_row(key, name, MALFORMED_JSON, rec.error)
     try:
         entry = json.loads(rec.text[1:] if rec.text.startswith("\ufeff") else rec.text)
     except RecursionError:
-        return _bad(key, name, MALFORMED_JSON, "JSON nested too deeply")
+        return bad_row(key, name, MALFORMED_JSON, "JSON nested too deeply")
     except ValueError as e:
-        return _bad(key, name, MALFORMED_JSON, f"not valid JSON ({e})")
+        return bad_row(key, name, MALFORMED_JSON, f"not valid JSON ({e})")
     if not isinstance(entry, dict):
-        return _bad(key, name, MALFORMED_JSON, f"a {type(entry).__name__}, not a JSON object")
+        return bad_row(key, name, MALFORMED_JSON, f"a {type(entry).__name__}, not a JSON object")
     if isinstance(entry.get("id"), (str, int)):
         key = str(entry["id"])
     elif key.startswith("line"):
@@ -312,10 +231,10 @@ def _llava_row(rec: Record, name: str, jsonl: bool, fs: pafs.FileSystem, root: s
     if questions:
         row = _question_row(key, name, image, entry, answers)
     else:
-        row = _from_metadata(key, name, image, {k: v for k, v in entry.items() if k != "id"},
+        row = row_from_metadata(key, name, image, {k: v for k, v in entry.items() if k != "id"},
                              None)
     if bad and not row["bad"]:
-        row = _bad(key, name, bad, detail, image=field)  # the path, for validate's hints
+        row = bad_row(key, name, bad, detail, image=field)  # the path, for validate's hints
     return row
 
 
@@ -357,9 +276,9 @@ def _parquet_image(rec: dict, key: str, name: str, source: DataSource
     try:
         image = _image_bytes(rec.get(source.image_column))
     except TypeError as e:
-        return None, _bad(key, name, WRONG_FIELD_TYPE, str(e))
+        return None, bad_row(key, name, WRONG_FIELD_TYPE, str(e))
     if image is not None and len(image) > MAX_IMAGE_BYTES:
-        return None, _bad(key, name, OVERSIZE_IMAGE,
+        return None, bad_row(key, name, OVERSIZE_IMAGE,
                           f"{len(image)} bytes, over MAX_IMAGE_BYTES")
     return image, None
 
@@ -368,13 +287,13 @@ def _parquet_row(rec: dict, key: str, name: str, source: DataSource) -> dict[str
     image, bad = _parquet_image(rec, key, name, source)
     if bad is not None:
         return bad
-    conv, kind = _normalize_conversations(rec.get(source.conversations_column))
+    conv, kind = normalize_conversations(rec.get(source.conversations_column))
     if conv is None:
-        return _bad(key, name, kind, f"`{source.conversations_column}` unusable")
+        return bad_row(key, name, kind, f"`{source.conversations_column}` unusable")
     extra = {k: v for k, v in rec.items()
              if k not in (source.image_column, source.conversations_column, "id", "key")
              and not isinstance(v, (bytes, bytearray))}
-    return _row(key, name, image, conv, extra)
+    return make_row(key, name, image, conv, extra)
 
 
 def _parquet_question_row(rec: dict, key: str, name: str, source: DataSource,
