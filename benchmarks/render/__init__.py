@@ -1,2 +1,2 @@
-"""Renderers of single benchmarks' README blocks, one module each; ``benchmarks/report.py``
-registers them (``block(NAME)(fn)``) beside its own."""
+"""The README renderers, one module per topic; ``benchmarks/report.py`` maps each generated block
+to its renderer (``BLOCKS``) and rewrites the docs. ``base.py`` holds what they share."""

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import report  # noqa: E402
+from render import base as fmt  # noqa: E402
 
 
 def test_committed_readmes_match_the_results():
@@ -99,12 +100,12 @@ def test_every_block_in_the_docs_has_a_renderer_and_every_renderer_is_used():
 
 
 def test_formatting_helpers():
-    assert report.pts(0.0722) == "+7.2" and report.pts(-0.0033) == "−0.3"
-    assert report.pm({"mean": 0.37555, "std": 0.0334}) == "0.376 ± 0.033"
-    assert report.span([0.2, 0.3], report.pct_n, "%") == "20-30%"
-    assert report.span([0.2, 0.2], report.pct_n, "%") == "20%"
-    assert report.minutes(445.7) == "7 min 26 s"
-    assert abs(report.std_error(0.4, 300) - 0.02828) < 1e-4
+    assert fmt.pts(0.0722) == "+7.2" and fmt.pts(-0.0033) == "−0.3"
+    assert fmt.pm({"mean": 0.37555, "std": 0.0334}) == "0.376 ± 0.033"
+    assert fmt.span([0.2, 0.3], fmt.pct_n, "%") == "20-30%"
+    assert fmt.span([0.2, 0.2], fmt.pct_n, "%") == "20%"
+    assert fmt.minutes(445.7) == "7 min 26 s"
+    assert abs(fmt.std_error(0.4, 300) - 0.02828) < 1e-4
     # a wrapped line never starts like a Markdown list item
-    text = report.para("x " * 48 + "2. item " + "y " * 60)
+    text = fmt.para("x " * 48 + "2. item " + "y " * 60)
     assert not any(line.startswith("2. ") for line in text.splitlines())
