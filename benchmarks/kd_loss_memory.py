@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from workloads import losses  # noqa: E402
+from workloads.kernels import chunked  # noqa: E402
 
 B, T, V = 2, 1024, 32_000
 PROMPT = 128  # per sample: the first PROMPT positions are prompt (masked out) in L_res
@@ -65,7 +66,7 @@ def div_chunked_autograd(s, t, mask):
     s_flat, t_flat = s.reshape(-1, V), t.reshape(-1, V)
     idx = mask.reshape(-1).nonzero().squeeze(1)
     total = sum(
-        losses._divergence_rows(s_flat[idx[i : i + CHUNK]], t_flat[idx[i : i + CHUNK]], "fkl").sum()
+        chunked._divergence_rows(s_flat[idx[i : i + CHUNK]], t_flat[idx[i : i + CHUNK]], "fkl").sum()
         for i in range(0, idx.numel(), CHUNK)
     )
     return total / idx.numel()
@@ -77,7 +78,7 @@ def div_checkpoint(s, t, mask):
     idx = mask.reshape(-1).nonzero().squeeze(1)
 
     def chunk_loss(s_flat, rows):
-        return losses._divergence_rows(s_flat[rows], t_flat[rows], "fkl").sum()
+        return chunked._divergence_rows(s_flat[rows], t_flat[rows], "fkl").sum()
 
     total = sum(
         checkpoint(chunk_loss, s_flat, idx[i : i + CHUNK], use_reentrant=False)

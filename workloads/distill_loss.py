@@ -1,4 +1,4 @@
-"""The LLaVA-KD loss strategy plugged into the shared training loop (``train.LossFn``):
+"""The LLaVA-KD loss strategy plugged into the shared training loop (``train_loop_parts.LossFn``):
 
     L = CE + alpha * L_res + beta * L_vis + gamma * L_rel [+ w * term for each of `terms`]
 

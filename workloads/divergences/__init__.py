@@ -10,7 +10,7 @@ It is registered with
 - optionally ``grads(s, t, need_s, need_t, **params) -> (D (C,), dD/ds or None, dD/dt or None)``:
   the same value and its closed-form gradients w.r.t. the (tempered) *logits* ``s``, ``t``
   ``(C, V)``. ``s`` and ``t`` are scratch buffers the caller gives away (work in place). The
-  chunked kernel (``losses._ChunkedDivergence``) uses it when present; without it the kernel
+  chunked kernel (``kernels/chunked.py``) uses it when present; without it the kernel
   differentiates ``rows`` with autograd one chunk at a time (still chunked, so memory stays
   bounded). Measured (B=2, T=1024, V=32k, fp32, CPU, one thread; memory beyond the inputs and
   the logits' gradient): ``fkl``'s closed form 98 MB / 2.3 s, the same ``rows`` through

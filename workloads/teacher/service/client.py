@@ -26,7 +26,7 @@ from workloads.teacher.service.spec import NAMESPACE, SERVICE_PREFIX, ServiceSpe
 __all__ = ["ServiceUse", "ServiceClient", "TeacherServiceError", "find_service",
            "release_run", "run_user"]
 
-_TEACHER_PREFIX = "teacher_"  # the teacher's own encoding (distill_loss.TEACHER_PREFIX): not sent
+_TEACHER_PREFIX = "teacher_"  # the teacher's own encoding (teacher.online.TEACHER_PREFIX): not sent
 
 
 class TeacherServiceError(RuntimeError):
