@@ -135,8 +135,8 @@ class OfflineTeacher:
         """The student's logits cut to the vocabulary, and this batch's stored entries as
         ``StoredRows`` (the ``Teacher`` interface: ``workloads/teacher/__init__.py``)."""
         entries = [self.entry(d) for d in row_digests(batch)]
-        return stored_rows(entries, student_logits, batch, image_mask,
-                           int(self.manifest["top_k"]), self.vocab_size, self.describe())
+        return stored_rows(entries, student_logits, batch, image_mask, self.vocab_size,
+                           self.describe())
 
     def describe(self) -> str:
         return f"the offline teacher in {self.dir}"

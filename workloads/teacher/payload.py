@@ -79,9 +79,10 @@ def teacher_entries(logits: Any, batch: dict[str, Any], vocab_size: int, image_t
 
 
 def stored_rows(entries: Sequence[dict[str, Any]], student_logits: Any, batch: dict[str, Any],
-                image_mask: Any, top_k: int, vocab_size: int, what: str) -> tuple[Any, Any]:
+                image_mask: Any, vocab_size: int, what: str) -> tuple[Any, Any]:
     """The student's logits cut to the vocabulary, and a batch's entries (one per row, in
-    order) as ``StoredRows``; ``what`` names the teacher in messages."""
+    order) as ``StoredRows``; ``what`` names the teacher in messages. The entries' width is
+    their ``top_k``: nothing else carries it to the loss."""
     import torch
 
     from workloads.kd_terms.teacher_rows import StoredRows
@@ -89,6 +90,7 @@ def stored_rows(entries: Sequence[dict[str, Any]], student_logits: Any, batch: d
 
     s, _ = align_vocab(student_logits, student_logits, vocab_size)
     B, T, _V = s.shape
+    top_k = int(np.asarray(entries[0]["values"]).shape[-1])
     vals = torch.zeros(B, T, top_k, dtype=torch.float32, device=s.device)
     idx = torch.zeros(B, T, top_k, dtype=torch.long, device=s.device)
     resp = torch.zeros(B, T, dtype=torch.bool, device=s.device)

@@ -206,7 +206,6 @@ class ServiceClient:
         except (RayActorError, ray.exceptions.RayTaskError) as e:
             raise TeacherServiceError(f"teacher service {name}: a teacher replica failed to "
                                       f"load: {e}") from e
-        self.top_k = int(self.info["top_k"])
         self._ahead: deque = deque()  # (digests, reply ref) of batches sent before their step
 
     def submit(self, batch: dict[str, Any]) -> tuple[list[str], Any]:
@@ -247,9 +246,8 @@ class ServiceClient:
              sctx: Any = None) -> tuple[Any, Any]:
         """The student's logits cut to the vocabulary, and ``batch``'s entries as
         ``StoredRows``: the offline path's own code, on entries served just now."""
-        return stored_rows(self.entries(batch), student_logits, batch, image_mask, self.top_k,
-                           self.vocab_size, f"the teacher service {self.name!r} (top_k "
-                                            f"{self.top_k})")
+        return stored_rows(self.entries(batch), student_logits, batch, image_mask,
+                           self.vocab_size, f"the teacher service {self.name!r}")
 
     def entries(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
         """The teacher's entries for ``batch``'s rows: the reply sent ahead, or a request now."""
