@@ -90,7 +90,10 @@ def main() -> None:
         "what": "held-out `exists` questions: accuracy, and the share of 'yes' answers by what "
                 "the image holds (pipelines/teacher_budget.yaml; a default-pipeline run)",
         "teacher_budget": {"run_id": run["run_id"], "wall_seconds": run["wall_seconds"],
-                           "accuracy": {m: r["accuracy"] for m, r in run["table"].items()},
+                           "accuracy": {m: {"overall" if k == "accuracy" else k.removeprefix("accuracy/"): v
+                                            for k, v in r.items()
+                                            if k == "accuracy" or k.startswith("accuracy/")}
+                                        for m, r in run["table"].items()},
                            "exists": exists_breakdown(Path(run["results_dir"]), questions)},
     }
     if args.default:

@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from _env import environment
 from seeded import ROOT, machine, run_seed, summary
 
 STUDENT_STAGES = ["pt", "dpt", "sft", "dft", "ft", "dft_response_only", "dft_response_visual"]
@@ -56,6 +57,7 @@ def main() -> None:
                                                    for r in rows)}
                       for name, a, b in CONTRASTS},
         "machine": machine(),
+        "environment": environment(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
