@@ -164,8 +164,9 @@ def row_kd_ablation(R: Results) -> str:
             f"{con('DPT-SFT-DFT vs DPT-SFT-FT (KD terms at equal compute)')}**; PT-SFT-DFT vs "
             f"PT-SFT-FT {con('PT-SFT-DFT vs PT-SFT-FT (KD terms at equal compute)')}; whole "
             f"recipe vs PT-SFT-FT {con('DPT-SFT-DFT vs PT-SFT-FT (whole recipe at equal compute)')}"
-            f". Loss terms (after DPT-SFT): response-only {f3(s['dpt_sft_dft_res']['mean'])}, "
-            f"+visual {f3(s['dpt_sft_dft_res_vis']['mean'])}, +relation "
+            f". DFT's loss terms (after DPT-SFT): response only "
+            f"{f3(s['dpt_sft_dft_res']['mean'])}, response + visual "
+            f"{f3(s['dpt_sft_dft_res_vis']['mean'])}, response + relation (the default) "
             f"{f3(s['dpt_sft_dft']['mean'])}")
 
 
