@@ -51,12 +51,11 @@ class DistillLoss:
     terms: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        from workloads.kd_terms import get_kd_term, resolve_terms
+        from workloads.kd_terms import builtin_weights, reading_images, resolve_terms
 
         # {name: {"weight", "params"}} of every term with a weight > 0, built-ins first
-        self.active = resolve_terms({"res": self.alpha, "vis": self.beta, "rel": self.gamma},
-                                    self.terms or {})
-        visual = [n for n in self.active if get_kd_term(n).needs & {"image", "relation"}]
+        self.active = resolve_terms(builtin_weights(self), self.terms or {})
+        visual = reading_images(self.active)
         if self.teacher_inputs == "own" and visual:
             raise DistillCompatError(
                 f"DistillLoss: a teacher that tokenizes images differently from the student "

@@ -63,7 +63,8 @@ from pydantic import BaseModel, ValidationError
 from workloads.extensions import NoParams, import_package_modules, validate_own_params
 
 __all__ = ["KDTerm", "KDBatch", "KDTermError", "KD_TERMS", "BUILTIN_WEIGHTS", "register_kd_term",
-           "get_kd_term", "list_kd_terms", "term_spec", "resolve_terms", "objective"]
+           "get_kd_term", "list_kd_terms", "term_spec", "resolve_terms", "builtin_weights",
+           "reading_images", "objective"]
 
 Need = Literal["response", "image", "relation"]
 Where = Literal["response", "image"]
@@ -152,6 +153,18 @@ def resolve_terms(builtin: Mapping[str, float], extra: Mapping[str, Any]
         if weight > 0:
             out[name] = {"weight": weight, "params": params}
     return out
+
+
+def builtin_weights(owner: Any) -> dict[str, float]:
+    """``{"res": owner.alpha, "vis": owner.beta, "rel": owner.gamma}``: the built-ins' weights
+    as a stage config (or the loss it builds) holds them."""
+    return {name: float(getattr(owner, param)) for name, param in BUILTIN_WEIGHTS.items()}
+
+
+def reading_images(names: Iterable[str]) -> list[str]:
+    """The terms among ``names`` that read image positions (``needs`` image or relation):
+    teacher and student must then encode images alike."""
+    return [n for n in names if get_kd_term(n).needs & {"image", "relation"}]
 
 
 def objective(ce: Any, values: Mapping[str, Any], weights: Mapping[str, float]
