@@ -93,22 +93,26 @@ class DistillConfig(TrainConfig):
     def _known_terms(cls, terms: dict[str, Any]) -> dict[str, Any]:
         """Each term registered and its parameters valid; stored canonical (defaults filled
         in), so the stage key does not depend on how the YAML spelled them."""
-        from workloads.kd_terms import term_spec
+        from pydantic_core import PydanticCustomError
 
-        return {name: term_spec(name, value) for name, value in terms.items()}
+        from workloads.kd_terms import KDTermError, term_spec
+
+        try:
+            return {name: term_spec(name, value) for name, value in terms.items()}
+        except KDTermError as e:  # its own sentence, without pydantic's "Value error, "
+            raise PydanticCustomError("kd_term", str(e)) from None  # no context: braces stay
 
     def kd_terms(self) -> dict[str, dict[str, Any]]:
         """Every term of weight > 0 as ``{name: {"weight", "params"}}``, built-ins first."""
-        from workloads.kd_terms import resolve_terms
+        from workloads.kd_terms import builtin_weights, resolve_terms
 
-        return resolve_terms({"res": self.alpha, "vis": self.beta, "rel": self.gamma},
-                             self.terms)
+        return resolve_terms(builtin_weights(self), self.terms)
 
     def image_kd(self) -> bool:
         """A term reads image positions: teacher and student must encode images alike."""
-        from workloads.kd_terms import get_kd_term
+        from workloads.kd_terms import reading_images
 
-        return any(get_kd_term(n).needs & {"image", "relation"} for n in self.kd_terms())
+        return bool(reading_images(self.kd_terms()))
 
 
 def _ref(value: Any) -> Any:
