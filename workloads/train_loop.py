@@ -27,7 +27,8 @@ from workloads.errors import NonFiniteLossError, StageError, no_retry_failure_po
 from workloads.lineage import write_lineage
 from workloads.train_loop_parts import (CausalLMLoss, LossFn, StepContext, TrainParams,
                                         build_optimizer, check_resources, deepspeed_config,
-                                        deterministic_algorithms, plan_total_steps, seed_all)
+                                        deterministic_algorithms, import_deepspeed, plan_total_steps,
+                                        seed_all)
 
 __all__ = ["run_training", "train_loop_per_worker", "CKPT_META"]
 
@@ -148,7 +149,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed picks an accelerator
         torch.set_num_threads(max(1, int(ctx.resources.cpus_per_worker)))
-    import deepspeed  # imported in the worker: picks the accelerator of this machine
+    deepspeed = import_deepspeed()  # in the worker: picks the accelerator of this machine
 
     _write_pid(config.get("pid_dir"), rank)
     seed_all(p.seed)

@@ -18,8 +18,9 @@ from mmkd_test_plugins.gates import Gate, pid_gone, wait_until
 
 pytestmark = pytest.mark.slow
 
-# A one-worker pre-training and a two-worker distillation (the training loop SFT shares too):
-# the rerun is forced from the data on, so every stage is computed twice.
+# A two-worker distillation (the training loop pretrain and SFT share) from a random tiny teacher
+# (the test plugin's `tiny_pair`: a pre-training stage here cost ~15 s a run and exercised the same
+# loop): the rerun is forced from the data on, so every stage is computed twice.
 CHAIN = """
 name: repro
 defaults:
@@ -35,19 +36,18 @@ stages:
     inputs: {corpus: [shapes.captions, shapes.instruct]}
     params: {vocab_size: 320}
   teacher:
-    workload: pretrain
-    inputs: {tokenizer: tokenizer.tokenizer, data: shapes.captions}
-    params: {model: {preset: tiny-teacher}, train: [vision, projector, llm], lr: 1.0e-3,
-             batch_size: 4, max_steps: 3, checkpoint_every: 0}
+    workload: tiny_pair
+    inputs: {tokenizer: tokenizer.tokenizer}
+    params: {preset: tiny-teacher}
   student_dpt:
     workload: distill
     resources: {num_workers: 2}
-    inputs: {tokenizer: tokenizer.tokenizer, teacher: teacher.model, data: shapes.captions}
+    inputs: {tokenizer: tokenizer.tokenizer, teacher: teacher.first, data: shapes.captions}
     params: {model: {preset: tiny-student}, train: [vision, projector, llm], lr: 2.0e-3,
              batch_size: 4, max_steps: 6, max_samples: 40, checkpoint_every: 0}
   evaluate:
     workload: evaluate
-    inputs: {models: [teacher.model, student_dpt.model], data: shapes.eval}
+    inputs: {models: [teacher.first, student_dpt.model], data: shapes.eval}
     params: {names: [teacher, student], max_samples: 12}
 """
 
@@ -75,8 +75,8 @@ def test_forced_rerun_gives_identical_weights_and_table(cli_env, tmp_path):
         run = _latest_run(home)
         assert run["status"] == "success"
         outs = _stage_outputs(home, run)
-        got = {name: _sha(outs[name] / "model" / "model.safetensors")
-               for name in ("teacher", "student_dpt")}
+        got = {"teacher": _sha(outs["teacher"] / "first" / "model.safetensors"),
+               "student_dpt": _sha(outs["student_dpt"] / "model" / "model.safetensors")}
         results = outs["evaluate"] / "results"
         table = json.loads((results / "results.json").read_text())
         # every score and count; only the wall seconds behind each model (`train_s`) may differ

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -139,3 +140,23 @@ def test_image_reaches_the_llm(tok_dir, preset):
     assert pixels.grad.abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0
                for p in model.model.vision_tower.embeddings.patch_embedding.parameters())
+
+
+def test_deepspeed_is_imported_without_mlflow_and_mlflow_still_imports():
+    """The training worker's DeepSpeed import skips the autotuner's MLflow import (1 s a worker);
+    afterwards MLflow imports as usual. A fresh interpreter: this one may hold either already."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from workloads.train_loop_parts import import_deepspeed\n"
+            "ds = import_deepspeed()\n"
+            "assert 'mlflow' not in sys.modules, 'deepspeed pulled in mlflow'\n"
+            "import deepspeed.autotuning.autotuner as a\n"
+            "assert a.has_mlflow is False\n"
+            "assert import_deepspeed() is ds\n"
+            "import mlflow\n"
+            "assert mlflow.__version__\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]

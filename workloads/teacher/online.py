@@ -196,8 +196,9 @@ def load_teacher(teacher_dir: str, sctx: Any) -> Any:
     ds = sctx.stage.deepspeed or {}
     if int(ds.get("zero_stage", 0)) != 3:
         return teacher
-    import deepspeed
+    from workloads.train_loop_parts import import_deepspeed
 
+    deepspeed = import_deepspeed()
     precision = ds.get("precision", "fp32")
     config = {
         "train_micro_batch_size_per_gpu": 1,
