@@ -12,7 +12,7 @@ benchmark ran with (steps, held-out questions), the pipeline YAML it ran.
 The renderers live in ``benchmarks/render/``, one module per topic (``base.py``: results files
 and number formats; ``readme.py``: the main job's README blocks; ``table.py``: the benchmarks
 table; ``training.py``, ``teacher_service.py``, ``families.py``, ``kd_terms.py``,
-``kd_step_gpu.py``); this file is the engine: which block each renderer fills, and the rewrite.
+``kd_step_gpu.py``, ``cross_family.py``); this file is the engine: which block each renderer fills, and the rewrite.
 
 Adding a benchmark to the table in benchmarks/README.md: write ``def row_NAME(r: Results) ->
 str`` (the "result" cell) and add one ``Row(...)`` to ``render/table.py``'s ``ROWS``; a new
@@ -38,6 +38,7 @@ from render.teacher_service import teacher_service, teacher_service_tune  # noqa
 from render.training import train_overhead  # noqa: E402
 from render.kd_step_gpu import kd_step_gpu_block  # noqa: E402
 from render.kd_terms import kd_terms_block  # noqa: E402
+from render.cross_family import cross_family_block  # noqa: E402
 
 DOCS = ("README.md", "benchmarks/README.md")
 MARKER = re.compile(r"<!-- report:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->",
@@ -61,6 +62,7 @@ BLOCKS: dict[str, Callable[[Results], str]] = {
     "train-overhead": train_overhead,
     "kd_step_gpu": kd_step_gpu_block,
     "kd-terms": lambda R: kd_terms_block(R, para),
+    "cross-family": cross_family_block,
 }
 
 

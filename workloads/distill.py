@@ -38,8 +38,8 @@ from orchestrator.plugin import StageContext
 from workloads.distill_loss import DistillLoss
 from workloads.families.pairing import (DistillCompatError, check_family_pair,
                                         check_teacher_student, describe, family_mismatch,
-                                        family_problem, model_dir_family, spec_family,
-                                        student_processor_parts, student_vision)
+                                        family_problem, model_dir_family, same_vocabulary,
+                                        spec_family, student_processor_parts, student_vision)
 from workloads.divergences import DivergenceSpec
 from orchestrator.plugin import workload
 from workloads.teacher.service.stage import (TeacherResources, serve, service_spec,
@@ -108,6 +108,14 @@ class DistillConfig(TrainConfig):
 
         return resolve_terms(builtin_weights(self), self.terms)
 
+    def across_tokenizers(self) -> bool:
+        """Every active term aligns replies by text (``uld``, ``span``): the pair may have two
+        tokenizers, two families."""
+        from workloads.kd_terms import across_tokenizers
+
+        terms = self.kd_terms()
+        return bool(terms) and len(across_tokenizers(terms)) == len(terms)
+
     def image_kd(self) -> bool:
         """A term reads image positions: teacher and student must encode images alike."""
         from workloads.kd_terms import reading_images
@@ -144,10 +152,20 @@ def validate_distill(config: DistillConfig, inputs: dict[str, Any]) -> list[str]
                  else "stored logits keep the `teacher_logits` stage's top_k")
         problems.append(f"distill: `top_k` applies to `teacher: service` only ({where}); "
                         f"remove it or set `teacher: service`")
+    replies = [n for n in config.kd_terms() if "replies" in _needs(n)]
+    if replies and config.teacher != "online":
+        problems.append(f"distill: the terms {', '.join(replies)} read both models' reply rows, "
+                        f"which `teacher: {config.teacher}` does not keep; use `teacher: online`")
     problem = _validate_families(config, inputs)
     if problem:
         problems.append(problem)
     return problems
+
+
+def _needs(name: str) -> frozenset[str]:
+    from workloads.kd_terms import get_kd_term
+
+    return get_kd_term(name).needs
 
 
 def _local_dir(value: Any) -> str | None:
@@ -163,7 +181,7 @@ def _validate_families(config: DistillConfig, inputs: dict[str, Any]) -> str | N
     student: Any = _local_dir(inputs.get("init"))
     if student is None and not inputs.get("init") and config.model is not None:
         student = config.model.model_dump()
-    if teacher is None or student is None:
+    if teacher is None or student is None or config.across_tokenizers():
         return None
     return family_problem(teacher, student)
 
@@ -172,13 +190,18 @@ def check_distill_pair(config: DistillConfig, spec: dict[str, Any], tokenizer_di
                        teacher_dir: str, stage: str | None = None) -> str:
     """The stage-start check of an online teacher against the student ``spec``: LLaVA-1.5
     pairs by vision geometry (``check_teacher_student``), every other family by probing both
-    processors (``check_family_pair``). Returns the teacher's inputs (``"student"``/``"own"``)."""
+    processors (``check_family_pair``). Returns the teacher's inputs: ``"student"``, ``"own"``
+    (response KD on its own encoding) or ``"cross"`` (another tokenizer or family, with terms
+    that align replies by text only)."""
     where = f"stage {stage!r}: " if stage else ""
     try:
         tf, sf = model_dir_family(teacher_dir) or "llava", spec_family(spec) or "llava"
     except ValueError as e:
         raise DistillCompatError(f"{where}{e}") from None
     desc = describe(spec, tokenizer_dir)
+    if config.across_tokenizers() and (
+            tf != sf or not same_vocabulary(teacher_dir, _student_tokenizer(spec, tokenizer_dir))):
+        return "cross"
     if tf != sf:
         raise DistillCompatError(where + family_mismatch(tf, sf, teacher_dir, desc))
     if sf == "llava":
@@ -191,6 +214,15 @@ def check_distill_pair(config: DistillConfig, spec: dict[str, Any], tokenizer_di
     return check_family_pair(teacher_dir, student_processor_parts(spec, tokenizer_dir),
                              image_kd=config.image_kd(), student_desc=desc,
                              stage=stage)
+
+
+def _student_tokenizer(spec: dict[str, Any], tokenizer_dir: str | None) -> Any:
+    """The student's tokenizer as it encodes (a family's special tokens included)."""
+    from transformers import AutoTokenizer
+
+    if (spec_family(spec) or "llava") == "llava":
+        return AutoTokenizer.from_pretrained(spec.get("path") or tokenizer_dir)
+    return student_processor_parts(spec, tokenizer_dir).tokenizer
 
 
 def build_distill_loss(config: DistillConfig, ctx: StageContext) -> DistillLoss:
@@ -215,6 +247,13 @@ def build_distill_loss(config: DistillConfig, ctx: StageContext) -> DistillLoss:
     if config.teacher == "online":
         teacher_dir = _ref(ctx.input("teacher"))
         inputs = check_distill_pair(config, spec, tokenizer_dir, teacher_dir, stage=ctx.stage)
+        if inputs == "cross":  # the vocabularies' shared tokens, once, on the driver
+            from workloads.data.alignment import vocabulary_map
+
+            t_tok = AutoTokenizer.from_pretrained(teacher_dir)
+            s_ids, t_ids = vocabulary_map(tok, t_tok)
+            common.update(teacher_vocab_size=len(t_tok),
+                          shared_vocab=(s_ids.tolist(), t_ids.tolist()))
         return DistillLoss(teacher_dir=teacher_dir, teacher_inputs=inputs, **common)
     if config.teacher == "service":  # the service is started by `distill`, around the loop
         teacher_dir = _ref(ctx.input("teacher"))

@@ -41,8 +41,12 @@ class DistillLoss:
     # `teacher_unchanged` (1.0/0.0, min over ranks): a guard that nothing ever updates the teacher.
     verify_teacher: bool = True
     # "student": the teacher runs on the student's batch (identical input_ids: every KD term);
-    # "own": on the batch's `teacher_*` keys (its own tokenization; response KD only)
-    teacher_inputs: Literal["student", "own"] = "student"
+    # "own": on the batch's `teacher_*` keys (its own tokenization; response KD only);
+    # "cross": the same with another tokenizer (terms that align replies by text only)
+    teacher_inputs: Literal["student", "own", "cross"] = "student"
+    # "cross": len(teacher tokenizer), and the ids both vocabularies spell alike
+    teacher_vocab_size: int | None = None
+    shared_vocab: tuple[list[int], list[int]] | None = None
     # `teacher: service`: {"name": the service actor, "user": this stage's lease}
     service: dict[str, str] | None = None
     # at the first step, an online teacher must answer differently when its images are blanked
@@ -56,6 +60,17 @@ class DistillLoss:
         # {name: {"weight", "params"}} of every term with a weight > 0, built-ins first
         self.active = resolve_terms(builtin_weights(self), self.terms or {})
         visual = reading_images(self.active)
+        if self.teacher_inputs == "cross":
+            from workloads.families.pairing import CROSS_TOKENIZER_HINT
+            from workloads.kd_terms import across_tokenizers
+
+            other = [n for n in self.active if n not in across_tokenizers(self.active)]
+            if other:
+                raise DistillCompatError(
+                    f"DistillLoss: the teacher has another tokenizer (teacher_inputs='cross'); "
+                    f"the terms {', '.join(other)} compare the models token by token in one "
+                    f"vocabulary (L_vis and L_rel also need identical image tokens): set their "
+                    f"weights to 0, {CROSS_TOKENIZER_HINT}")
         if self.teacher_inputs == "own" and visual:
             raise DistillCompatError(
                 f"DistillLoss: a teacher that tokenizes images differently from the student "
@@ -92,7 +107,8 @@ class DistillLoss:
             state["teacher"] = OnlineTeacher(
                 self.teacher_dir, sctx, image_token_id=image_id, vocab_size=self.vocab_size,
                 inputs=self.teacher_inputs, verify=self.verify_teacher,
-                allow_blind=self.allow_blind_teacher, grad_accum=self.grad_accum)
+                allow_blind=self.allow_blind_teacher, grad_accum=self.grad_accum,
+                teacher_vocab_size=self.teacher_vocab_size, shared_vocab=self.shared_vocab)
         else:
             raise ValueError(f"stage {sctx.stage.stage!r}: distill needs input `teacher` (online) "
                              f"or `teacher_logits` (offline)")

@@ -143,7 +143,7 @@ def run_train_stage(config: TrainConfig, ctx: StageContext, loss_fn: Any = None)
     # teacher_inputs="own": response KD only) reads its own encoding of each row: the data
     # path encodes every row with its processor too, into `teacher_` columns.
     teacher_proc = None
-    if getattr(loss_fn, "teacher_inputs", "student") == "own":
+    if getattr(loss_fn, "teacher_inputs", "student") in ("own", "cross"):
         teacher_dir = getattr(loss_fn, "teacher_dir", None)
         if not teacher_dir:
             raise ValueError(f"stage {ctx.stage!r}: the loss runs the teacher on its own "

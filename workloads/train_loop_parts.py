@@ -68,7 +68,7 @@ class LossFn(Protocol):
                  ) -> tuple[Any, dict[str, float]]: ...
 
 
-_NOT_MODEL_INPUTS = ("labels", "has_image", "mm_digest")
+_NOT_MODEL_INPUTS = ("labels", "has_image", "mm_digest", "reply_group")  # reply_group: cross KD
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:

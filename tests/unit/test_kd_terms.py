@@ -43,7 +43,7 @@ def test_the_builtins_are_the_papers_three_weighted_by_alpha_beta_gamma():
 
 @pytest.mark.parametrize("terms,message", [
     ({"vis": 1.0}, "its weight is the stage's `beta`"),
-    ({"hellinger": 1.0}, "unknown KD term 'hellinger'; registered: argmax_ce, rel, res, vis"),
+    ({"hellinger": 1.0}, "unknown KD term 'hellinger'; registered: argmax_ce, rel, res, span, uld, vis"),
     ({"argmax_ce": -1}, "needs a weight, a number >= 0"),
     ({"argmax_ce": {"min_confidence": 0.5}}, "needs a weight"),
     ({"argmax_ce": {"weight": 1, "margin": 1}}, "has no parameter 'margin' (its parameters: "
@@ -112,7 +112,7 @@ stages:
 @pytest.mark.parametrize("terms,said", [
     ("{argmax_ce: {weight: 0.5, min_confidense: 0.3}}",
      "has no parameter 'min_confidense' (its parameters: min_confidence)"),
-    ("{hellinger: 1}", "unknown KD term 'hellinger'; registered: argmax_ce, rel, res, vis"),
+    ("{hellinger: 1}", "unknown KD term 'hellinger'; registered: argmax_ce, rel, res, span, uld, vis"),
 ])
 def test_mmkd_validate_names_the_line_the_term_and_what_it_accepts(capsys, tmp_path, terms,
                                                                    said, monkeypatch):

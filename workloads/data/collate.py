@@ -9,7 +9,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from workloads.data.preprocess import IGNORE_INDEX, TEACHER_PREFIX, unpack_image_inputs
+from workloads.data.preprocess import (IGNORE_INDEX, REPLY_GROUP, TEACHER_PREFIX,
+                                       unpack_image_inputs)
 
 __all__ = ["collate", "make_collate_fn", "batch_family", "DIGEST_KEY"]
 
@@ -56,7 +57,9 @@ def collate(batch: dict[str, np.ndarray], pad_token_id: int,
     ``preprocess.py``) get it collated by the same rules (its own family, the same padding) and
     returned under ``teacher_`` keys: ``teacher_input_ids``, ``teacher_attention_mask``,
     ``teacher_labels``, ``teacher_pixel_values``, the family's extra inputs, ``teacher_has_image``
-    and ``teacher_mm_digest`` — what ``distill_loss`` reads with ``teacher_inputs="own"``.
+    and ``teacher_mm_digest`` — what ``distill_loss`` reads with ``teacher_inputs="own"``; rows
+    of a teacher with another tokenizer also give ``reply_group`` and ``teacher_reply_group``
+    (B, T) long, padded with -1 (``teacher_inputs="cross"``).
     """
     if any(k.startswith(TEACHER_PREFIX) for k in batch):
         n = len(TEACHER_PREFIX)
@@ -64,9 +67,21 @@ def collate(batch: dict[str, np.ndarray], pad_token_id: int,
         teacher = {k[n:]: v for k, v in batch.items() if k.startswith(TEACHER_PREFIX)}
         teacher.setdefault("has_image", batch["has_image"])
         out = collate(own, pad_token_id, pad_to_multiple_of, family)
-        # one tokenizer (distill checks it), so one pad id; the family is the rows' own
-        t_out = collate(teacher, pad_token_id, pad_to_multiple_of)
+        # The family is the rows' own. One tokenizer: one pad id; another tokenizer (rows
+        # with reply groups) pads with id 0, a token of every vocabulary (the attention mask
+        # hides padding either way)
+        t_pad = 0 if REPLY_GROUP in teacher else pad_token_id
+        t_out = collate(teacher, t_pad, pad_to_multiple_of)
         out.update({TEACHER_PREFIX + k: v for k, v in t_out.items()})
+        return out
+    if REPLY_GROUP in batch:  # padded like the labels, with -1 (no group)
+        groups = _rows(batch[REPLY_GROUP])
+        out = collate({k: v for k, v in batch.items() if k != REPLY_GROUP}, pad_token_id,
+                      pad_to_multiple_of, family)
+        padded = torch.full(out["input_ids"].shape, -1, dtype=torch.long)
+        for i, row in enumerate(groups):
+            padded[i, :len(row)] = torch.as_tensor(np.asarray(row, dtype=np.int64))
+        out[REPLY_GROUP] = padded
         return out
     if family is None:
         family = batch_family(batch)

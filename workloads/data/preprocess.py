@@ -38,6 +38,12 @@ LLaVA-1.5); ``has_image`` and ``key`` are shared. A row bad for either processor
 and counted once. Both encodings carry the same reply tokens (one tokenizer; anything else is
 an error): where ``max_length`` cuts one encoding's reply shorter than the other's, the longer
 one's surplus reply tokens are unlabelled, so ``L_res`` pairs the two row by row.
+
+A teacher with *another tokenizer* (``teacher_inputs: cross``, any family into any other): the
+two encodings' reply tokens differ, so instead of pairing them one by one each row gets
+``reply_group`` and ``teacher_reply_group`` (int64[T_i], per position: the number of the
+aligned text span its reply token belongs to, -1 elsewhere; ``alignment.py``), computed here
+from the reply tokens' character spans.
 """
 
 from __future__ import annotations
@@ -58,11 +64,12 @@ from workloads.data.readers import bad_detail
 
 IGNORE_INDEX = -100
 TEACHER_PREFIX = "teacher_"  # columns of the teacher's own encoding (distill_loss's prefix)
+REPLY_GROUP = "reply_group"  # cross-tokenizer rows: each position's aligned group (-1: none)
 _ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
 
 GENERIC_IMAGE = "<image>"  # LLaVA data's image marker, whatever the family's own token
 
-__all__ = ["IGNORE_INDEX", "TEACHER_PREFIX", "Encoded", "encode_conversation",
+__all__ = ["IGNORE_INDEX", "TEACHER_PREFIX", "REPLY_GROUP", "Encoded", "encode_conversation",
            "encode_family_sample", "Preprocessor", "decode_image", "preprocess_batch",
            "pack_image_inputs", "unpack_image_inputs"]
 
@@ -82,6 +89,9 @@ class Encoded:
     truncated: bool = False
     segments: list[tuple[str, bool]] = field(default_factory=list)
     inputs: dict[str, np.ndarray] = field(default_factory=dict)  # a family's image inputs
+    # with ``spans=True``: each reply token's (turn, start, end) in its turn's label text
+    reply_spans: list[tuple[int, int, int]] = field(default_factory=list)
+    reply_texts: list[str] = field(default_factory=list)
 
 
 def conversation_messages(conversations: list[dict[str, str]], has_image: bool,
@@ -134,14 +144,20 @@ def _segments(messages: list[dict[str, str]], tokenizer: Any) -> list[tuple[str,
 
 
 def encode_conversation(conversations: list[dict[str, str]], has_image: bool,
-                        spec: ProcessorSpec, max_length: int) -> Encoded:
-    """Token ids and labels of one conversation; raises ``SampleError`` for a bad sample."""
+                        spec: ProcessorSpec, max_length: int, spans: bool = False) -> Encoded:
+    """Token ids and labels of one conversation; raises ``SampleError`` for a bad sample.
+    ``spans``: also each kept reply token's character span (``Encoded.reply_spans``)."""
     segments = _segments(conversation_messages(conversations, has_image, spec.image_token), spec.tokenizer)
-    encoded = spec.tokenizer([t for t, _ in segments], add_special_tokens=False)["input_ids"]
+    enc = spec.tokenizer([t for t, _ in segments], add_special_tokens=False,
+                         return_offsets_mapping=spans)
     ids: list[int] = []
     labels: list[int] = []
-    for (_, is_label), seg_ids in zip(segments, encoded):
-        for tok in seg_ids:
+    reply_spans: list[tuple[int, int, int]] = []
+    reply_texts: list[str] = []
+    for k, ((text, is_label), seg_ids) in enumerate(zip(segments, enc["input_ids"])):
+        if is_label:
+            reply_texts.append(text)
+        for j, tok in enumerate(seg_ids):
             if tok == spec.image_token_id:
                 # Expand here rather than in the text: the count is exactly what
                 # LlavaForConditionalGeneration checks against the vision features.
@@ -150,9 +166,15 @@ def encode_conversation(conversations: list[dict[str, str]], has_image: bool,
             else:
                 ids.append(tok)
                 labels.append(tok if is_label else IGNORE_INDEX)
+                if is_label and spans:
+                    start, end = enc["offset_mapping"][k][j]
+                    reply_spans.append((len(reply_texts) - 1, int(start), int(end)))
     ids_arr, labels_arr = np.asarray(ids, np.int64), np.asarray(labels, np.int64)
     keep = _kept_length(ids_arr, labels_arr, spec.image_token_id, max_length)
-    return Encoded(ids_arr[:keep], labels_arr[:keep], keep < len(ids_arr), segments)
+    kept_replies = int((labels_arr[:keep] != IGNORE_INDEX).sum())
+    return Encoded(ids_arr[:keep], labels_arr[:keep], keep < len(ids_arr), segments,
+                   reply_spans=reply_spans[:kept_replies] if spans else [],
+                   reply_texts=reply_texts if spans else [])
 
 
 def _kept_length(ids: np.ndarray, labels: np.ndarray, image_token_id: int,
@@ -172,7 +194,7 @@ def _kept_length(ids: np.ndarray, labels: np.ndarray, image_token_id: int,
 
 
 def encode_family_sample(conversations: list[dict[str, str]], image: Any, spec: ProcessorSpec,
-                         max_length: int) -> Encoded:
+                         max_length: int, spans: bool = False) -> Encoded:
     """Token ids, labels and image inputs of one conversation for a non-LLaVA family: the same
     ``<image>`` policy, then the family's own chat template and expansion
     (``workloads.families.encode``), then the same truncation rule. Text-aligned inputs (the
@@ -187,8 +209,10 @@ def encode_family_sample(conversations: list[dict[str, str]], image: Any, spec: 
                 raise SampleError(IMAGE_TOKEN_MISMATCH, f"{token} ({family.name}'s image token) "
                                                         f"written in the text")
     messages = conversation_messages(conversations, image is not None, GENERIC_IMAGE)
-    out = encode(family, spec.parts, messages, image)
+    out = encode(family, spec.parts, messages, image, reply_spans=spans)
     ids, labels = out.pop("input_ids"), out.pop("labels")
+    reply_spans = [tuple(int(v) for v in row) for row in out.pop("reply_spans", [])]
+    reply_texts = [str(t) for t in out.pop("reply_texts", [])]
     if image is None:
         if (ids == spec.image_token_id).any():
             raise SampleError(IMAGE_TOKEN_MISMATCH, f"{spec.image_token} in a sample without "
@@ -197,7 +221,9 @@ def encode_family_sample(conversations: list[dict[str, str]], image: Any, spec: 
     keep = _kept_length(ids, labels, spec.image_token_id, max_length)
     if family.token_type_key in out:
         out[family.token_type_key] = out[family.token_type_key][:keep]
-    return Encoded(ids[:keep], labels[:keep], keep < len(ids), inputs=out)
+    kept_replies = int((labels[:keep] != IGNORE_INDEX).sum())
+    return Encoded(ids[:keep], labels[:keep], keep < len(ids), inputs=out,
+                   reply_spans=reply_spans[:kept_replies], reply_texts=reply_texts)
 
 
 def pack_image_inputs(inputs: dict[str, np.ndarray]) -> bytes:
@@ -253,14 +279,18 @@ class Preprocessor:
         self.spec = load_processor(processor_dir)
         self.family = self.spec.family
         self.teacher_spec = load_processor(teacher_dir) if teacher_dir else None
+        # another vocabulary: the replies are aligned by text (``alignment.py``), not token ids
+        self.cross = (self.teacher_spec is not None and self.teacher_spec.tokenizer.get_vocab()
+                      != self.spec.tokenizer.get_vocab())
         self.max_length = max_length
         self.quality = quality
         self.keep_keys = keep_keys
 
     def _encode(self, spec: ProcessorSpec, conv: list[dict[str, str]], image: Any) -> Encoded:
         if spec.family == LLAVA:
-            return encode_conversation(conv, image is not None, spec, self.max_length)
-        return encode_family_sample(conv, image, spec, self.max_length)
+            return encode_conversation(conv, image is not None, spec, self.max_length,
+                                       spans=self.cross)
+        return encode_family_sample(conv, image, spec, self.max_length, spans=self.cross)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         spec, teacher = self.spec, self.teacher_spec
@@ -268,6 +298,7 @@ class Preprocessor:
         examples: list[tuple[str, str]] = []
         out_ids, out_labels, images, has_image, keys = [], [], [], [], []
         t_ids, t_labels, t_images = [], [], []
+        groups, t_groups = [], []  # cross: each position's aligned-group number (-1: none)
 
         def skip(kind: str, i: int, detail: str) -> None:
             counts[kind] = counts.get(kind, 0) + 1
@@ -293,7 +324,15 @@ class Preprocessor:
                 except SampleError as e:  # bad for the teacher: dropped, counted once
                     skip(e.kind, i, f"teacher processor: {e}")
                     continue
-                _pair_reply_labels(enc, t_enc, f"{batch['source'][i]}:{batch['key'][i]}")
+                if self.cross:
+                    from workloads.data.alignment import align_reply_tokens
+
+                    s_g, t_g = align_reply_tokens(enc.reply_spans, enc.reply_texts,
+                                                  t_enc.reply_spans, t_enc.reply_texts)
+                    groups.append(_at_labels(enc.labels, s_g))
+                    t_groups.append(_at_labels(t_enc.labels, t_g))
+                else:
+                    _pair_reply_labels(enc, t_enc, f"{batch['source'][i]}:{batch['key'][i]}")
             if enc.truncated or (t_enc is not None and t_enc.truncated):
                 counts[TRUNCATED] = counts.get(TRUNCATED, 0) + 1
             out_ids.append(enc.input_ids)
@@ -312,6 +351,9 @@ class Preprocessor:
             t_columns = self._columns(teacher, t_ids, t_labels, t_images, has_image)
             columns.update({TEACHER_PREFIX + k: v for k, v in t_columns.items()
                             if k != "has_image"})
+            if self.cross:
+                columns[REPLY_GROUP] = _ragged(groups)
+                columns[TEACHER_PREFIX + REPLY_GROUP] = _ragged(t_groups)
         if self.keep_keys:
             columns["key"] = np.asarray(keys, dtype=object)
         return columns
@@ -335,6 +377,13 @@ class Preprocessor:
         # Object arrays of 1-D int64 arrays: Ray stores them as variable-shaped tensors.
         return {"input_ids": _ragged(ids), "labels": _ragged(labels),
                 "pixel_values": pixels, "has_image": np.asarray(has_image, dtype=bool)}
+
+
+def _at_labels(labels: np.ndarray, reply_group: np.ndarray) -> np.ndarray:
+    """Per position: the aligned-group number of the reply token there, -1 elsewhere."""
+    out = np.full(len(labels), -1, np.int64)
+    out[np.flatnonzero(labels != IGNORE_INDEX)] = reply_group
+    return out
 
 
 def _pair_reply_labels(student: Encoded, teacher: Encoded, where: str) -> None:

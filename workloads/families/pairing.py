@@ -12,7 +12,8 @@ import json
 import os
 from typing import Any
 
-__all__ = ["DistillCompatError", "PROBE_IMAGE_SIZES", "PROBE_CONVERSATION",
+__all__ = ["DistillCompatError", "CROSS_TOKENIZER_HINT", "same_vocabulary",
+           "PROBE_IMAGE_SIZES", "PROBE_CONVERSATION",
            "check_teacher_student", "check_family_pair", "family_problem", "family_mismatch",
            "describe", "model_dir_family", "spec_family", "student_processor_parts",
            "student_vision"]
@@ -48,6 +49,13 @@ def _tokenizer_diff(a: Any, b: Any) -> list[str]:
         diffs.append("special tokens differ: " + ", ".join(
             f"{k}: teacher {sa.get(k)!r} vs student {sb.get(k)!r}" for k in keys))
     return diffs
+
+
+def same_vocabulary(teacher_dir: str, student_tokenizer: Any) -> bool:
+    """The teacher's tokenizer has the student's vocabulary and special tokens."""
+    from transformers import AutoTokenizer
+
+    return not _tokenizer_diff(AutoTokenizer.from_pretrained(teacher_dir), student_tokenizer)
 
 
 def _vision_geometry(cfg: Any) -> tuple[int, int]:
@@ -88,7 +96,7 @@ def check_teacher_student(teacher_dir: str, student_tok_dir: str,
         raise DistillCompatError(
             f"teacher {teacher_dir} and student (tokenizer {student_tok_dir}) cannot be distilled: "
             + "; ".join(problems) + ". Build the student with the teacher's tokenizer "
-            "(input `tokenizer`) and a matching vision geometry.")
+            "(input `tokenizer`) and a matching vision geometry, " + CROSS_TOKENIZER_HINT + ".")
 
 
 # ----------------------------------------------------------------------------- any family
@@ -128,13 +136,17 @@ def describe(side: str | dict[str, Any], tokenizer_dir: str | None = None) -> st
     return "parts model"
 
 
+CROSS_TOKENIZER_HINT = ("or distil across tokenizers with the terms that align replies by text "
+                        "only: `alpha: 0, beta: 0, gamma: 0, terms: {uld: 1.0}` (or `span`)")
+
+
 def family_mismatch(teacher_family: str, student_family: str, teacher: str, student: str) -> str:
-    return (f"teacher is {teacher_family}, student is {student_family}: distillation runs both "
-            f"models on the same input_ids, which needs one family (the same tokenizer, chat "
-            f"template and image-token expansion) — teacher {teacher}, student {student}. Give "
-            f"the student the teacher's family (e.g. `model: {{preset: tiny-student, family: "
-            f"{teacher_family}}}`, or input `init` from a {teacher_family} model) or use a "
-            f"{student_family} teacher")
+    return (f"teacher is {teacher_family}, student is {student_family}: L_res, L_vis and L_rel "
+            f"compare the two models token by token on the same input_ids, which needs one "
+            f"family (the same tokenizer, chat template and image-token expansion) — teacher "
+            f"{teacher}, student {student}. Give the student the teacher's family (e.g. `model: "
+            f"{{preset: tiny-student, family: {teacher_family}}}`, or input `init` from a "
+            f"{teacher_family} model), use a {student_family} teacher, {CROSS_TOKENIZER_HINT}")
 
 
 def family_problem(teacher: str | dict[str, Any], student: str | dict[str, Any]) -> str | None:
@@ -243,7 +255,8 @@ def check_family_pair(teacher_dir: str, student: Any, *, image_kd: bool,
         raise DistillCompatError(
             f"{where}{sf} teacher {teacher_dir} and student ({desc}) cannot be distilled: "
             + "; ".join(problems) + ". Build the student with the teacher's tokenizer (input "
-            "`tokenizer`), or start it from a checkpoint that shares the teacher's vocabulary.")
+            "`tokenizer`), start it from a checkpoint that shares the teacher's vocabulary, "
+            + CROSS_TOKENIZER_HINT + ".")
     diff = _probe_difference(teacher, student)
     if diff is None:
         return "student"

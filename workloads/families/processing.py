@@ -247,11 +247,14 @@ def expand_image_tokens(family: Family | str, parts: ProcessorParts, text: str,
 
 
 def encode(family: Family | str, parts: ProcessorParts, conversation: list[dict[str, Any]],
-           image: Any = None, add_generation_prompt: bool = False) -> dict[str, np.ndarray]:
+           image: Any = None, add_generation_prompt: bool = False,
+           reply_spans: bool = False) -> dict[str, np.ndarray]:
     """Model inputs of one conversation (HF messages; a string turn may carry mmkd's
     ``<image>``): ``input_ids``, ``labels`` (-100 except assistant replies + end-of-turn),
     ``pixel_values`` and the family's extra inputs, each for this one sample (``collate``
-    batches them). ``input_ids`` equal the family's HF processor on the rendered text."""
+    batches them). ``input_ids`` equal the family's HF processor on the rendered text.
+    ``reply_spans``: also ``reply_spans`` ((n, 3): each label token's turn, start and end in its
+    turn's label text) and ``reply_texts`` (the label texts), for cross-tokenizer alignment."""
     family = _family(family)
     images = _image_list(image)
     segments = _segments(parts, _messages(conversation), add_generation_prompt)
@@ -273,10 +276,18 @@ def encode(family: Family | str, parts: ProcessorParts, conversation: list[dict[
     enc = parts.tokenizer("".join(texts), add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], np.int64)
     labels = np.full_like(ids, IGNORE_INDEX)
-    for i, (start, _end) in enumerate(enc["offset_mapping"]):
-        if any(a <= start < b for a, b in spans):
-            labels[i] = ids[i]
+    where: list[tuple[int, int, int]] = []
+    for i, (start, end) in enumerate(enc["offset_mapping"]):
+        for turn, (a, b) in enumerate(spans):
+            if a <= start < b:
+                labels[i] = ids[i]
+                where.append((turn, start - a, min(end, b) - a))
+                break
     out: dict[str, np.ndarray] = {"input_ids": ids, "labels": labels}
+    if reply_spans:
+        out["reply_spans"] = np.asarray(where, np.int64).reshape(-1, 3)
+        out["reply_texts"] = np.asarray([texts[k] for k, (t, is_label) in enumerate(segments)
+                                         if is_label], dtype=object)
     if family.token_type_key:
         out[family.token_type_key] = (ids == parts.image_token_id).astype(np.int64)
     out.update(_image_inputs(parts, processed))

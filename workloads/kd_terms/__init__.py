@@ -6,7 +6,8 @@ The distill objective is the student's cross-entropy plus a weighted sum of term
 
 The built-ins are LLaVA-KD's three, weighted by the stage's ``alpha``, ``beta`` and ``gamma``
 (``res.py``: L_res, ``vis.py``: L_vis, ``rel.py``: L_rel). Any other registered term is named
-in the stage's ``terms`` with its weight, and its parameters if it has any::
+in the stage's ``terms`` with its weight, and its parameters if it has any — among mmkd's own,
+``uld.py`` and ``span.py``, the two that distil across tokenizers::
 
     terms: {argmax_ce: 0.5}
     terms: {argmax_ce: {weight: 0.5, min_confidence: 0.3}}
@@ -27,11 +28,16 @@ A term is registered with
     matrices;
   * ``x.rows(where)``: the ``(N, V)`` student and teacher logit rows at those positions, for a
     term that needs the teacher's whole distribution (stored teachers keep their top-k only, so
-    such a term runs where k covers the vocabulary: online, or a service without ``top_k``).
+    such a term runs where k covers the vocabulary: online, or a service without ``top_k``);
+  * ``x.replies()``: both models' rows at their own reply positions with the alignment of the
+    two tokenizations (``teacher_rows.Replies``) — what a term needs to work across
+    tokenizers (``uld.py``, ``span.py``); for one tokenizer, row i pairs with row i.
 
-- ``needs``: which of ``"response"``, ``"image"``, ``"relation"`` it reads. A teacher that
-  tokenizes the rows its own way (``teacher_inputs: own``) has response positions only, so a
-  stage with a term that needs ``"image"`` or ``"relation"`` is refused at start, naming it.
+- ``needs``: which of ``"response"``, ``"image"``, ``"relation"``, ``"replies"`` it reads. A
+  teacher that tokenizes the rows its own way (``teacher_inputs: own``) has response positions
+  only, so a stage with a term that needs ``"image"`` or ``"relation"`` is refused at start,
+  naming it; a teacher with another tokenizer (``teacher_inputs: cross``) serves ``"replies"``
+  only.
 - ``params``: a pydantic model of its own parameters (default: none), validated where the
   stage's config is.
 
@@ -64,9 +70,9 @@ from workloads.extensions import NoParams, import_package_modules, validate_own_
 
 __all__ = ["KDTerm", "KDBatch", "KDTermError", "KD_TERMS", "BUILTIN_WEIGHTS", "register_kd_term",
            "get_kd_term", "list_kd_terms", "term_spec", "resolve_terms", "builtin_weights",
-           "reading_images", "objective"]
+           "reading_images", "across_tokenizers", "objective"]
 
-Need = Literal["response", "image", "relation"]
+Need = Literal["response", "image", "relation", "replies"]
 Where = Literal["response", "image"]
 # the built-in terms and the stage parameter that weighs each (the paper's names)
 BUILTIN_WEIGHTS = {"res": "alpha", "vis": "beta", "rel": "gamma"}
@@ -98,10 +104,10 @@ def register_kd_term(name: str, loss: Callable[..., Any], *, needs: Iterable[Nee
     if name in KD_TERMS and KD_TERMS[name].loss is not loss:
         raise ValueError(f"KD term {name!r} registered twice")
     needs = frozenset(needs)
-    unknown = needs - {"response", "image", "relation"}
+    unknown = needs - {"response", "image", "relation", "replies"}
     if unknown:
         raise ValueError(f"KD term {name!r}: unknown needs {sorted(unknown)} (response, image, "
-                         f"relation)")
+                         f"relation, replies)")
     term = KDTerm(name, loss, needs, params, description)
     KD_TERMS[name] = term
     return term
@@ -167,6 +173,11 @@ def reading_images(names: Iterable[str]) -> list[str]:
     return [n for n in names if get_kd_term(n).needs & {"image", "relation"}]
 
 
+def across_tokenizers(names: Iterable[str]) -> list[str]:
+    """The terms among ``names`` that work across tokenizers (they read ``replies`` only)."""
+    return [n for n in names if get_kd_term(n).needs <= {"replies"}]
+
+
 def objective(ce: Any, values: Mapping[str, Any], weights: Mapping[str, float]
               ) -> tuple[Any, dict[str, Any]]:
     """``total = ce + sum weights[n] * values[n]``, and ``{"loss", "ce", "l_<n>"...}`` detached
@@ -201,6 +212,9 @@ class KDBatch:
 
     def rows(self, where: Where) -> tuple[Any, Any]:
         return self.teacher.rows(self.student, where, self.term)
+
+    def replies(self) -> Any:
+        return self.teacher.replies(self.student, self.term)
 
 
 import_package_modules(__name__, __path__, group="mmkd.kd_terms")

@@ -8,24 +8,79 @@ term reads all of them through the same three calls (``KDBatch``):
   matrices, as a ``teacher_logits`` stage stores them and the teacher service sends them
   (``teacher: offline`` / ``service``).
 
+- ``CrossRows``: the full logits of a teacher with *another tokenizer* (any family into any
+  other) on its own encoding of each row, with both sides' reply tokens grouped into aligned
+  text spans (``data/alignment.py``; ``teacher_inputs: cross``): the ``replies`` terms only.
+
 ``divergence(s, where, kind, temperature, chunk_size)`` is the stage's divergence averaged over
 the ``where`` positions; ``relation(s)`` LLaVA-KD's relation loss; ``rows(s, where, term)`` the
-paired ``(N, V)`` student and teacher logit rows.
+paired ``(N, V)`` student and teacher logit rows; ``replies(s, term)`` both models' reply rows
+with their alignment (``Replies``), whatever the two vocabularies.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DenseRows", "PairedRows", "StoredRows"]
+__all__ = ["DenseRows", "PairedRows", "StoredRows", "CrossRows", "Replies", "reply_rows"]
+
+CROSS_TERMS = "uld, span"  # what a cross-tokenizer pair can use (messages)
+
+
+@dataclass
+class Replies:
+    """Both models' logit rows at their reply positions (each row predicts one reply token).
+
+    ``s``/``t``: ``(N_s, V_s)`` / ``(N_t, V_t)``; ``s_row``/``t_row``: each row's batch row;
+    ``s_group``/``t_group``: each row's aligned-group key, unique over the batch (``-1``: not
+    aligned) — the rows of one key on each side predict the same text; ``s_token``/``t_token``:
+    the token each row predicts (``None`` where the vocabularies are one: every group is one
+    token each side); ``shared``: ``None`` for one vocabulary, else ``(student_ids,
+    teacher_ids)`` of the tokens both vocabularies spell alike."""
+
+    s: Any
+    t: Any
+    s_row: Any
+    t_row: Any
+    s_group: Any
+    t_group: Any
+    s_token: Any = None
+    t_token: Any = None
+    shared: Any = None
+
+
+def reply_rows(logits: Any, labels: Any, groups: Any = None) -> tuple[Any, Any, Any, Any]:
+    """``(rows, tokens, keys, batch_row)`` at the positions whose next token is a reply token:
+    the logit rows, the token each predicts, its group key (``groups``: the per-position group
+    numbers of ``collate``'s ``reply_group``; none: every row its own group) and batch row."""
+    import torch
+
+    def after(x: Any, fill: int) -> Any:  # x[:, t + 1] at position t
+        return torch.cat([x[:, 1:], x.new_full((x.shape[0], 1), fill)], dim=1)
+
+    nxt = after(labels, -100)
+    mask = nxt != -100
+    batch_row = mask.nonzero()[:, 0]
+    if groups is None:
+        keys = torch.arange(len(batch_row), device=labels.device)
+    else:
+        g = after(groups, -1)[mask]
+        keys = torch.where(g >= 0, batch_row * labels.shape[1] + g, torch.full_like(g, -1))
+    return logits[mask], nxt[mask], keys, batch_row
 
 
 class DenseRows:
     def __init__(self, teacher: Any, labels: Any, image_mask: Any):
         from workloads.losses import response_mask
 
-        self.teacher, self.image_mask = teacher, image_mask
+        self.teacher, self.image_mask, self.labels = teacher, image_mask, labels
         self.masks = {"response": response_mask(labels), "image": image_mask}
+
+    def replies(self, s: Any, term: str = "") -> Replies:
+        s_rows, _, keys, row = reply_rows(s, self.labels)
+        t_rows = self.teacher[self.masks["response"]]
+        return Replies(s_rows, t_rows, row, row, keys, keys)
 
     def divergence(self, s: Any, where: str, kind: Any, temperature: float,
                    chunk_size: int | None) -> Any:
@@ -63,6 +118,13 @@ class PairedRows:
         if where != "response":
             self._response_only(where)
         return s[self.mask], self.teacher
+
+    def replies(self, s: Any, term: str = "") -> Replies:
+        import torch
+
+        row = self.mask.nonzero()[:, 0]
+        keys = torch.arange(len(row), device=row.device)
+        return Replies(s[self.mask], self.teacher, row, row, keys, keys)
 
     def _response_only(self, where: str) -> None:
         from workloads.kd_terms import KDTermError
@@ -119,3 +181,42 @@ class StoredRows:
         m = self.masks[where]
         full = self.values.new_full((int(m.sum()), k), float("-inf"))
         return s[m], full.scatter(-1, self.indices[m], self.values[m])
+
+    def replies(self, s: Any, term: str = "") -> Replies:
+        from workloads.kd_terms import KDTermError
+
+        raise KDTermError(f"KD term {term!r} reads both models' reply rows, which {self.what} "
+                          f"does not keep; use `teacher: online`")
+
+
+class CrossRows:
+    """A teacher with another tokenizer on its own encoding: ``teacher``/``t_labels``/
+    ``t_groups`` its ``(B, T_t, V_t)`` logits, labels and per-position group numbers;
+    ``s_labels``/``s_groups`` the student's; ``shared`` as in ``Replies``."""
+
+    def __init__(self, teacher: Any, t_labels: Any, t_groups: Any, s_labels: Any,
+                 s_groups: Any, shared: Any, what: str):
+        self.teacher, self.t_labels, self.t_groups = teacher, t_labels, t_groups
+        self.s_labels, self.s_groups, self.shared, self.what = s_labels, s_groups, shared, what
+
+    def replies(self, s: Any, term: str = "") -> Replies:
+        s_rows, s_tok, s_key, s_row = reply_rows(s, self.s_labels, self.s_groups)
+        t_rows, t_tok, t_key, t_row = reply_rows(self.teacher, self.t_labels, self.t_groups)
+        return Replies(s_rows, t_rows, s_row, t_row, s_key, t_key, s_tok, t_tok, self.shared)
+
+    def divergence(self, s: Any, where: str, kind: Any, temperature: float,
+                   chunk_size: int | None) -> Any:
+        self._refuse(f"the divergence at {where} positions")
+
+    def relation(self, s: Any) -> Any:
+        self._refuse("the image tokens' relation")
+
+    def rows(self, s: Any, where: str, term: str = "") -> tuple[Any, Any]:
+        self._refuse(f"KD term {term!r}" if term else "logit rows")
+
+    def _refuse(self, what: str) -> None:
+        from workloads.kd_terms import KDTermError
+
+        raise KDTermError(f"{what} compares the two models token by token in one vocabulary, "
+                          f"but {self.what} has another tokenizer; across tokenizers use the "
+                          f"terms that align replies by text ({CROSS_TERMS})")

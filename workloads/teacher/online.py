@@ -31,9 +31,11 @@ class OnlineTeacher:
     """The ``online`` placement of the ``Teacher`` interface (``workloads/teacher``)."""
 
     def __init__(self, teacher_dir: str, sctx: Any, *, image_token_id: int, vocab_size: int,
-                 inputs: Literal["student", "own"] = "student", verify: bool = True,
-                 allow_blind: bool = False, grad_accum: int = 1):
+                 inputs: Literal["student", "own", "cross"] = "student", verify: bool = True,
+                 allow_blind: bool = False, grad_accum: int = 1,
+                 teacher_vocab_size: int | None = None, shared_vocab: Any = None):
         self.dir, self.vocab_size, self.inputs = teacher_dir, vocab_size, inputs
+        self.teacher_vocab_size, self.shared_vocab = teacher_vocab_size, shared_vocab
         self.verify, self.allow_blind, self.grad_accum = verify, allow_blind, grad_accum
         self.model = load_teacher(teacher_dir, sctx)
         module = getattr(self.model, "module", self.model)
@@ -62,6 +64,8 @@ class OnlineTeacher:
         first, self.calls = self.calls == 0, self.calls + 1
         if self.inputs == "own":
             return self._own_inputs_rows(student_logits, batch, sctx)
+        if self.inputs == "cross":
+            return self._cross_rows(student_logits, batch, sctx, first)
         with torch.no_grad():
             t_logits = self.model(**inputs).logits
         if first and not self.allow_blind:
@@ -121,6 +125,42 @@ class OnlineTeacher:
         _, t = align_vocab(student_logits[s_mask], t_logits[t_mask], self.vocab_size)
         s = student_logits[..., :self.vocab_size]
         return s, PairedRows(t, s_mask, f"teacher {self.dir}")
+
+    def _cross_rows(self, student_logits: Any, batch: dict[str, Any], sctx: Any,
+                    first: bool) -> tuple[Any, Any]:
+        """A teacher with another tokenizer on its own encoding of each row; the two sides'
+        reply tokens are matched by the aligned text spans the data path computed."""
+        import numpy as np
+        import torch
+
+        from workloads.data.preprocess import REPLY_GROUP
+        from workloads.kd_terms.teacher_rows import CrossRows
+        from workloads.train_loop_parts import model_inputs
+
+        n = len(TEACHER_PREFIX)
+        t_batch = {k[n:]: v for k, v in batch.items() if k.startswith(TEACHER_PREFIX)}
+        if REPLY_GROUP not in t_batch or REPLY_GROUP not in batch:
+            raise DistillCompatError(
+                f"stage {sctx.stage.stage!r}: teacher {self.dir} has another tokenizer, so "
+                f"cross-tokenizer KD runs it on its own encoding of each row, aligned with the "
+                f"student's by text, but the batch has no `{REPLY_GROUP}` columns; the data "
+                f"path must encode every row with both processors (distill does so for "
+                f"`teacher: online`)")
+        pixels = t_batch.get("pixel_values")
+        if pixels is not None and torch.is_floating_point(pixels):
+            t_batch["pixel_values"] = pixels.to(sctx.dtype)
+        inputs = model_inputs(t_batch)
+        with torch.no_grad():
+            t_logits = self.model(**inputs).logits
+        if first and not self.allow_blind:
+            self._probe_teacher_sees(self.model, inputs, t_logits, sctx)
+        shared = None
+        if self.shared_vocab is not None:
+            shared = tuple(np.asarray(ids, np.int64) for ids in self.shared_vocab)
+        t = t_logits[..., :self.teacher_vocab_size or t_logits.shape[-1]]
+        rows = CrossRows(t, t_batch["labels"], t_batch[REPLY_GROUP], batch["labels"],
+                         batch[REPLY_GROUP], shared, f"teacher {self.dir}")
+        return student_logits[..., :self.vocab_size], rows
 
     def _probe_teacher_sees(self, teacher: Any, inputs: dict[str, Any], logits: Any,
                             sctx: Any) -> None:

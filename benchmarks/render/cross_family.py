@@ -1,0 +1,39 @@
+"""Cross-tokenizer distillation (``cross_family_kd.json``): the README's model-families block."""
+
+from __future__ import annotations
+
+from render.base import Results, f3, para, pts, minutes
+
+TYPES = ("color", "shape", "size", "count", "exists")
+
+
+def cross_family_block(R: Results) -> str:
+    d = R.load("cross_family_kd")
+    t, a = d["table"], d["alignment"]
+    lines = ["| model | accuracy [95% CI] | " + " | ".join(TYPES) + " |",
+             "|---|---|" + "---|" * len(TYPES)]
+    for name, r in t.items():
+        cells = " | ".join(f3(r[f"accuracy/{k}"]) if f"accuracy/{k}" in r else "—"
+                           for k in TYPES)
+        lines.append(f"| {name} | {f3(r['accuracy'])} [{f3(r['accuracy_low'])}, "
+                     f"{f3(r['accuracy_high'])}] | {cells} |")
+    comps = {(c["a"], c["b"]): c for c in d["comparisons"]}
+    said = []
+    for kd in ("kd_uld", "kd_span"):
+        c = comps.get(("sft", kd))
+        if c:
+            said.append(f"{kd} − sft **{pts(c['diff'])} pts** [{pts(c['low'])}, "
+                        f"{pts(c['high'])}] ({c['test']}, p = {c['p']:.2f})")
+    terms = d["final_terms"]
+    n = t["sft"]["n"]
+    share = lambda k: a[k] / a["student_reply_tokens"]  # noqa: E731
+    text = (
+        f"Measured (`results/cross_family_kd.json`, seed {d['seed']}, {n} held-out questions, "
+        f"the whole pipeline {minutes(d['wall_seconds'])} on this machine): "
+        + "; ".join(said) + ". "
+        f"Final KD terms: l_uld {terms['kd_uld']['l_uld']:.3f}, l_span "
+        f"{terms['kd_span']['l_span']:.3f}. Of the students' {a['student_reply_tokens']} reply "
+        f"tokens in {a['rows']} training rows (the teacher's: {a['teacher_reply_tokens']}), the "
+        f"alignment put {share('in_one_to_one_spans'):.0%} in one-token spans and "
+        f"{share('in_merged_spans'):.0%} in merged ones; {a['unaligned']} were left unaligned.")
+    return "\n".join(lines) + "\n\n" + para(text)
