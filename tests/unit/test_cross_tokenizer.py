@@ -248,3 +248,15 @@ def test_validate_refuses_reply_terms_for_stored_or_service_teachers():
                                               terms={"uld": 1.0}),
                                 {"teacher_logits": "t.logits", "init": "s.model"})
     assert any("uld" in p and "`teacher: online`" in p for p in problems), problems
+
+
+def test_uld_by_spans_pairs_the_first_token_of_each_span():
+    # student rows 0,1 | 2 | 3 in spans 5, 6, 9; teacher rows 0 | 1,2 | 3 in 5, 6, 8
+    p = torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.7, 0.3], [1.0, 0.0]])
+    q = torch.tensor([[0.6, 0.4], [0.8, 0.2], [0.2, 0.8], [0.5, 0.5]])
+    r = Replies(p.clamp_min(1e-12).log(), q.log(), torch.zeros(4, dtype=torch.long),
+                torch.zeros(4, dtype=torch.long), torch.tensor([5, 5, 6, 9]),
+                torch.tensor([5, 6, 6, 8]))
+    x = KDBatch(None, _Fixed(r), "fkl", 1.0, None, "uld")
+    # span 5: [.5, .5] vs [.6, .4] -> 0.2; span 6: [.7, .3] vs [.8, .2] -> 0.2; 8, 9 unpaired
+    assert float(get_kd_term("uld").loss(x, align="span")) == pytest.approx(0.2, abs=1e-6)

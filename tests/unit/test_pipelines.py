@@ -15,7 +15,8 @@ PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 
 
 @pytest.mark.parametrize("name", ["llava_kd", "kd_stage_ablation", "merge_ablation",
-                                  "kd_offline_teacher", "qwen2_vl_kd", "teacher_budget"])
+                                  "kd_offline_teacher", "qwen2_vl_kd", "teacher_budget",
+                                  "cross_family_kd"])
 def test_tiny_pipelines_validate(name):
     p = load_pipeline(PIPELINES / f"{name}.yaml")
     assert p.stages and "evaluate" in p.stages

@@ -21,23 +21,10 @@ from __future__ import annotations
 from typing import Any
 
 from workloads.kd_terms import KDBatch, register_kd_term
+from workloads.kd_terms.teacher_rows import group_index
 from workloads.kd_terms.uld import sorted_l1
 
 __all__ = ["span", "merged_log_probs"]
-
-
-def _groups(keys: Any) -> tuple[Any, Any, Any, Any]:
-    """For rows with a group key >= 0 (groups contiguous): their indices, each one's group
-    number (0..G-1 in key order), the index of each group's first row and the group keys."""
-    import torch
-
-    valid = (keys >= 0).nonzero().squeeze(1)
-    k = keys[valid]
-    uniq, inverse = torch.unique_consecutive(k, return_inverse=True)
-    first = torch.zeros(len(uniq), dtype=torch.long, device=keys.device)
-    first.scatter_reduce_(0, inverse, torch.arange(len(k), device=keys.device), "amin",
-                          include_self=False)
-    return valid, inverse, valid[first], uniq
 
 
 def merged_log_probs(logp: Any, tokens: Any, members: Any, group: Any, first: Any) -> Any:
@@ -61,8 +48,8 @@ def span(x: KDBatch) -> Any:
     from workloads.losses import kd_divergence
 
     r = x.replies()
-    s_rows, s_group, s_first, s_keys = _groups(r.s_group)
-    t_rows, t_group, t_first, t_keys = _groups(r.t_group)
+    s_rows, s_group, s_first, s_keys = group_index(r.s_group)
+    t_rows, t_group, t_first, t_keys = group_index(r.t_group)
     if not torch.equal(s_keys, t_keys):  # the alignment gives both sides the same spans
         raise ValueError("span: the student's and the teacher's aligned spans differ")
     n = len(s_keys)

@@ -23,7 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DenseRows", "PairedRows", "StoredRows", "CrossRows", "Replies", "reply_rows"]
+__all__ = ["DenseRows", "PairedRows", "StoredRows", "CrossRows", "Replies", "reply_rows",
+           "group_index"]
 
 CROSS_TERMS = "uld, span"  # what a cross-tokenizer pair can use (messages)
 
@@ -68,6 +69,21 @@ def reply_rows(logits: Any, labels: Any, groups: Any = None) -> tuple[Any, Any, 
         g = after(groups, -1)[mask]
         keys = torch.where(g >= 0, batch_row * labels.shape[1] + g, torch.full_like(g, -1))
     return logits[mask], nxt[mask], keys, batch_row
+
+
+def group_index(keys: Any) -> tuple[Any, Any, Any, Any]:
+    """For the rows with a group key >= 0 (a group's rows contiguous, keys ascending): their
+    indices, each one's group number (0..G-1), the index of each group's first row and the G
+    keys."""
+    import torch
+
+    valid = (keys >= 0).nonzero().squeeze(1)
+    k = keys[valid]
+    uniq, inverse = torch.unique_consecutive(k, return_inverse=True)
+    first = torch.zeros(len(uniq), dtype=torch.long, device=keys.device)
+    first.scatter_reduce_(0, inverse, torch.arange(len(k), device=keys.device), "amin",
+                          include_self=False)
+    return valid, inverse, valid[first], uniq
 
 
 class DenseRows:

@@ -57,24 +57,15 @@ def index_pairs(s_row: Any, t_row: Any) -> tuple[Any, Any]:
     return s_keep.nonzero().squeeze(1), t_keep.nonzero().squeeze(1)
 
 
-def _span_starts(keys: Any) -> Any:
-    """Index of the first row of each aligned group (keys >= 0, groups contiguous)."""
-    import torch
-
-    valid = (keys >= 0).nonzero().squeeze(1)
-    k = keys[valid]
-    new = torch.ones_like(k, dtype=torch.bool)
-    new[1:] = k[1:] != k[:-1]
-    return valid[new], k[new]
-
-
 def uld(x: KDBatch, align: str = "index") -> Any:
     r = x.replies()
-    if align == "span":
-        s_idx, s_keys = _span_starts(r.s_group)
-        t_idx, t_keys = _span_starts(r.t_group)
+    if align == "span":  # the first row of each span, on both sides
         import torch
 
+        from workloads.kd_terms.teacher_rows import group_index
+
+        *_, s_idx, s_keys = group_index(r.s_group)
+        *_, t_idx, t_keys = group_index(r.t_group)
         s_idx = s_idx[torch.isin(s_keys, t_keys)]
         t_idx = t_idx[torch.isin(t_keys, s_keys)]
     else:
