@@ -260,3 +260,24 @@ def test_uld_by_spans_pairs_the_first_token_of_each_span():
     x = KDBatch(None, _Fixed(r), "fkl", 1.0, None, "uld")
     # span 5: [.5, .5] vs [.6, .4] -> 0.2; span 6: [.7, .3] vs [.8, .2] -> 0.2; 8, 9 unpaired
     assert float(get_kd_term("uld").loss(x, align="span")) == pytest.approx(0.2, abs=1e-6)
+
+
+def test_cross_rows_give_one_key_per_span_on_both_sides_of_different_widths():
+    """Student batch 6 wide, teacher batch 9 wide (another tokenizer, another template): the
+    spans' keys depend on the batch row and the group number only."""
+    from workloads.kd_terms.teacher_rows import CrossRows
+
+    s_labels = torch.tensor([[-100, 4, 5, 6, -100, -100], [-100, -100, 7, 8, 9, -100]])
+    s_groups = torch.tensor([[-1, 0, 0, 1, -1, -1], [-1, -1, 0, 1, 2, -1]])
+    t_labels = torch.full((2, 9), -100)
+    t_labels[0, 3:7] = torch.tensor([1, 2, 3, 4])
+    t_labels[1, 5:8] = torch.tensor([1, 2, 3])
+    t_groups = torch.full((2, 9), -1)
+    t_groups[0, 3:7] = torch.tensor([0, 1, 1, 1])
+    t_groups[1, 5:8] = torch.tensor([0, 1, 2])
+    rows = CrossRows(torch.zeros(2, 9, 5), t_labels, t_groups, s_labels, s_groups, None, "T")
+    r = rows.replies(torch.zeros(2, 6, 4))
+    assert r.s.shape == (6, 4) and r.t.shape == (7, 5)
+    assert r.s_token.tolist() == [4, 5, 6, 7, 8, 9] and r.t_token.tolist() == [1, 2, 3, 4, 1, 2, 3]
+    assert r.s_group.unique().tolist() == r.t_group.unique().tolist()
+    assert len(r.s_group.unique()) == 5 and r.s_row.tolist() == [0, 0, 0, 1, 1, 1]

@@ -67,7 +67,8 @@ def reply_rows(logits: Any, labels: Any, groups: Any = None) -> tuple[Any, Any, 
         keys = torch.arange(len(batch_row), device=labels.device)
     else:
         g = after(groups, -1)[mask]
-        keys = torch.where(g >= 0, batch_row * labels.shape[1] + g, torch.full_like(g, -1))
+        # the same key for a group on both sides, whatever each side's padded length
+        keys = torch.where(g >= 0, batch_row * 2**32 + g, torch.full_like(g, -1))
     return logits[mask], nxt[mask], keys, batch_row
 
 
