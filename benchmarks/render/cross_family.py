@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from render.base import Results, f3, para, pts, minutes
 
-TYPES = ("color", "shape", "size", "count", "exists")
+TYPES = ("color", "shape", "size", "count", "exists", "relation")
 
 
 def cross_family_block(R: Results) -> str:
@@ -36,4 +36,13 @@ def cross_family_block(R: Results) -> str:
         f"tokens in {a['rows']} training rows (the teacher's: {a['teacher_reply_tokens']}), the "
         f"alignment put {share('in_one_to_one_spans'):.0%} in one-token spans and "
         f"{share('in_merged_spans'):.0%} in merged ones; {a['unaligned']} were left unaligned.")
+    teacher = t["teacher"]
+    if teacher.get("image_drop") is not None and teacher["image_drop"] <= 0.01:
+        text += (f" What it shows is the path across tokenizers end to end, not a KD gain: the "
+                 f"tiny Qwen2-VL teacher scores {f3(teacher['accuracy'])}, and "
+                 f"{f3(teacher['blind_accuracy'])} with its images blanked — it answers each "
+                 f"question type's prior, as it does in pipelines/qwen2_vl_kd.yaml — so there is "
+                 f"no visual knowledge to transfer, and the students' differences are "
+                 f"{'within' if all(c['low'] <= 0 <= c['high'] or c['p'] > 0.05 for k, c in comps.items() if k[0] == 'sft') else 'beyond'} "
+                 f"the noise of {n} questions.")
     return "\n".join(lines) + "\n\n" + para(text)

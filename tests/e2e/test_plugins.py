@@ -1,6 +1,9 @@
 """A plugin package (tests/plugin: mmkd-test-plugins) extends mmkd through entry points alone:
 a workload, a KD divergence, a KD term and a merge method, used together by one pipeline via
-the CLI."""
+the CLI; beside them, README's "Extending mmkd" as a new user follows it: a one-file divergence
+(squared Hellinger) loaded with ``MMKD_PLUGINS=my_div`` from the pipeline's folder passes ``mmkd
+validate`` and trains in the distill stage's Ray Train workers, which import the same module
+(#25 item 7; it used to fail there with "unknown divergence kind 'hellinger'")."""
 
 from __future__ import annotations
 
@@ -30,10 +33,23 @@ stages:
   kd:
     workload: distill
     inputs: {init: merged.model, teacher: pair.first, data: shapes.instruct}
-    params: {divergence: tvd, train: [projector, llm], max_steps: 2, batch_size: 4,
+    params: {divergence: hellinger, train: [projector, llm], max_steps: 2, batch_size: 4,
              checkpoint_every: 0, alpha: 1.0, beta: 1.0, gamma: 0.0,
              terms: {argmax_ce: {weight: 0.5, min_confidence: 0.0}}}
 """
+
+
+MY_DIV = textwrap.dedent('''
+    """Squared Hellinger distance, one file."""
+    from workloads.divergences import register_divergence
+
+
+    def hellinger_rows(log_p_s, log_p_t):  # (C, V), (C, V) -> (C,)
+        return 0.5 * ((log_p_s / 2).exp() - (log_p_t / 2).exp()).pow(2).sum(-1)
+
+
+    register_divergence("hellinger", hellinger_rows, description="squared Hellinger")
+''')
 
 
 def test_a_plugin_workload_divergence_kd_term_and_merge_method_run_in_one_pipeline(tmp_path, cli_env):
@@ -47,7 +63,15 @@ def test_a_plugin_workload_divergence_kd_term_and_merge_method_run_in_one_pipeli
 
     pipe = tmp_path / "plugins.yaml"
     pipe.write_text(textwrap.dedent(PIPE))
-    mmkd(["run", str(pipe), "--plain"], cli_env, tmp_path, timeout=900, check=True)
+    (tmp_path / "my_div.py").write_text(MY_DIV)
+    env = {**cli_env, "MMKD_PLUGINS": "my_div"}
+    env.pop("PYTHONPATH", None)  # the module is found as a user's is: beside the pipeline
+    out = mmkd(["validate", str(pipe)], env, tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    # the entry-point divergence, known to the CLI as well
+    out = mmkd(["validate", str(pipe), "--set", "stages.kd.params.divergence=tvd"], env, tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    mmkd(["run", str(pipe), "--plain"], env, tmp_path, timeout=900, check=True)
     [record] = [json.loads(p.read_text())
                 for p in (Path(cli_env["MMKD_HOME"]) / "runs").glob("*/run.json")]
     stages = record["stages"]
@@ -62,7 +86,7 @@ def test_a_plugin_workload_divergence_kd_term_and_merge_method_run_in_one_pipeli
         b = second[name]
         expected = torch.where(b.abs() > a.abs(), b, a)
         assert torch.equal(merged[name], expected), name
-    # the plugin divergence: total variation is at most 1 per position
+    # the one-file divergence ran in the worker: squared Hellinger is at most 1 per position
     metrics = stages["kd"]["metrics"]
     assert 0.0 < metrics["l_res"] <= 1.0 and metrics["steps"] == 2
     # the plugin KD term ran in the training worker: a cross-entropy over the 320-token
