@@ -27,7 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["align_reply_tokens", "common_prefix", "vocabulary_map", "token_texts"]
+__all__ = ["align_reply_tokens", "common_prefix", "vocabulary_map", "token_texts", "at_labels",
+           "pair_reply_labels"]
 
 # one reply token: (turn, start, end), the character span inside its turn's label text
 Span = tuple[int, int, int]
@@ -117,3 +118,29 @@ def vocabulary_map(student: Any, teacher: Any) -> tuple[np.ndarray, np.ndarray]:
     both = sorted(set(s_ids) & set(t_ids), key=lambda text: s_ids[text])
     return (np.asarray([s_ids[x] for x in both], np.int64),
             np.asarray([t_ids[x] for x in both], np.int64))
+
+
+def at_labels(labels: np.ndarray, reply_group: np.ndarray) -> np.ndarray:
+    """Per position: the aligned-group number of the reply token there, -1 elsewhere."""
+    out = np.full(len(labels), -1, np.int64)
+    out[np.flatnonzero(labels != -100)] = reply_group
+    return out
+
+
+def pair_reply_labels(student: Any, teacher: Any, where: str) -> None:
+    """Make the reply tokens (labels != -100) of a row's two encodings the same sequence, as
+    ``L_res`` pairs them in order: one tokenizer gives the same reply tokens, and where
+    ``max_length`` cut one encoding's reply shorter, the other's surplus reply tokens (the
+    last ones) are unlabelled. Different reply tokens otherwise: a ValueError (the pair was
+    built from different tokenizers)."""
+    s_pos = np.flatnonzero(student.labels != -100)
+    t_pos = np.flatnonzero(teacher.labels != -100)
+    n = min(len(s_pos), len(t_pos))
+    if not np.array_equal(student.labels[s_pos[:n]], teacher.labels[t_pos[:n]]):
+        raise ValueError(f"{where}: the teacher's processor gives other reply tokens than the "
+                         f"student's; response KD pairs them one by one, so teacher and student "
+                         f"must share the tokenizer")
+    for enc, pos in ((student, s_pos), (teacher, t_pos)):
+        if len(pos) > n:
+            enc.labels = enc.labels.copy()
+            enc.labels[pos[n:]] = -100

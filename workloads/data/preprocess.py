@@ -29,21 +29,13 @@ Image/``<image>`` policy (LLaVA data carries at most one image per sample):
 Over-long samples are truncated to ``max_length`` (counted as ``truncated``) unless that cuts
 through the image tokens or leaves no label token: then they are skipped as ``too_long``.
 
-The teacher's own encoding (``Preprocessor(..., teacher_dir=...)``, for a distill stage whose
-teacher tokenizes images differently from the student: response KD only, ``teacher_inputs=
-"own"`` in ``distill_loss``): every row is encoded a second time with the teacher's processor
-and its columns are added with a ``teacher_`` prefix (``teacher_input_ids``,
-``teacher_labels``, ``teacher_mm`` + ``teacher_family``, or ``teacher_pixel_values`` for
-LLaVA-1.5); ``has_image`` and ``key`` are shared. A row bad for either processor is dropped
-and counted once. Both encodings carry the same reply tokens (one tokenizer; anything else is
-an error): where ``max_length`` cuts one encoding's reply shorter than the other's, the longer
-one's surplus reply tokens are unlabelled, so ``L_res`` pairs the two row by row.
-
-A teacher with *another tokenizer* (``teacher_inputs: cross``, any family into any other): the
-two encodings' reply tokens differ, so instead of pairing them one by one each row gets
-``reply_group`` and ``teacher_reply_group`` (int64[T_i], per position: the number of the
-aligned text span its reply token belongs to, -1 elsewhere; ``alignment.py``), computed here
-from the reply tokens' character spans.
+The teacher's own encoding (``Preprocessor(..., teacher_dir=...)``: a distill teacher that
+tokenizes images differently, ``teacher_inputs="own"``, or has another tokenizer, ``"cross"``):
+every row is encoded a second time with the teacher's processor, its columns added with a
+``teacher_`` prefix; a row bad for either processor is dropped and counted once. One tokenizer:
+both encodings' reply tokens are paired one by one (``alignment.pair_reply_labels``). Another:
+rows get ``reply_group`` and ``teacher_reply_group`` (each reply token's aligned text span,
+``alignment.align_reply_tokens``).
 """
 
 from __future__ import annotations
@@ -56,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from workloads.data.alignment import align_reply_tokens, at_labels, pair_reply_labels
 from workloads.data.processor import LLAVA, ProcessorSpec, load_processor
 from workloads.data.quality import (CORRUPT_IMAGE, IMAGE_TOKEN_MISMATCH, MALFORMED_JSON,
                                     MAX_IMAGE_PIXELS, OVERSIZE_IMAGE, TOO_LONG, TRUNCATED,
@@ -89,7 +82,7 @@ class Encoded:
     truncated: bool = False
     segments: list[tuple[str, bool]] = field(default_factory=list)
     inputs: dict[str, np.ndarray] = field(default_factory=dict)  # a family's image inputs
-    # with ``spans=True``: each reply token's (turn, start, end) in its turn's label text
+    # spans=True: each reply token's (turn, start, end) in its turn's label text
     reply_spans: list[tuple[int, int, int]] = field(default_factory=list)
     reply_texts: list[str] = field(default_factory=list)
 
@@ -173,8 +166,7 @@ def encode_conversation(conversations: list[dict[str, str]], has_image: bool,
     keep = _kept_length(ids_arr, labels_arr, spec.image_token_id, max_length)
     kept_replies = int((labels_arr[:keep] != IGNORE_INDEX).sum())
     return Encoded(ids_arr[:keep], labels_arr[:keep], keep < len(ids_arr), segments,
-                   reply_spans=reply_spans[:kept_replies] if spans else [],
-                   reply_texts=reply_texts if spans else [])
+                   reply_spans=reply_spans[:kept_replies], reply_texts=reply_texts * spans)
 
 
 def _kept_length(ids: np.ndarray, labels: np.ndarray, image_token_id: int,
@@ -211,8 +203,7 @@ def encode_family_sample(conversations: list[dict[str, str]], image: Any, spec: 
     messages = conversation_messages(conversations, image is not None, GENERIC_IMAGE)
     out = encode(family, spec.parts, messages, image, reply_spans=spans)
     ids, labels = out.pop("input_ids"), out.pop("labels")
-    reply_spans = [tuple(int(v) for v in row) for row in out.pop("reply_spans", [])]
-    reply_texts = [str(t) for t in out.pop("reply_texts", [])]
+    reply_spans, reply_texts = out.pop("reply_spans", []), out.pop("reply_texts", [])
     if image is None:
         if (ids == spec.image_token_id).any():
             raise SampleError(IMAGE_TOKEN_MISMATCH, f"{spec.image_token} in a sample without "
@@ -223,7 +214,8 @@ def encode_family_sample(conversations: list[dict[str, str]], image: Any, spec: 
         out[family.token_type_key] = out[family.token_type_key][:keep]
     kept_replies = int((labels[:keep] != IGNORE_INDEX).sum())
     return Encoded(ids[:keep], labels[:keep], keep < len(ids), inputs=out,
-                   reply_spans=reply_spans[:kept_replies], reply_texts=reply_texts)
+                   reply_spans=[tuple(map(int, r)) for r in reply_spans[:kept_replies]],
+                   reply_texts=[str(t) for t in reply_texts])
 
 
 def pack_image_inputs(inputs: dict[str, np.ndarray]) -> bytes:
@@ -279,7 +271,6 @@ class Preprocessor:
         self.spec = load_processor(processor_dir)
         self.family = self.spec.family
         self.teacher_spec = load_processor(teacher_dir) if teacher_dir else None
-        # another vocabulary: the replies are aligned by text (``alignment.py``), not token ids
         self.cross = (self.teacher_spec is not None and self.teacher_spec.tokenizer.get_vocab()
                       != self.spec.tokenizer.get_vocab())
         self.max_length = max_length
@@ -297,8 +288,7 @@ class Preprocessor:
         counts: dict[str, int] = {}
         examples: list[tuple[str, str]] = []
         out_ids, out_labels, images, has_image, keys = [], [], [], [], []
-        t_ids, t_labels, t_images = [], [], []
-        groups, t_groups = [], []  # cross: each position's aligned-group number (-1: none)
+        t_ids, t_labels, t_images, groups, t_groups = [], [], [], [], []  # groups: cross
 
         def skip(kind: str, i: int, detail: str) -> None:
             counts[kind] = counts.get(kind, 0) + 1
@@ -325,14 +315,12 @@ class Preprocessor:
                     skip(e.kind, i, f"teacher processor: {e}")
                     continue
                 if self.cross:
-                    from workloads.data.alignment import align_reply_tokens
-
                     s_g, t_g = align_reply_tokens(enc.reply_spans, enc.reply_texts,
                                                   t_enc.reply_spans, t_enc.reply_texts)
-                    groups.append(_at_labels(enc.labels, s_g))
-                    t_groups.append(_at_labels(t_enc.labels, t_g))
+                    groups.append(at_labels(enc.labels, s_g))
+                    t_groups.append(at_labels(t_enc.labels, t_g))
                 else:
-                    _pair_reply_labels(enc, t_enc, f"{batch['source'][i]}:{batch['key'][i]}")
+                    pair_reply_labels(enc, t_enc, f"{batch['source'][i]}:{batch['key'][i]}")
             if enc.truncated or (t_enc is not None and t_enc.truncated):
                 counts[TRUNCATED] = counts.get(TRUNCATED, 0) + 1
             out_ids.append(enc.input_ids)
@@ -377,32 +365,6 @@ class Preprocessor:
         # Object arrays of 1-D int64 arrays: Ray stores them as variable-shaped tensors.
         return {"input_ids": _ragged(ids), "labels": _ragged(labels),
                 "pixel_values": pixels, "has_image": np.asarray(has_image, dtype=bool)}
-
-
-def _at_labels(labels: np.ndarray, reply_group: np.ndarray) -> np.ndarray:
-    """Per position: the aligned-group number of the reply token there, -1 elsewhere."""
-    out = np.full(len(labels), -1, np.int64)
-    out[np.flatnonzero(labels != IGNORE_INDEX)] = reply_group
-    return out
-
-
-def _pair_reply_labels(student: Encoded, teacher: Encoded, where: str) -> None:
-    """Make the reply tokens (labels != -100) of a row's two encodings the same sequence, as
-    ``L_res`` pairs them in order: one tokenizer gives the same reply tokens, and where
-    ``max_length`` cut one encoding's reply shorter, the other's surplus reply tokens (the
-    last ones) are unlabelled. Different reply tokens otherwise: a ValueError (the pair was
-    built from different tokenizers)."""
-    s_pos = np.flatnonzero(student.labels != IGNORE_INDEX)
-    t_pos = np.flatnonzero(teacher.labels != IGNORE_INDEX)
-    n = min(len(s_pos), len(t_pos))
-    if not np.array_equal(student.labels[s_pos[:n]], teacher.labels[t_pos[:n]]):
-        raise ValueError(f"{where}: the teacher's processor gives other reply tokens than the "
-                         f"student's; response KD pairs them one by one, so teacher and student "
-                         f"must share the tokenizer")
-    for enc, pos in ((student, s_pos), (teacher, t_pos)):
-        if len(pos) > n:
-            enc.labels = enc.labels.copy()
-            enc.labels[pos[n:]] = IGNORE_INDEX
 
 
 @functools.lru_cache(maxsize=4)
