@@ -148,7 +148,7 @@ def encode_conversation(conversations: list[dict[str, str]], has_image: bool,
     reply_spans: list[tuple[int, int, int]] = []
     reply_texts: list[str] = []
     for k, ((text, is_label), seg_ids) in enumerate(zip(segments, enc["input_ids"])):
-        if is_label:
+        if is_label and spans:
             reply_texts.append(text)
         for j, tok in enumerate(seg_ids):
             if tok == spec.image_token_id:
@@ -166,7 +166,7 @@ def encode_conversation(conversations: list[dict[str, str]], has_image: bool,
     keep = _kept_length(ids_arr, labels_arr, spec.image_token_id, max_length)
     kept_replies = int((labels_arr[:keep] != IGNORE_INDEX).sum())
     return Encoded(ids_arr[:keep], labels_arr[:keep], keep < len(ids_arr), segments,
-                   reply_spans=reply_spans[:kept_replies], reply_texts=reply_texts * spans)
+                   reply_spans=reply_spans[:kept_replies], reply_texts=reply_texts)
 
 
 def _kept_length(ids: np.ndarray, labels: np.ndarray, image_token_id: int,

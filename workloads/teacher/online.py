@@ -100,8 +100,7 @@ class OnlineTeacher:
         from workloads.losses import align_vocab, response_mask
         from workloads.train_loop_parts import model_inputs
 
-        n = len(TEACHER_PREFIX)
-        t_batch = {k[n:]: v for k, v in batch.items() if k.startswith(TEACHER_PREFIX)}
+        t_batch = self._own_batch(batch, sctx)
         missing = [k for k in ("input_ids", "attention_mask", "labels") if k not in t_batch]
         if missing:
             raise DistillCompatError(
@@ -110,9 +109,6 @@ class OnlineTeacher:
                 f"each row, but the batch has no {', '.join(TEACHER_PREFIX + k for k in missing)}; "
                 f"the data path must add the teacher processor's encoding of every row, or give "
                 f"the student the teacher's image processor settings")
-        pixels = t_batch.get("pixel_values")
-        if pixels is not None and torch.is_floating_point(pixels):
-            t_batch["pixel_values"] = pixels.to(sctx.dtype)
         s_mask, t_mask = response_mask(batch["labels"]), response_mask(t_batch["labels"])
         s_reply = [row[row != -100] for row in batch["labels"]]
         t_reply = [row[row != -100] for row in t_batch["labels"]]
@@ -126,6 +122,19 @@ class OnlineTeacher:
         s = student_logits[..., :self.vocab_size]
         return s, PairedRows(t, s_mask, f"teacher {self.dir}")
 
+    @staticmethod
+    def _own_batch(batch: dict[str, Any], sctx: Any) -> dict[str, Any]:
+        """The batch's ``teacher_`` keys (the teacher's own encoding), unprefixed, its float
+        pixels in the stage's dtype."""
+        import torch
+
+        n = len(TEACHER_PREFIX)
+        t_batch = {k[n:]: v for k, v in batch.items() if k.startswith(TEACHER_PREFIX)}
+        pixels = t_batch.get("pixel_values")
+        if pixels is not None and torch.is_floating_point(pixels):
+            t_batch["pixel_values"] = pixels.to(sctx.dtype)
+        return t_batch
+
     def _cross_rows(self, student_logits: Any, batch: dict[str, Any], sctx: Any,
                     first: bool) -> tuple[Any, Any]:
         """A teacher with another tokenizer on its own encoding of each row; the two sides'
@@ -137,8 +146,7 @@ class OnlineTeacher:
         from workloads.kd_terms.teacher_rows import CrossRows
         from workloads.train_loop_parts import model_inputs
 
-        n = len(TEACHER_PREFIX)
-        t_batch = {k[n:]: v for k, v in batch.items() if k.startswith(TEACHER_PREFIX)}
+        t_batch = self._own_batch(batch, sctx)
         if REPLY_GROUP not in t_batch or REPLY_GROUP not in batch:
             raise DistillCompatError(
                 f"stage {sctx.stage.stage!r}: teacher {self.dir} has another tokenizer, so "
@@ -146,9 +154,6 @@ class OnlineTeacher:
                 f"student's by text, but the batch has no `{REPLY_GROUP}` columns; the data "
                 f"path must encode every row with both processors (distill does so for "
                 f"`teacher: online`)")
-        pixels = t_batch.get("pixel_values")
-        if pixels is not None and torch.is_floating_point(pixels):
-            t_batch["pixel_values"] = pixels.to(sctx.dtype)
         inputs = model_inputs(t_batch)
         with torch.no_grad():
             t_logits = self.model(**inputs).logits
