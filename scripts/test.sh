@@ -39,7 +39,9 @@ case "$mode" in
     ;;
   under-load)
     # Two CPU burners beside the modules whose tests wait on other processes; three rounds.
-    burn() { python3 -c 'while True: pass' >/dev/null 2>&1 & echo $!; }
+    # The burners run at Ray's worker niceness (15): at niceness 0 they would take ~30 times
+    # the CPU of every Ray worker and model a machine no stage could run on, not a loaded one.
+    burn() { nice -n 15 python3 -c 'while True: pass' >/dev/null 2>&1 & echo $!; }
     b1=$(burn); b2=$(burn)
     trap 'kill $b1 $b2 2>/dev/null || true' EXIT
     modules=(tests/integration/test_runner.py tests/integration/test_tune.py
