@@ -1,11 +1,13 @@
-"""What a Ray Train stage costs beyond its training steps, at two controller poll intervals.
+"""What a Ray Train stage costs beyond its training steps, under Ray Train's defaults and mmkd's.
 
 A tiny `pretrain` stage (2 steps, tiny-teacher preset, one worker, ZeRO-2) is run again and
 again in one local Ray instance, each run with a new seed so that it is never cached. Runs
-alternate between Ray Train's default poll interval (2 s) and mmkd's (0.5 s,
-`orchestrator.ray_setup.TRAIN_POLL_S`), so both see the same machine load; the stage's wall
-time (driver's record, submit to published) and the pipeline's are reported per setting as
-median, min and max over the repetitions, with the ratio of medians.
+alternate between three settings, so all see the same machine load: Ray Train's defaults
+(controller poll interval 2 s, a preemption watcher per run), mmkd's poll interval (0.5 s,
+`orchestrator.ray_setup.TRAIN_POLL_S`) with the watcher, and mmkd's local-instance setting
+(0.5 s, no watcher: `PREEMPTION_WATCHER_ENV`). The stage's wall time (driver's record, submit
+to published) and the pipeline's are reported per setting as median, min and max over the
+repetitions, with the ratios of medians to Ray's defaults.
 
     python benchmarks/train_stage_overhead.py [--reps 5] [--out benchmarks/results/...json]
 """
@@ -63,19 +65,22 @@ def main() -> None:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from orchestrator.loader import load_pipeline
-    from orchestrator.ray_setup import TRAIN_POLL_S, ensure_ray
+    from orchestrator.ray_setup import PREEMPTION_WATCHER_ENV, TRAIN_POLL_S, ensure_ray
     from orchestrator.runner import PipelineRunner
 
     ensure_ray()
-    settings = {"ray_default_2.0": "2.0", f"mmkd_{TRAIN_POLL_S}": TRAIN_POLL_S}
+    poll, watch = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", PREEMPTION_WATCHER_ENV
+    settings = {"ray_default": {poll: "2.0", watch: "1"},
+                "poll_0.5": {poll: TRAIN_POLL_S, watch: "1"},
+                "poll_0.5_no_watcher": {poll: TRAIN_POLL_S, watch: "0"}}
     stage_s: dict[str, list[float]] = {k: [] for k in settings}
     pipeline_s: dict[str, list[float]] = {k: [] for k in settings}
     seed = 0
     # a warm-up run (data, tokenizer, first imports), not counted
     for rep in range(-1, args.reps):
-        for name, value in settings.items():
+        for name, env in settings.items():
             seed += 1
-            os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = value
+            os.environ.update(env)  # forwarded to the stage task (orchestrator.ray_setup)
             path = work / f"pipe{seed}.yaml"
             path.write_text(PIPE.format(seed=seed))
             t = time.perf_counter()
@@ -92,18 +97,17 @@ def main() -> None:
     import ray
 
     ray.shutdown()
-    base, ours = settings
+    med = {k: statistics.median(v) for k, v in stage_s.items()}
     result = {
         "what": "wall seconds of a 2-step tiny pretrain stage (Ray Train, 1 worker, ZeRO-2) and "
-                "of its pipeline run (data and tokenizer cached), alternating the Ray Train "
-                "controller's poll interval",
+                "of its pipeline run (data and tokenizer cached), alternating Ray Train's "
+                "controller poll interval and its preemption watcher",
         "reps": args.reps,
+        "settings": settings,
         "stage_seconds": {k: _spread(v) for k, v in stage_s.items()},
         "pipeline_seconds": {k: _spread(v) for k, v in pipeline_s.items()},
-        "stage_ratio_of_medians": round(statistics.median(stage_s[ours])
-                                        / statistics.median(stage_s[base]), 3),
-        "stage_saving_seconds": round(statistics.median(stage_s[base])
-                                      - statistics.median(stage_s[ours]), 2),
+        "stage_ratio_of_medians": {k: round(med[k] / med["ray_default"], 3) for k in med},
+        "stage_saving_seconds": {k: round(med["ray_default"] - med[k], 2) for k in med},
         "load_average_at_start": load_at_start,
         "environment": environment(),
     }

@@ -8,16 +8,23 @@ from typing import Any
 
 from orchestrator.artifact_store import mmkd_home
 
+# How often a Ray Train controller polls its workers (Ray's default: 2 s). The controller sees
+# that training ended (or failed) only at a poll, so the default leaves every Ray Train stage
+# idle for up to a poll interval at each state change; a poll is one small call per worker.
+# benchmarks/train_stage_overhead.py measures both values side by side. A value the user sets
+# is kept.
+TRAIN_POLL_S = "0.5"
+# Ray Train starts a preemption-watcher actor per run (a new process, ~1 s of a core, on every
+# stage's start-up path) to react to a cluster draining a node. A local instance that mmkd
+# starts itself has no node to drain, so there it is off (set before ray.init: every Ray process
+# inherits it); a cluster (RAY_ADDRESS) keeps Ray's default, and a value the user sets is kept
+# and forwarded. benchmarks/train_stage_overhead.py measures it.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # Environment a stage process needs to see what the driver sees (a cluster's workers don't
 # inherit the driver's shell).
 _FORWARD_ENV = ("MLFLOW_TRACKING_URI", "MMKD_HOME", "DS_ACCELERATOR", "HF_HUB_OFFLINE",
                 "TRANSFORMERS_OFFLINE", "RAY_TRAIN_COLLECTIVE_TIMEOUT_S", "TOKENIZERS_PARALLELISM",
-                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-# How often a Ray Train controller polls its workers (Ray's default: 2 s). The controller sees
-# that training ended (or failed) only at a poll, so the default leaves every Ray Train stage
-# idle for up to a poll interval at each state change; a poll is one small call per worker. benchmarks/train_stage_overhead.py
-# measures both values side by side. A value the user sets is kept.
-TRAIN_POLL_S = "0.5"
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", PREEMPTION_WATCHER_ENV)
 
 
 def forwarded_env() -> dict[str, str]:
@@ -66,10 +73,12 @@ def start_local_ray(**init_kwargs: Any) -> None:
     never frees the placement group of a run whose owner was killed — a Tune trial stopped by
     ASHA, say — so the next trial waits forever for CPUs (seen). A free port: another local
     Ray may hold 8265. RAY_API_SERVER_ADDRESS, set before Ray starts so its workers inherit it,
-    points that state-API client at this instance even when the host runs another Ray."""
+    points that state-API client at this instance even when the host runs another Ray. No
+    preemption watcher on a local instance (``PREEMPTION_WATCHER_ENV``)."""
     import ray
 
     port = free_port()
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(include_dashboard=True, dashboard_port=port, **init_kwargs)
 

@@ -19,6 +19,7 @@ import shutil
 import socket
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from orchestrator.plugin import StageContext
@@ -82,7 +83,10 @@ def run_training(ctx: StageContext, *, model_spec: dict[str, Any], tokenizer_dir
                              failure_config=FailureConfig(max_failures=params.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": dataset},
-        dataset_config=DataConfig(execution_options=_ordered_ingest_options(),
+        # one worker: the whole dataset, iterated in the worker; a split would start Ray Data's
+        # split coordinator (a process on the stage's start-up path) to hand all rows to one
+        dataset_config=DataConfig(datasets_to_split="all" if res.num_workers > 1 else [],
+                                  execution_options=_ordered_ingest_options(),
                                   enable_shard_locality=False),
     )
     try:
@@ -145,6 +149,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_fn: LossFn = config["loss_fn"]
     tc = ray.train.get_context()
     rank, world = tc.get_world_rank(), tc.get_world_size()
+    # Ask for the data shard first, in a thread: its first call starts Ray Data's split
+    # coordinator (a new process), which then starts while this worker imports DeepSpeed and
+    # builds its model instead of after (benchmarks/train_stage_overhead.py).
+    pool = ThreadPoolExecutor(1, thread_name_prefix="mmkd-shard")
+    shard_future = pool.submit(ray.train.get_dataset_shard, "train")
+    pool.shutdown(wait=False)  # the call runs on; the thread ends with it
     on_gpu = torch.cuda.is_available() and ctx.resources.gpus_per_worker > 0
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed picks an accelerator
@@ -192,7 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             position = load_worker_state(d, rank)
 
     zero3 = int(ctx.deepspeed.get("zero_stage", 0)) == 3
-    shard = ray.train.get_dataset_shard("train")
+    shard = shard_future.result()
     window = {"loss": 0.0, "tokens": 0, "samples": 0, "micro": 0}
     extra: dict[str, float] = {}
     skipped = int(history[-1].get("nonfinite/skipped_batches", 0)) if history else 0

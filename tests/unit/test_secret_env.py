@@ -43,6 +43,10 @@ def test_stage_tasks_poll_their_ray_train_workers_often_unless_the_user_says_oth
     assert forwarded_env()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
     assert forwarded_env()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
+    # the preemption watcher: off on a local instance (tests/integration/test_train.py); a
+    # user's choice reaches the stage task, where Ray Train's driver reads it
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+    assert forwarded_env()["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
 
 
 def test_submit_env_refuses_secrets_unless_allowed():
