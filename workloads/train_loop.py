@@ -83,8 +83,7 @@ def run_training(ctx: StageContext, *, model_spec: dict[str, Any], tokenizer_dir
                              failure_config=FailureConfig(max_failures=params.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": dataset},
-        # one worker: the whole dataset, iterated in the worker; a split would start Ray Data's
-        # split coordinator (a process on the stage's start-up path) to hand all rows to one
+        # one worker iterates the whole dataset: a split would start a split coordinator for it
         dataset_config=DataConfig(datasets_to_split="all" if res.num_workers > 1 else [],
                                   execution_options=_ordered_ingest_options(),
                                   enable_shard_locality=False),
@@ -149,9 +148,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_fn: LossFn = config["loss_fn"]
     tc = ray.train.get_context()
     rank, world = tc.get_world_rank(), tc.get_world_size()
-    # Ask for the data shard first, in a thread: its first call starts Ray Data's split
-    # coordinator (a new process), which then starts while this worker imports DeepSpeed and
-    # builds its model instead of after (benchmarks/train_stage_overhead.py).
+    # the shard first, in a thread: a split coordinator (a new process) starts while this
+    # worker builds its model, not after
     pool = ThreadPoolExecutor(1, thread_name_prefix="mmkd-shard")
     shard_future = pool.submit(ray.train.get_dataset_shard, "train")
     pool.shutdown(wait=False)  # the call runs on; the thread ends with it
