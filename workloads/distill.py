@@ -152,20 +152,10 @@ def validate_distill(config: DistillConfig, inputs: dict[str, Any]) -> list[str]
                  else "stored logits keep the `teacher_logits` stage's top_k")
         problems.append(f"distill: `top_k` applies to `teacher: service` only ({where}); "
                         f"remove it or set `teacher: service`")
-    replies = [n for n in config.kd_terms() if "replies" in _needs(n)]
-    if replies and config.teacher != "online":
-        problems.append(f"distill: the terms {', '.join(replies)} read both models' reply rows, "
-                        f"which `teacher: {config.teacher}` does not keep; use `teacher: online`")
     problem = _validate_families(config, inputs)
     if problem:
         problems.append(problem)
     return problems
-
-
-def _needs(name: str) -> frozenset[str]:
-    from workloads.kd_terms import get_kd_term
-
-    return get_kd_term(name).needs
 
 
 def _local_dir(value: Any) -> str | None:
@@ -244,7 +234,7 @@ def build_distill_loss(config: DistillConfig, ctx: StageContext) -> DistillLoss:
                   temperature=config.temperature, divergence=config.divergence,
                   chunk_size=config.chunk_size,
                   grad_accum=config.grad_accum, allow_blind_teacher=config.allow_blind_teacher)
-    if config.teacher == "online":
+    if config.teacher in ("online", "service"):
         teacher_dir = _ref(ctx.input("teacher"))
         inputs = check_distill_pair(config, spec, tokenizer_dir, teacher_dir, stage=ctx.stage)
         if inputs == "cross":  # the vocabularies' shared tokens, once, on the driver
@@ -252,12 +242,15 @@ def build_distill_loss(config: DistillConfig, ctx: StageContext) -> DistillLoss:
 
             t_tok = AutoTokenizer.from_pretrained(teacher_dir)
             s_ids, t_ids = vocabulary_map(tok, t_tok)
-            common.update(teacher_vocab_size=len(t_tok),
+            common.update(teacher_vocab_size=len(t_tok), teacher_inputs=inputs,
                           shared_vocab=(s_ids.tolist(), t_ids.tolist()))
-        return DistillLoss(teacher_dir=teacher_dir, teacher_inputs=inputs, **common)
+    if config.teacher == "online":
+        return DistillLoss(teacher_dir=teacher_dir, **{"teacher_inputs": inputs, **common})
     if config.teacher == "service":  # the service is started by `distill`, around the loop
-        teacher_dir = _ref(ctx.input("teacher"))
-        inputs = check_distill_pair(config, spec, tokenizer_dir, teacher_dir, stage=ctx.stage)
+        if inputs == "cross":  # the data path encodes every row with the teacher's processor
+            common["teacher_processor"] = save_processor(
+                {"path": teacher_dir}, None, os.path.join(ctx.output_dir, "_teacher_processor"))
+            return DistillLoss(service={}, **common)
         if inputs != "student":
             raise DistillCompatError(
                 f"stage {ctx.stage!r}: teacher {teacher_dir} tokenizes images differently from "
@@ -274,6 +267,11 @@ def build_distill_loss(config: DistillConfig, ctx: StageContext) -> DistillLoss:
     manifest = read_manifest(logits_dir)
     proc_dir = save_processor(spec, tokenizer_dir, os.path.join(ctx.output_dir, "_processor"))
     fp = tokenization_fingerprint(proc_dir, config.max_length)
+    if fp != manifest["fingerprint"] and config.across_tokenizers():
+        from workloads.teacher.offline import cross_loss_args
+
+        common.update(cross_loss_args(logits_dir, manifest, tok, config.max_length, ctx.stage))
+        return DistillLoss(offline_dir=logits_dir, teacher_inputs="cross", **common)
     if fp != manifest["fingerprint"]:
         raise DistillCompatError(
             f"stage {ctx.stage!r}: teacher logits in {logits_dir} were computed on a different "

@@ -47,6 +47,9 @@ class DistillLoss:
     # "cross": len(teacher tokenizer), and the ids both vocabularies spell alike
     teacher_vocab_size: int | None = None
     shared_vocab: tuple[list[int], list[int]] | None = None
+    # "own"/"cross" without a teacher model here (offline): the processor the data path
+    # encodes every row with a second time (a `teacher_logits` output's `processor/`)
+    teacher_processor: str | None = None
     # `teacher: service`: {"name": the service actor, "user": this stage's lease}
     service: dict[str, str] | None = None
     # at the first step, an online teacher must answer differently when its images are blanked
@@ -90,12 +93,14 @@ class DistillLoss:
         if self.offline_dir:
             from workloads.teacher.offline import OfflineTeacher
 
-            state["teacher"] = OfflineTeacher(self.offline_dir, self.vocab_size)
+            state["teacher"] = OfflineTeacher(self.offline_dir, self.vocab_size, self._cross())
         elif self.service:
             from workloads.teacher.service import ServiceClient
 
-            client = ServiceClient(self.service["name"], self.service["user"], self.vocab_size)
-            if client.info["image_token_id"] != image_id:
+            cross = self._cross()
+            client = ServiceClient(self.service["name"], self.service["user"], self.vocab_size,
+                                   cross=cross)
+            if cross is None and client.info["image_token_id"] != image_id:
                 raise DistillCompatError(
                     f"stage {sctx.stage.stage!r}: the service's teacher marks image tokens with "
                     f"id {client.info['image_token_id']}, the student with {image_id}; they "
@@ -112,6 +117,12 @@ class DistillLoss:
         else:
             raise ValueError(f"stage {sctx.stage.stage!r}: distill needs input `teacher` (online) "
                              f"or `teacher_logits` (offline)")
+
+    def _cross(self) -> tuple[int, Any] | None:
+        """A stored or served teacher with another tokenizer: what its rows are read with."""
+        if self.teacher_inputs != "cross":
+            return None
+        return self.teacher_vocab_size, self.shared_vocab
 
     # ------------------------------------------------------------------ one micro-step
 

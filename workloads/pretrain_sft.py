@@ -142,8 +142,8 @@ def run_train_stage(config: TrainConfig, ctx: StageContext, loss_fn: Any = None)
     # A teacher that tokenizes images differently from the student (DistillLoss with
     # teacher_inputs="own": response KD only) reads its own encoding of each row: the data
     # path encodes every row with its processor too, into `teacher_` columns.
-    teacher_proc = None
-    if getattr(loss_fn, "teacher_inputs", "student") in ("own", "cross"):
+    teacher_proc = getattr(loss_fn, "teacher_processor", None)
+    if getattr(loss_fn, "teacher_inputs", "student") in ("own", "cross") and not teacher_proc:
         teacher_dir = getattr(loss_fn, "teacher_dir", None)
         if not teacher_dir:
             raise ValueError(f"stage {ctx.stage!r}: the loss runs the teacher on its own "

@@ -14,7 +14,8 @@ from pydantic import Field
 
 from orchestrator.plugin import StageContext, WorkloadConfig, workload
 from workloads.data.source import DataSource
-from workloads.teacher.offline import (INDEX, MANIFEST, ShardWriter, tokenization_fingerprint)
+from workloads.teacher.offline import (INDEX, MANIFEST, PROCESSOR, ShardWriter,
+                                       tokenization_fingerprint)
 from workloads.teacher.payload import FORMAT_VERSION, row_digests, teacher_entries
 
 __all__ = ["TeacherLogitsConfig", "teacher_logits"]
@@ -32,7 +33,7 @@ class TeacherLogitsConfig(WorkloadConfig):
     seed: int | None = Field(None, description="file order only; the stored values do not depend on it")
 
 
-@workload("teacher_logits", config=TeacherLogitsConfig, version="1", outputs=("logits",),
+@workload("teacher_logits", config=TeacherLogitsConfig, version="2", outputs=("logits",),
           distributed=False, streams_data=True)
 def teacher_logits(config: TeacherLogitsConfig, ctx: StageContext) -> dict[str, Any]:
     """Store a teacher's top-k logits and visual relation matrices for offline distillation."""
@@ -86,4 +87,8 @@ def teacher_logits(config: TeacherLogitsConfig, ctx: StageContext) -> dict[str, 
                 "shards": writer.shard}
     with open(os.path.join(out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
+    from workloads.models import save_processor
+
+    # a student with another tokenizer encodes every row with it too (`teacher_inputs: cross`)
+    save_processor({"path": teacher_dir}, None, os.path.join(out_dir, PROCESSOR))
     return {"samples": float(len(writer.index)), "rows": float(n_rows), "shards": float(writer.shard)}

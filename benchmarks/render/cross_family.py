@@ -7,9 +7,7 @@ from render.base import Results, f3, para, pts, minutes
 TYPES = ("color", "shape", "size", "count", "exists", "relation")
 
 
-def cross_family_block(R: Results) -> str:
-    d = R.load("cross_family_kd")
-    t, a = d["table"], d["alignment"]
+def _table(t: dict) -> list[str]:
     lines = ["| model | accuracy [95% CI] | " + " | ".join(TYPES) + " |",
              "|---|---|" + "---|" * len(TYPES)]
     for name, r in t.items():
@@ -17,13 +15,26 @@ def cross_family_block(R: Results) -> str:
                            for k in TYPES)
         lines.append(f"| {name} | {f3(r['accuracy'])} [{f3(r['accuracy_low'])}, "
                      f"{f3(r['accuracy_high'])}] | {cells} |")
-    comps = {(c["a"], c["b"]): c for c in d["comparisons"]}
+    return lines
+
+
+def _against_sft(comparisons: list, students: tuple[str, ...]) -> list[str]:
+    comps = {(c["a"], c["b"]): c for c in comparisons}
     said = []
-    for kd in ("kd_uld", "kd_span"):
+    for kd in students:
         c = comps.get(("sft", kd))
         if c:
             said.append(f"{kd} − sft **{pts(c['diff'])} pts** [{pts(c['low'])}, "
                         f"{pts(c['high'])}] ({c['test']}, p = {c['p']:.2f})")
+    return said
+
+
+def cross_family_block(R: Results) -> str:
+    d = R.load("cross_family_kd")
+    t, a = d["table"], d["alignment"]
+    lines = _table(t)
+    comps = {(c["a"], c["b"]): c for c in d["comparisons"]}
+    said = _against_sft(d["comparisons"], ("kd_uld", "kd_span"))
     terms = d["final_terms"]
     n = t["sft"]["n"]
     share = lambda k: a[k] / a["student_reply_tokens"]  # noqa: E731
@@ -45,4 +56,19 @@ def cross_family_block(R: Results) -> str:
                  f"no visual knowledge to transfer, and the students' differences are "
                  f"{'within' if all(c['low'] <= 0 <= c['high'] or c['p'] > 0.05 for k, c in comps.items() if k[0] == 'sft') else 'beyond'} "
                  f"the noise of {n} questions.")
-    return "\n".join(lines) + "\n\n" + para(text)
+    out = "\n".join(lines) + "\n\n" + para(text)
+    llava = d.get("llava_teacher")
+    if llava:
+        lt, teacher = llava["table"], llava["table"]["teacher_llava"]
+        terms = d["final_terms"]
+        out += ("\n\n**From a teacher that sees** (`evaluate_llava`): a tiny LLaVA-1.5 teacher on "
+                "the teacher's 512-token BPE, trained as the default pipeline trains its "
+                "teacher, into the same students by the same terms (another tokenizer, one "
+                "family):\n\n" + "\n".join(_table(lt)) + "\n\n")
+        out += para(
+            f"The teacher scores {f3(teacher['accuracy'])} ({f3(teacher['blind_accuracy'])} with "
+            f"its images blanked): " + "; ".join(
+                _against_sft(llava["comparisons"], ("kd_uld_llava", "kd_span_llava")))
+            + f". Final KD terms: l_uld {terms['kd_uld_llava']['l_uld']:.3f}, l_span "
+            f"{terms['kd_span_llava']['l_span']:.3f}.")
+    return out

@@ -241,13 +241,77 @@ def test_a_pair_across_tokenizers_runs_with_reply_terms_and_is_refused_without(t
                     alpha=1.0, beta=0.0, gamma=0.0, terms={"uld": 1.0})
 
 
-def test_validate_refuses_reply_terms_for_stored_or_service_teachers():
+def test_validate_accepts_reply_terms_in_every_placement():
     from workloads.distill import DistillConfig, validate_distill
 
-    problems = validate_distill(DistillConfig(teacher="offline", alpha=0, beta=0, gamma=0,
-                                              terms={"uld": 1.0}),
-                                {"teacher_logits": "t.logits", "init": "s.model"})
-    assert any("uld" in p and "`teacher: online`" in p for p in problems), problems
+    cross = dict(alpha=0, beta=0, gamma=0, terms={"uld": 1.0})
+    for teacher, inputs in (("online", {"teacher": "t.model"}), ("service", {"teacher": "t.model"}),
+                            ("offline", {"teacher_logits": "t.logits"})):
+        assert validate_distill(DistillConfig(teacher=teacher, **cross),
+                                {**inputs, "init": "s.model"}) == [], teacher
+
+
+def _cross_batches():
+    """A student batch 6 wide and its teacher's own encoding 9 wide (as in the test below), the
+    teacher's logits on it and the student's: vocabularies of 4 and 5 tokens."""
+    g = torch.Generator().manual_seed(3)
+    s_labels = torch.tensor([[-100, 2, 1, 3, -100, -100], [-100, -100, 0, 1, 2, -100]])
+    s_groups = torch.tensor([[-1, 0, 0, 1, -1, -1], [-1, -1, 0, 1, 2, -1]])
+    t_labels = torch.full((2, 9), -100)
+    t_labels[0, 3:7] = torch.tensor([1, 2, 3, 4])
+    t_labels[1, 5:8] = torch.tensor([1, 2, 0])
+    t_groups = torch.full((2, 9), -1)
+    t_groups[0, 3:7] = torch.tensor([0, 1, 1, 1])
+    t_groups[1, 5:8] = torch.tensor([0, 1, 2])
+    batch = {"labels": s_labels, "reply_group": s_groups}
+    t_batch = {"labels": t_labels, "reply_group": t_groups,
+               "input_ids": torch.randint(0, 5, (2, 9), generator=g)}
+    return (batch, t_batch, torch.randn(2, 9, 5, generator=g, dtype=torch.float64),
+            torch.randn(2, 6, 4, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("term,params", [("uld", {}), ("uld", {"align": "span"}), ("span", {})])
+def test_stored_cross_rows_at_full_k_give_the_online_values(term, params):
+    """An offline (or served) teacher with another tokenizer: its entries, stored at k = V_t on
+    its own encoding (``teacher_entries``, as `teacher_logits` writes them), read back as
+    ``CrossRows`` by ``cross_rows`` give every reply term the value the online teacher's
+    logits give (the same rows, in the same order)."""
+    from workloads.kd_terms.teacher_rows import CrossRows
+    from workloads.teacher.payload import cross_rows, teacher_entries
+
+    batch, t_batch, t_logits, s = _cross_batches()
+    shared = (np.array([0, 1, 3]), np.array([4, 0, 2]))
+    online = CrossRows(t_logits, t_batch["labels"], t_batch["reply_group"], batch["labels"],
+                       batch["reply_group"], shared, "T")
+    entries = teacher_entries(t_logits, t_batch, 5, image_token_id=-1, top_k=5)
+    _, stored = cross_rows(entries, s, batch, t_batch, 4, 5, shared, "T")
+    want = get_kd_term(term).loss(KDBatch(s, online, "fkl", 2.0, None, term), **params)
+    got = get_kd_term(term).loss(KDBatch(s, stored, "fkl", 2.0, None, term), **params)
+    assert float(got) == pytest.approx(float(want), rel=1e-6) and float(want) > 0
+
+
+def test_stored_cross_rows_below_full_k_hold_the_teachers_top_k_renormalised():
+    """At k = 2 of 5, ULD compares the student with the teacher's two most likely tokens'
+    probabilities renormalised (worked out here from the logits, not from the stored rows)."""
+    from workloads.teacher.payload import cross_rows, teacher_entries
+
+    batch, t_batch, t_logits, s = _cross_batches()
+    entries = teacher_entries(t_logits, t_batch, 5, image_token_id=-1, top_k=2)
+    _, stored = cross_rows(entries, s, batch, t_batch, 4, 5, None, "T")
+    got = get_kd_term("uld").loss(KDBatch(s, stored, "fkl", 1.0, None, "uld"))
+    # the i-th reply token of each row on both sides: row 0 pairs 3 of 4 teacher tokens, row 1
+    # all 3; the teacher's reply rows are the positions before each reply label
+    s_rows = [s[0, 0], s[0, 1], s[0, 2], s[1, 1], s[1, 2], s[1, 3]]
+    t_rows = [t_logits[0, 2], t_logits[0, 3], t_logits[0, 4], t_logits[1, 4], t_logits[1, 5],
+              t_logits[1, 6]]
+    dists = []
+    for a, b in zip(s_rows, t_rows):
+        p = sorted(torch.softmax(a, -1).tolist(), reverse=True) + [0.0]
+        top = sorted(b.tolist(), reverse=True)[:2]
+        z = sum(math.exp(v) for v in top)
+        q = [math.exp(v) / z for v in top] + [0.0] * 3
+        dists.append(sum(abs(x - y) for x, y in zip(p, q)))
+    assert float(got) == pytest.approx(sum(dists) / len(dists), rel=1e-6)
 
 
 def test_uld_by_spans_pairs_the_first_token_of_each_span():

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["DenseRows", "PairedRows", "StoredRows", "CrossRows", "Replies", "reply_rows",
-           "group_index"]
+           "reply_index", "group_index"]
 
 CROSS_TERMS = "uld, span"  # what a cross-tokenizer pair can use (messages)
 
@@ -51,10 +51,11 @@ class Replies:
     shared: Any = None
 
 
-def reply_rows(logits: Any, labels: Any, groups: Any = None) -> tuple[Any, Any, Any, Any]:
-    """``(rows, tokens, keys, batch_row)`` at the positions whose next token is a reply token:
-    the logit rows, the token each predicts, its group key (``groups``: the per-position group
-    numbers of ``collate``'s ``reply_group``; none: every row its own group) and batch row."""
+def reply_index(labels: Any, groups: Any = None) -> tuple[Any, Any, Any, Any]:
+    """``(mask, tokens, keys, batch_row)`` of the positions whose next token is a reply token:
+    their ``(B, T)`` mask, the token each predicts, its group key (``groups``: the per-position
+    group numbers of ``collate``'s ``reply_group``; none: every row its own group) and batch
+    row, in row-major order (the order of ``logits[mask]``)."""
     import torch
 
     def after(x: Any, fill: int) -> Any:  # x[:, t + 1] at position t
@@ -69,7 +70,13 @@ def reply_rows(logits: Any, labels: Any, groups: Any = None) -> tuple[Any, Any, 
         g = after(groups, -1)[mask]
         # the same key for a group on both sides, whatever each side's padded length
         keys = torch.where(g >= 0, batch_row * 2**32 + g, torch.full_like(g, -1))
-    return logits[mask], nxt[mask], keys, batch_row
+    return mask, nxt[mask], keys, batch_row
+
+
+def reply_rows(logits: Any, labels: Any, groups: Any = None) -> tuple[Any, Any, Any, Any]:
+    """``(rows, tokens, keys, batch_row)``: ``reply_index`` with the logit rows it selects."""
+    mask, tokens, keys, batch_row = reply_index(labels, groups)
+    return logits[mask], tokens, keys, batch_row
 
 
 def group_index(keys: Any) -> tuple[Any, Any, Any, Any]:
@@ -209,16 +216,23 @@ class StoredRows:
 class CrossRows:
     """A teacher with another tokenizer on its own encoding: ``teacher``/``t_labels``/
     ``t_groups`` its ``(B, T_t, V_t)`` logits, labels and per-position group numbers;
-    ``s_labels``/``s_groups`` the student's; ``shared`` as in ``Replies``."""
+    ``s_labels``/``s_groups`` the student's; ``shared`` as in ``Replies``. A stored or served
+    teacher gives its reply rows instead of logits: ``t_rows``, ``(N_t, V_t)`` in
+    ``reply_index`` order (``teacher/payload.cross_rows``)."""
 
     def __init__(self, teacher: Any, t_labels: Any, t_groups: Any, s_labels: Any,
-                 s_groups: Any, shared: Any, what: str):
+                 s_groups: Any, shared: Any, what: str, t_rows: Any = None):
         self.teacher, self.t_labels, self.t_groups = teacher, t_labels, t_groups
         self.s_labels, self.s_groups, self.shared, self.what = s_labels, s_groups, shared, what
+        self.t_rows = t_rows
 
     def replies(self, s: Any, term: str = "") -> Replies:
         s_rows, s_tok, s_key, s_row = reply_rows(s, self.s_labels, self.s_groups)
-        t_rows, t_tok, t_key, t_row = reply_rows(self.teacher, self.t_labels, self.t_groups)
+        if self.t_rows is None:
+            t_rows, t_tok, t_key, t_row = reply_rows(self.teacher, self.t_labels, self.t_groups)
+        else:
+            _, t_tok, t_key, t_row = reply_index(self.t_labels, self.t_groups)
+            t_rows = self.t_rows
         return Replies(s_rows, t_rows, s_row, t_row, s_key, t_key, s_tok, t_tok, self.shared)
 
     def divergence(self, s: Any, where: str, kind: Any, temperature: float,

@@ -6,6 +6,8 @@ Layout of a ``logits/`` dir::
     manifest.json            fingerprint of the tokenization, k, vocab size, teacher, counts
     index.json               {row digest: [shard, row]} and the sample keys, for debugging
     shard_00000/*.npy        per-shard arrays, the rows' entries concatenated (``ShardWriter``)
+    processor/               the teacher's processor (a student with another tokenizer's
+                             distill stage encodes every row with it too: ``cross``)
 
 Entries and row digests are the teacher's payload (``payload.py``). The index (one short string
 per sample) is held in memory by every worker; the arrays are memory-mapped ``.npy`` files, so
@@ -22,13 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from workloads.teacher.payload import row_digests, stored_rows
+from workloads.teacher.payload import cross_rows, own_batch, row_digests, stored_rows
 
 __all__ = ["OfflineTeacher", "ShardWriter", "read_manifest", "tokenization_fingerprint",
-           "MANIFEST", "INDEX", "SHARD_ARRAYS"]
+           "cross_loss_args",
+           "MANIFEST", "INDEX", "PROCESSOR", "SHARD_ARRAYS"]
 
 MANIFEST = "manifest.json"
 INDEX = "index.json"
+PROCESSOR = "processor"  # the teacher's processor: a cross-tokenizer distill encodes rows with it
 SHARD_ARRAYS = ("positions", "is_resp", "is_img", "values", "indices", "row_ptr", "gram",
                 "gram_ptr", "gram_n")
 
@@ -55,6 +59,33 @@ def tokenization_fingerprint(processor_dir: str, max_length: int) -> str:
         blob.update(family=spec.family, processor_settings={
             k: v for k, v in spec.parts.settings.items() if k not in names})
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cross_loss_args(logits_dir: str, manifest: dict[str, Any], student_tok: Any,
+                    max_length: int, stage: str) -> dict[str, Any]:
+    """``DistillLoss`` settings for a student with another tokenizer than the stored teacher's:
+    the teacher's processor stored beside its logits (the data path encodes every row with it
+    too, exactly as ``teacher_logits`` did), its vocabulary size and the tokens both
+    vocabularies spell alike."""
+    from transformers import AutoTokenizer
+
+    from workloads.data.alignment import vocabulary_map
+    from workloads.families.pairing import DistillCompatError
+
+    t_proc = os.path.join(logits_dir, PROCESSOR)
+    stored = os.path.isdir(t_proc)
+    if not stored or tokenization_fingerprint(t_proc, max_length) != manifest["fingerprint"]:
+        why = (f"were computed at max_length {manifest['max_length']}, this stage's is "
+               f"{max_length}" if stored else "hold no teacher processor (older `teacher_logits` "
+               "outputs)")
+        raise DistillCompatError(
+            f"stage {stage!r}: the teacher logits in {logits_dir} come from another tokenizer "
+            f"than the student's, which the stage's KD terms allow (they align replies by "
+            f"text), but they {why}. Rerun `teacher_logits` on the same data with "
+            f"max_length {max_length}.")
+    s_ids, t_ids = vocabulary_map(student_tok, AutoTokenizer.from_pretrained(t_proc))
+    return {"teacher_processor": t_proc, "teacher_vocab_size": int(manifest["vocab_size"]),
+            "shared_vocab": (s_ids.tolist(), t_ids.tolist())}
 
 
 def read_manifest(logits_dir: str) -> dict[str, Any]:
@@ -102,8 +133,11 @@ class ShardWriter:
 class OfflineTeacher:
     """Per-worker reader of a ``teacher_logits`` dir: index in memory, arrays memory-mapped."""
 
-    def __init__(self, logits_dir: str, vocab_size: int):
-        self.dir, self.vocab_size = logits_dir, vocab_size
+    def __init__(self, logits_dir: str, vocab_size: int, cross: tuple[int, Any] | None = None):
+        """``cross``: a student with another tokenizer — ``(teacher vocab size, shared
+        vocabulary)`` as ``DistillLoss`` holds them; rows are then found and read on the
+        teacher's own encoding of each row (``payload.cross_rows``)."""
+        self.dir, self.vocab_size, self.cross = logits_dir, vocab_size, cross
         self.manifest = read_manifest(logits_dir)
         self.index = json.load(open(os.path.join(logits_dir, INDEX)))["rows"]
         self._shards: dict[int, dict[str, np.ndarray]] = {}
@@ -133,7 +167,13 @@ class OfflineTeacher:
     def rows(self, student_logits: Any, batch: dict[str, Any], inputs: Any, image_mask: Any,
              sctx: Any = None) -> tuple[Any, Any]:
         """The student's logits cut to the vocabulary, and this batch's stored entries as
-        ``StoredRows`` (the ``Teacher`` interface: ``workloads/teacher/__init__.py``)."""
+        ``StoredRows`` (the ``Teacher`` interface: ``workloads/teacher/__init__.py``), or
+        ``CrossRows`` for a student with another tokenizer."""
+        if self.cross is not None:
+            t_batch = own_batch(batch)
+            entries = [self.entry(d) for d in row_digests(t_batch)]
+            return cross_rows(entries, student_logits, batch, t_batch, self.vocab_size,
+                              self.cross[0], self.cross[1], self.describe())
         entries = [self.entry(d) for d in row_digests(batch)]
         return stored_rows(entries, student_logits, batch, image_mask, self.vocab_size,
                            self.describe())

@@ -20,11 +20,13 @@ import hashlib
 from typing import Any, Literal
 
 from workloads.families.pairing import DistillCompatError
+from workloads.teacher.payload import own_batch
+
+TEACHER_PREFIX = "teacher_"  # batch keys of the teacher's own encoding (data.preprocess's)
 
 __all__ = ["OnlineTeacher", "TEACHER_PREFIX", "load_teacher", "teacher_state_digest",
            "config_image_token_id"]
 
-TEACHER_PREFIX = "teacher_"  # batch keys of the teacher's own encoding (inputs="own")
 
 
 class OnlineTeacher:
@@ -100,7 +102,7 @@ class OnlineTeacher:
         from workloads.losses import align_vocab, response_mask
         from workloads.train_loop_parts import model_inputs
 
-        t_batch = self._own_batch(batch, sctx)
+        t_batch = own_batch(batch, sctx.dtype)
         missing = [k for k in ("input_ids", "attention_mask", "labels") if k not in t_batch]
         if missing:
             raise DistillCompatError(
@@ -122,19 +124,6 @@ class OnlineTeacher:
         s = student_logits[..., :self.vocab_size]
         return s, PairedRows(t, s_mask, f"teacher {self.dir}")
 
-    @staticmethod
-    def _own_batch(batch: dict[str, Any], sctx: Any) -> dict[str, Any]:
-        """The batch's ``teacher_`` keys (the teacher's own encoding), unprefixed, its float
-        pixels in the stage's dtype."""
-        import torch
-
-        n = len(TEACHER_PREFIX)
-        t_batch = {k[n:]: v for k, v in batch.items() if k.startswith(TEACHER_PREFIX)}
-        pixels = t_batch.get("pixel_values")
-        if pixels is not None and torch.is_floating_point(pixels):
-            t_batch["pixel_values"] = pixels.to(sctx.dtype)
-        return t_batch
-
     def _cross_rows(self, student_logits: Any, batch: dict[str, Any], sctx: Any,
                     first: bool) -> tuple[Any, Any]:
         """A teacher with another tokenizer on its own encoding of each row; the two sides'
@@ -146,7 +135,7 @@ class OnlineTeacher:
         from workloads.kd_terms.teacher_rows import CrossRows
         from workloads.train_loop_parts import model_inputs
 
-        t_batch = self._own_batch(batch, sctx)
+        t_batch = own_batch(batch, sctx.dtype)
         if REPLY_GROUP not in t_batch or REPLY_GROUP not in batch:
             raise DistillCompatError(
                 f"stage {sctx.stage.stage!r}: teacher {self.dir} has another tokenizer, so "

@@ -15,6 +15,12 @@ rounded to bf16; for non-LLaVA families, whose pixels do not index by row, the d
 training loop's collate does not carry keys, and a digest also proves the row was tokenized
 exactly as the teacher saw it. Half-precision pixels are digested after rounding to bf16 (fp16
 runs may double-round and miss: use fp32 or bf16 with a stored teacher).
+
+A teacher with **another tokenizer** (``teacher_inputs: cross``) has its entries computed on its
+own encoding of each row — the batch's ``teacher_`` columns (``own_batch``), which are also what
+its rows are digested by — and read back at its reply positions, aligned with the student's by
+text (``cross_rows``). Below k = V_t the rows hold the teacher's top-k renormalised, as the
+top-k divergence does for one tokenizer.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "ENTRY_ARRAYS", "row_digests", "teacher_entries", "stored_rows"]
+__all__ = ["FORMAT_VERSION", "ENTRY_ARRAYS", "row_digests", "teacher_entries", "stored_rows",
+           "own_batch", "cross_rows"]
 
 FORMAT_VERSION = 1
 ENTRY_ARRAYS = ("positions", "is_resp", "is_img", "values", "indices", "gram")
@@ -107,3 +114,54 @@ def stored_rows(entries: Sequence[dict[str, Any]], student_logits: Any, batch: d
         raise ValueError(f"{what}: stored response/image positions differ from the training "
                          f"batch's; the data was tokenized differently")
     return s, StoredRows(vals, idx, resp, img, grams, vocab_size, what)
+
+
+def own_batch(batch: dict[str, Any], dtype: Any = None) -> dict[str, Any]:
+    """The batch's ``teacher_`` columns (the teacher's own encoding of each row), unprefixed;
+    float pixels cast to ``dtype`` when given."""
+    import torch
+
+    from workloads.data.preprocess import TEACHER_PREFIX
+
+    n = len(TEACHER_PREFIX)
+    t_batch = {k[n:]: v for k, v in batch.items() if k.startswith(TEACHER_PREFIX)}
+    pixels = t_batch.get("pixel_values")
+    if dtype is not None and pixels is not None and torch.is_floating_point(pixels):
+        t_batch["pixel_values"] = pixels.to(dtype)
+    return t_batch
+
+
+# a logit no softmax gives mass to (exp underflows to 0) but finite: 0 * log p stays 0
+_ABSENT = -1e9
+
+
+def cross_rows(entries: Sequence[dict[str, Any]], student_logits: Any, batch: dict[str, Any],
+               t_batch: dict[str, Any], vocab_size: int, teacher_vocab_size: int, shared: Any,
+               what: str) -> tuple[Any, Any]:
+    """The student's logits cut to its vocabulary, and ``CrossRows`` from the entries of a
+    teacher with another tokenizer, one per row of its own encoding ``t_batch`` in order: its
+    ``(N_t, V_t)`` rows at the reply positions (the top-k scattered, the rest absent)."""
+    import torch
+
+    from workloads.data.preprocess import REPLY_GROUP
+    from workloads.kd_terms.teacher_rows import CrossRows
+    from workloads.losses import response_mask
+
+    s = student_logits[..., :vocab_size]
+    mask = response_mask(t_batch["labels"])
+    rows = []
+    for b, e in enumerate(entries):
+        resp = np.asarray(e["is_resp"], dtype=bool)
+        pos = np.asarray(e["positions"])[resp]
+        if not np.array_equal(pos, mask[b].nonzero().squeeze(1).cpu().numpy()):
+            raise ValueError(f"{what}: stored reply positions differ from the teacher's encoding "
+                             f"of the training batch; the data was tokenized differently")
+        vals = torch.as_tensor(np.array(e["values"])[resp], dtype=torch.float32)
+        idx = torch.as_tensor(np.array(e["indices"])[resp], dtype=torch.long)
+        full = torch.full((len(pos), teacher_vocab_size), _ABSENT, dtype=torch.float32)
+        rows.append(full.scatter_(-1, idx, vals))
+    t_rows = torch.cat(rows).to(s.device) if rows else s.new_zeros(0, teacher_vocab_size)
+    if shared is not None:
+        shared = tuple(np.asarray(ids, np.int64) for ids in shared)
+    return s, CrossRows(None, t_batch["labels"], t_batch[REPLY_GROUP], batch["labels"],
+                        batch[REPLY_GROUP], shared, what, t_rows=t_rows)

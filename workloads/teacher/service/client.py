@@ -19,7 +19,7 @@ import uuid
 from collections import deque
 from typing import Any, Iterable, Iterator
 
-from workloads.teacher.payload import row_digests, stored_rows
+from workloads.teacher.payload import cross_rows, own_batch, row_digests, stored_rows
 from workloads.teacher.service.actors import TeacherService
 from workloads.teacher.service.spec import NAMESPACE, SERVICE_PREFIX, ServiceSpec
 
@@ -187,11 +187,15 @@ class ServiceClient:
     the ``service`` placement of the ``Teacher`` interface (``workloads/teacher/__init__.py``):
     ``rows`` gives each batch's entries, as the service computed them, as ``StoredRows``."""
 
-    def __init__(self, name: str, user: str, vocab_size: int, start_timeout_s: float = 600.0):
+    def __init__(self, name: str, user: str, vocab_size: int, start_timeout_s: float = 600.0,
+                 cross: tuple[int, Any] | None = None):
+        """``cross``: a student with another tokenizer — ``(teacher vocab size, shared
+        vocabulary)``; the service then gets the teacher's own encoding of each row (the
+        batch's ``teacher_`` columns) and its entries come back as ``CrossRows``."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
-        self.name, self.user, self.vocab_size = name, user, vocab_size
+        self.name, self.user, self.vocab_size, self.cross = name, user, vocab_size, cross
         self.handle = find_service(name)
         if self.handle is None:
             raise TeacherServiceError(f"teacher service {name} is not running (its users' "
@@ -208,11 +212,16 @@ class ServiceClient:
                                       f"load: {e}") from e
         self._ahead: deque = deque()  # (digests, reply ref) of batches sent before their step
 
+    def _teachers(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch the teacher runs on: the student's, or its own encoding (``cross``)."""
+        return own_batch(batch) if self.cross is not None else batch
+
     def submit(self, batch: dict[str, Any]) -> tuple[list[str], Any]:
         """Send ``batch``'s request (the batch itself goes into the object store)."""
         import ray
         import torch
 
+        batch = self._teachers(batch)
         payload = {}
         for k, v in batch.items():
             if k.startswith(_TEACHER_PREFIX):
@@ -245,7 +254,12 @@ class ServiceClient:
     def rows(self, student_logits: Any, batch: dict[str, Any], inputs: Any, image_mask: Any,
              sctx: Any = None) -> tuple[Any, Any]:
         """The student's logits cut to the vocabulary, and ``batch``'s entries as
-        ``StoredRows``: the offline path's own code, on entries served just now."""
+        ``StoredRows`` (``CrossRows`` across tokenizers): the offline path's own code, on
+        entries served just now."""
+        if self.cross is not None:
+            return cross_rows(self.entries(batch), student_logits, batch, own_batch(batch),
+                              self.vocab_size, self.cross[0], self.cross[1],
+                              f"the teacher service {self.name!r}")
         return stored_rows(self.entries(batch), student_logits, batch, image_mask,
                            self.vocab_size, f"the teacher service {self.name!r}")
 
@@ -253,7 +267,7 @@ class ServiceClient:
         """The teacher's entries for ``batch``'s rows: the reply sent ahead, or a request now."""
         import ray
 
-        digests, ref = row_digests(batch), None
+        digests, ref = row_digests(self._teachers(batch)), None
         while self._ahead and ref is None:
             sent, r = self._ahead.popleft()
             if sent == digests:
