@@ -24,8 +24,9 @@ def _against_sft(comparisons: list, students: tuple[str, ...]) -> list[str]:
     for kd in students:
         c = comps.get(("sft", kd))
         if c:
+            p = "p < 0.001" if c["p"] < 0.001 else f"p = {c['p']:.2f}"
             said.append(f"{kd} − sft **{pts(c['diff'])} pts** [{pts(c['low'])}, "
-                        f"{pts(c['high'])}] ({c['test']}, p = {c['p']:.2f})")
+                        f"{pts(c['high'])}] ({c['test']}, {p})")
     return said
 
 
@@ -61,14 +62,22 @@ def cross_family_block(R: Results) -> str:
     if llava:
         lt, teacher = llava["table"], llava["table"]["teacher_llava"]
         terms = d["final_terms"]
-        out += ("\n\n**From a teacher that sees** (`evaluate_llava`): a tiny LLaVA-1.5 teacher on "
-                "the teacher's 512-token BPE, trained as the default pipeline trains its "
-                "teacher, into the same students by the same terms (another tokenizer, one "
-                "family):\n\n" + "\n".join(_table(lt)) + "\n\n")
+        out += "\n\n" + para(
+            "**From a teacher that sees** (`evaluate_llava`): a tiny LLaVA-1.5 teacher on the "
+            "teacher's 512-token BPE, trained as the default pipeline trains its teacher, into "
+            "the same students by the same terms (another tokenizer, one family):").rstrip("\n")
+        out += "\n\n" + "\n".join(_table(lt)) + "\n\n"
+        sft = lt["sft"]
+        gains = {kd: [k for k in TYPES if f"accuracy/{k}" in lt[kd]
+                      and lt[kd][f"accuracy/{k}"] - sft[f"accuracy/{k}"] >= 0.05]
+                 for kd in ("kd_uld_llava", "kd_span_llava")}
         out += para(
             f"The teacher scores {f3(teacher['accuracy'])} ({f3(teacher['blind_accuracy'])} with "
             f"its images blanked): " + "; ".join(
                 _against_sft(llava["comparisons"], ("kd_uld_llava", "kd_span_llava")))
-            + f". Final KD terms: l_uld {terms['kd_uld_llava']['l_uld']:.3f}, l_span "
+            + ". " + " ".join(f"{kd} is 5 points or more above sft on "
+                              f"{', '.join(types) if types else 'no question type'}."
+                              for kd, types in gains.items())
+            + f" Final KD terms: l_uld {terms['kd_uld_llava']['l_uld']:.3f}, l_span "
             f"{terms['kd_span_llava']['l_span']:.3f}.")
     return out
