@@ -345,3 +345,15 @@ def test_cross_rows_give_one_key_per_span_on_both_sides_of_different_widths():
     assert r.s_token.tolist() == [4, 5, 6, 7, 8, 9] and r.t_token.tolist() == [1, 2, 3, 4, 1, 2, 3]
     assert r.s_group.unique().tolist() == r.t_group.unique().tolist()
     assert len(r.s_group.unique()) == 5 and r.s_row.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_an_older_stored_teacher_without_its_processor_is_refused_in_one_paragraph(tmp_path):
+    from workloads.families.pairing import DistillCompatError
+    from workloads.teacher.offline import cross_loss_args
+
+    manifest = {"fingerprint": "x", "max_length": 256, "vocab_size": 400}
+    with pytest.raises(DistillCompatError) as e:
+        cross_loss_args(str(tmp_path), manifest, None, 256, "kd_uld")
+    msg = str(e.value)
+    assert "stage 'kd_uld'" in msg and "no teacher processor" in msg \
+        and "Rerun `teacher_logits`" in msg and "\n" not in msg
