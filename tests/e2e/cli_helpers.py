@@ -37,7 +37,7 @@ def reserved_port():
         yield s.getsockname()[1]
 
 
-def start_ui(env, cwd, timeout=300, attempts=5):
+def start_ui(env, cwd, timeout=300, attempts=5, extra=()):
     """`mmkd ui` on a free port in its own process group, as a user starts it; returns the
     process and its base URL once the server answers (within ``timeout`` s). The port is
     free when chosen, but the server binds it itself: if another process took it meanwhile
@@ -48,7 +48,7 @@ def start_ui(env, cwd, timeout=300, attempts=5):
     for attempt in range(attempts):
         port = closed_port()
         ui = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port",
-                               str(port)], env=env, cwd=cwd, start_new_session=True,
+                               str(port), *extra], env=env, cwd=cwd, start_new_session=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + timeout
         while True:

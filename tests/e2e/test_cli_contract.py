@@ -232,7 +232,9 @@ def _server_with_workers(ui_pid: int) -> list[int] | None:
 # sends both to the same code over a cheap process tree)
 @pytest.mark.parametrize("sig", [signal.SIGINT])
 def test_ui_stops_every_process_it_started(world, sig):
-    ui, _ = start_ui(world["env"], world["root"])
+    # two server workers (the default is one): a tree of grandchildren to stop, as MLflow's
+    # server runs for a user who asks for more
+    ui, _ = start_ui(world["env"], world["root"], extra=("--workers", "2"))
     try:
         # the MLflow server and its workers: wait for that tree, not for a guessed time
         started = wait_until("`mmkd ui`'s MLflow server and its worker processes",
