@@ -27,8 +27,13 @@ def progress_hub_class():
 
     @ray.remote(num_cpus=0)
     class ProgressHub:
+        """The run's events for the driver, and small per-stage states its stages keep here
+        rather than in an actor (a process) of their own each (a dataset's bad-sample totals:
+        ``workloads.data.quality.SampleQuality``)."""
+
         def __init__(self):
             self._events: list[tuple[str, dict]] = []
+            self._hosted: dict[str, Any] = {}
 
         def report(self, event: dict) -> None:
             self._events.append(("metrics", event))
@@ -39,6 +44,12 @@ def progress_hub_class():
         def drain(self) -> list[tuple[str, dict]]:
             events, self._events = self._events, []
             return events
+
+        def host(self, key: str, state: Any) -> None:
+            self._hosted[key] = state
+
+        def call(self, key: str, method: str, *args: Any) -> Any:
+            return getattr(self._hosted[key], method)(*args)
 
     return ProgressHub
 

@@ -135,10 +135,11 @@ def run_train_stage(config: TrainConfig, ctx: StageContext, loss_fn: Any = None)
     source = resolve_data_source(config, ctx)
     if config.max_samples is not None:
         source = source.model_copy(update={"max_samples": config.max_samples})
-    # Bad samples are dropped and counted by kind in one small actor; the budget is applied
-    # while streaming (after enough samples) and once more at the end of the stage.
+    # Bad samples are dropped and counted by kind in the run's progress hub (an actor of its
+    # own outside a run); the budget is applied while streaming (after enough samples) and
+    # once more at the end of the stage.
     quality = SampleQuality.create(max_bad_fraction=config.max_bad_fraction,
-                                   name=source.describe())
+                                   name=source.describe(), host=ctx.reporter)
     # A teacher that tokenizes images differently from the student (DistillLoss with
     # teacher_inputs="own": response KD only) reads its own encoding of each row: the data
     # path encodes every row with its processor too, into `teacher_` columns.

@@ -51,8 +51,20 @@ def data(ray_session, tmp_path_factory):
 
 
 def test_bad_samples_are_counted_as_stage_metrics(data):
+    """As in a pipeline run: the totals live in the run's progress hub (the stages below,
+    called without one, keep them in an actor of their own), and no actor is made for them."""
+    from ray.util.state import list_actors
+
+    from orchestrator.executor import progress_hub_class
+
+    def quality_actors() -> set[str]:
+        return {a.actor_id for a in list_actors(filters=[("class_name", "=", "QualityState")],
+                                                limit=10_000)}
+
     root, tiny, broken = data
+    before = quality_actors()
     ctx = _ctx(root, "within_budget", {"tokenizer": tiny["tokenizer"], "data": str(root / "bad_captions")})
+    ctx.reporter = progress_hub_class().remote()
     config = PretrainConfig(model={"preset": "tiny-student"}, epochs=1, batch_size=8,
                             checkpoint_every=0, max_bad_fraction=0.2)
     metrics = pretrain(config, ctx)
@@ -60,6 +72,7 @@ def test_bad_samples_are_counted_as_stage_metrics(data):
     assert metrics["data/skipped_corrupt_image"] == broken
     assert metrics["data/seen"] == 48
     assert os.path.isdir(os.path.join(ctx.output_dir, "model"))
+    assert quality_actors() == before
 
 
 def test_exceeding_the_budget_fails_the_stage_naming_the_cause(data):

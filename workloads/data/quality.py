@@ -100,31 +100,44 @@ class QualityState:
 
 
 class SampleQuality:
-    """Handle to the bad-sample totals of one dataset; picklable into Ray tasks."""
+    """Handle to the bad-sample totals of one dataset; picklable into Ray tasks. The totals
+    live in-process, in a small actor of their own, or, in a pipeline run, in the run's
+    progress hub (``host``: one process fewer per training stage)."""
 
-    def __init__(self, state: Any, is_actor: bool):
+    def __init__(self, state: Any, where: str, key: str = ""):
         self._state = state
-        self._is_actor = is_actor
+        self._where = where  # "local" | "actor" | "hosted"
+        self._key = key
 
     @classmethod
     def create(cls, max_bad_fraction: float = 0.01, min_samples: int = 1000,
-               name: str = "data", use_ray: bool = True) -> "SampleQuality":
+               name: str = "data", use_ray: bool = True, host: Any = None) -> "SampleQuality":
+        """``host``: an actor with ``host(key, state)`` and ``call(key, method, *args)`` (the
+        run's progress hub, ``StageContext.reporter``) that keeps the totals."""
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
-        if use_ray:
-            import ray
+        state = QualityState(max_bad_fraction, min_samples, name)
+        if not use_ray:
+            return cls(state, "local")
+        import ray
 
-            actor = ray.remote(num_cpus=0)(QualityState).remote(
-                max_bad_fraction, min_samples, name)
-            return cls(actor, True)
-        return cls(QualityState(max_bad_fraction, min_samples, name), False)
+        if host is not None:
+            import uuid
+
+            key = f"quality/{name}/{uuid.uuid4().hex}"
+            ray.get(host.host.remote(key, state))
+            return cls(host, "hosted", key)
+        actor = ray.remote(num_cpus=0)(QualityState).remote(max_bad_fraction, min_samples, name)
+        return cls(actor, "actor")
 
     def _call(self, method: str, *args: Any) -> Any:
-        if self._is_actor:
-            import ray
+        if self._where == "local":
+            return getattr(self._state, method)(*args)
+        import ray
 
-            return ray.get(getattr(self._state, method).remote(*args))
-        return getattr(self._state, method)(*args)
+        if self._where == "hosted":
+            return ray.get(self._state.call.remote(self._key, method, *args))
+        return ray.get(getattr(self._state, method).remote(*args))
 
     def record(self, seen: int, counts: dict[str, int], examples: list[tuple[str, str]]) -> None:
         """Called by preprocessing once per batch; raises when the budget is exceeded."""
