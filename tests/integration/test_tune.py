@@ -281,29 +281,6 @@ scheduler: {type: none}
 """
 
 
-@pytest.mark.timeout(420)
-def test_tune_a_ray_train_stage_whose_worker_leaves_one_cpu_for_its_data(ray_session, files):
-    """Trials of a real training stage (Ray Train + DeepSpeed + Ray Data). The stage's worker
-    takes 3 of the session's 4 CPUs: its data pipeline needs the last one, so a trial must
-    hold no CPU itself (with 0.1 CPU per trial the reads never started and the tune hung)."""
-    from mmkd_test_plugins.data_tiny import build_tiny_data
-    from workloads.models import build_model, save_model
-
-    data = build_tiny_data(files / "data", num_samples=32, vocab_size=320)
-    model, proc = build_model({"preset": "tiny-student"}, data["tokenizer"])
-    save_model(model, proc, str(files / "model"))
-    (files / "pipe.yaml").write_text(textwrap.dedent(TRAIN_PIPE).replace(
-        "MODEL", str(files / "model")).replace("DATA", data["captions"]))
-    # one trial: that it starts and completes is the point (trials one after another on
-    # freed resources are test_tune_trials_share_one_teacher_service's)
-    (files / "tune.yaml").write_text(textwrap.dedent(TRAIN_TUNE).replace("[0.001, 0.003]",
-                                                                          "[0.001]"))
-    spec, pipeline = load_tune(str(files / "tune.yaml"))
-    out = run_tune(spec, pipeline, str(files / "tune.yaml"))
-    assert [t["params"]["lr"] for t in out.trials] == [0.001]
-    assert all(t["completed"] and not t["error"] and t["steps"] == 3 for t in out.trials), out.trials
-
-
 @pytest.mark.timeout(300)
 def test_a_killed_trial_gives_its_training_resources_back(ray_session, files):
     """When ASHA stops a trial, Tune kills the trial actor and with it the stage task that owns
@@ -370,7 +347,7 @@ stages:
   dft:
     workload: distill
     inputs: {teacher: teacher.model}
-    resources: {num_workers: 1, cpus_per_worker: 1}
+    resources: {num_workers: 1, cpus_per_worker: 2}
     params: {teacher: service, teacher_resources: {replicas: 1, cpus: 1}, train: [projector],
              model: {path: STUDENT}, data: {format: webdataset, paths: [DATA]},
              max_steps: 2, batch_size: 4, checkpoint_every: 0}
@@ -379,9 +356,12 @@ stages:
 
 @pytest.mark.timeout(420)
 def test_tune_trials_share_one_teacher_service(ray_session, files):
-    """`teacher: service` in a tune: the replica's CPU counts once, so on the session's 4 CPUs
-    one trial (worker + data pipeline) runs at a time beside it; the tune holds the service
-    between trials (one teacher load serves both) and frees it when it ends."""
+    """`teacher: service` in a tune of a real training stage (Ray Train + DeepSpeed + Ray
+    Data): the replica's CPU counts once, so on the session's 4 CPUs one trial (worker +
+    data pipeline) runs at a time beside it; the tune holds the service between trials (one
+    teacher load serves both) and frees it when it ends. The replica and the stage's worker
+    take 3 of the 4 CPUs: its data pipeline needs the last one, so a trial must hold no CPU
+    itself (with 0.1 CPU per trial the reads never started and the tune hung)."""
     from mmkd_test_plugins.data_tiny import build_tiny_data
     from workloads.models import build_model, save_model
     from workloads.teacher.service.spec import SERVICE_PREFIX
@@ -402,7 +382,7 @@ def test_tune_trials_share_one_teacher_service(ray_session, files):
     spec, pipeline = load_tune(str(files / "tune.yaml"))
     from orchestrator.tune_spec import default_concurrency
 
-    assert default_concurrency(pipeline, "dft") == 1  # (4 CPUs - 1 replica) // (1 + 1)
+    assert default_concurrency(pipeline, "dft") == 1  # (4 CPUs - 1 replica) // (2 + 1)
     out = run_tune(spec, pipeline, str(files / "tune.yaml"))
     assert all(t["completed"] and not t["error"] for t in out.trials), out.trials
     finals = [json.loads(p.read_text())
