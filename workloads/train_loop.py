@@ -24,12 +24,12 @@ from typing import Any
 
 from orchestrator.plugin import StageContext
 from workloads.checkpoints import load_worker_state, refusing_pickled_code, save_worker_state
-from workloads.errors import NonFiniteLossError, StageError, no_retry_failure_policy, root_stage_error
+from workloads.errors import NonFiniteLossError, StageError, root_stage_error
 from workloads.lineage import write_lineage
 from workloads.train_loop_parts import (CausalLMLoss, LossFn, StepContext, TrainParams,
                                         build_optimizer, check_resources, deepspeed_config,
                                         deterministic_algorithms, import_deepspeed, plan_total_steps,
-                                        seed_all)
+                                        seed_all, trainer_class)
 
 __all__ = ["run_training", "train_loop_per_worker", "CKPT_META"]
 
@@ -48,7 +48,7 @@ def run_training(ctx: StageContext, *, model_spec: dict[str, Any], tokenizer_dir
     data error behind it (every sample bad) rather than an empty shard."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     t_start = time.perf_counter()
     res = ctx.resources
@@ -63,13 +63,7 @@ def run_training(ctx: StageContext, *, model_spec: dict[str, Any], tokenizer_dir
         resources["GPU"] = res.gpus_per_worker
     storage = ctx.checkpoint_storage or os.path.join(ctx.output_dir, "_checkpoints")
     run_name = ctx.run_name or f"{ctx.stage}-{ctx.key[:12]}"
-    class Trainer(TorchTrainer):
-        def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
-            # deterministic stage errors (bad data, NaN loss) are raised, not retried
-            kwargs["failure_policy"] = no_retry_failure_policy(self.run_config.failure_config)
-            return super()._initialize_and_run_controller(**kwargs)
-
-    trainer = Trainer(
+    trainer = trainer_class()(
         train_loop_per_worker,
         train_loop_config={"ctx": ctx, "params": params, "model_spec": model_spec,
                            "tokenizer_dir": tokenizer_dir, "total_steps": total_steps,

@@ -131,19 +131,14 @@ def offline_small_k(setup):
     return _steps(ctx)
 
 
-def test_service_equals_offline_at_the_same_k(setup, offline_small_k):
-    ctx = _one(setup["root"], "service_k", setup["inputs"])
-    final = distill(DistillConfig(teacher="service", top_k=SMALL_K, **RUN), ctx)
-    _assert_same_losses(offline_small_k, _steps(ctx), f"service vs offline at k = {SMALL_K}")
-    assert final["teacher_service/loads"] == 1 and final["teacher_service/users"] == 0
-
-
 @pytest.mark.parametrize("victim", ["replica", "coordinator"])
 def test_a_killed_service_process_restarts_and_the_stage_completes(setup, offline_small_k,
                                                                     victim, tmp_path):
     """A teacher replica killed once the first request was answered is restarted and the later
     requests wait for it; a killed coordinator is restarted by Ray (with new replicas) and the
-    later calls go to it. Either way the stage completes with the offline losses."""
+    later calls go to it. Either way the stage completes with the losses of the same student
+    distilled from the teacher's stored top-k logits at the same k (the service's answers are
+    the stored ones, before and after a restart)."""
     import ray
 
     config = DistillConfig(teacher="service", top_k=SMALL_K, **RUN)

@@ -72,11 +72,14 @@ def test_zero_stages_train_and_save(env, zero):
     assert all(torch.equal(state[k], init[k]) for k in state if "vision_tower" in k)
     assert not torch.equal(state["lm_head.weight"], init["lm_head.weight"])
     # the session's instance was started by mmkd (start_local_ray): its runs have a controller
-    # and no preemption watcher (a process per run that a single local node has no use for)
+    # and no preemption watcher (a process per run that a single local node has no use for);
+    # no run of mmkd's has Ray Train's placement group cleaner (orchestrator.placement's
+    # Reaper does its work)
     from ray.util.state import list_actors
 
     classes = [a.class_name for a in list_actors(limit=10_000)]
-    assert "TrainController" in classes and "PreemptionWatcher" not in classes
+    assert "TrainController" in classes and "SynchronizationActor" in classes
+    assert "PreemptionWatcher" not in classes and "PlacementGroupCleaner" not in classes
 
 
 def test_too_many_workers_fails_before_training(env):
