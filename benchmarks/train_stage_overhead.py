@@ -2,10 +2,14 @@
 
 A tiny `pretrain` stage (2 steps, tiny-teacher preset, one worker, ZeRO-2) is run again and
 again in one local Ray instance, each run with a new seed so that it is never cached. Runs
-alternate between three settings, so all see the same machine load: Ray Train's defaults
-(controller poll interval 2 s, a preemption watcher per run), mmkd's poll interval (0.5 s,
-`orchestrator.ray_setup.TRAIN_POLL_S`) with the watcher, and mmkd's local-instance setting
-(0.5 s, no watcher: `PREEMPTION_WATCHER_ENV`). The stage's wall time (driver's record, submit
+alternate between four settings, so all see the same machine load: Ray Train's defaults
+(controller poll interval 2 s, a preemption watcher, a placement group cleaner and a dataset
+manager per run), mmkd's poll interval (0.5 s, `orchestrator.ray_setup.TRAIN_POLL_S`) with
+the watcher, the same without the watcher (`PREEMPTION_WATCHER_ENV`, off on a local instance
+mmkd starts), and mmkd's local setting: also without the cleaner and, for a one-worker run,
+the dataset manager (`workloads.train_loop_parts.trainer_class`; the first three settings
+keep them with `MMKD_RAY_TRAIN_CALLBACKS=ray`). All four keep a stage's bad-sample totals in
+the run's progress hub. The stage's wall time (driver's record, submit
 to published) and the pipeline's are reported per setting as median, min and max over the
 repetitions, with the ratios of medians to Ray's defaults.
 
@@ -67,12 +71,15 @@ def main() -> None:
     from orchestrator.loader import load_pipeline
     from orchestrator.ray_setup import PREEMPTION_WATCHER_ENV, TRAIN_POLL_S, ensure_ray
     from orchestrator.runner import PipelineRunner
+    from workloads.train_loop_parts import TRAIN_CALLBACKS_ENV
 
     ensure_ray()
-    poll, watch = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", PREEMPTION_WATCHER_ENV
-    settings = {"ray_default": {poll: "2.0", watch: "1"},
-                "poll_0.5": {poll: TRAIN_POLL_S, watch: "1"},
-                "poll_0.5_no_watcher": {poll: TRAIN_POLL_S, watch: "0"}}
+    poll, watch, cbs = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", PREEMPTION_WATCHER_ENV, \
+        TRAIN_CALLBACKS_ENV
+    settings = {"ray_default": {poll: "2.0", watch: "1", cbs: "ray"},
+                "poll_0.5": {poll: TRAIN_POLL_S, watch: "1", cbs: "ray"},
+                "poll_0.5_no_watcher": {poll: TRAIN_POLL_S, watch: "0", cbs: "ray"},
+                "mmkd_local": {poll: TRAIN_POLL_S, watch: "0", cbs: "mmkd"}}
     stage_s: dict[str, list[float]] = {k: [] for k in settings}
     pipeline_s: dict[str, list[float]] = {k: [] for k in settings}
     seed = 0
@@ -101,7 +108,8 @@ def main() -> None:
     result = {
         "what": "wall seconds of a 2-step tiny pretrain stage (Ray Train, 1 worker, ZeRO-2) and "
                 "of its pipeline run (data and tokenizer cached), alternating Ray Train's "
-                "controller poll interval and its preemption watcher",
+                "controller poll interval, its preemption watcher, and its placement group "
+                "cleaner and dataset manager",
         "reps": args.reps,
         "settings": settings,
         "stage_seconds": {k: _spread(v) for k, v in stage_s.items()},

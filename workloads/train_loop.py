@@ -29,7 +29,8 @@ from workloads.lineage import write_lineage
 from workloads.train_loop_parts import (CausalLMLoss, LossFn, StepContext, TrainParams,
                                         build_optimizer, check_resources, deepspeed_config,
                                         deterministic_algorithms, import_deepspeed, plan_total_steps,
-                                        seed_all, trainer_class)
+                                        lean_ray_train, ordered_ingest_options, seed_all,
+                                        trainer_class, whole_dataset)
 
 __all__ = ["run_training", "train_loop_per_worker", "CKPT_META"]
 
@@ -63,12 +64,14 @@ def run_training(ctx: StageContext, *, model_spec: dict[str, Any], tokenizer_dir
         resources["GPU"] = res.gpus_per_worker
     storage = ctx.checkpoint_storage or os.path.join(ctx.output_dir, "_checkpoints")
     run_name = ctx.run_name or f"{ctx.stage}-{ctx.key[:12]}"
+    whole = res.num_workers == 1 and lean_ray_train()
     trainer = trainer_class()(
         train_loop_per_worker,
         train_loop_config={"ctx": ctx, "params": params, "model_spec": model_spec,
                            "tokenizer_dir": tokenizer_dir, "total_steps": total_steps,
                            "loss_fn": loss_fn or CausalLMLoss(), "quality": quality,
-                           "pid_dir": _pid_dir(storage, run_name)},
+                           "pid_dir": _pid_dir(storage, run_name),
+                           "dataset": whole_dataset(dataset) if whole else None},
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
@@ -76,10 +79,11 @@ def run_training(ctx: StageContext, *, model_spec: dict[str, Any], tokenizer_dir
         run_config=RunConfig(storage_path=storage, name=run_name,
                              failure_config=FailureConfig(max_failures=params.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": dataset},
-        # one worker iterates the whole dataset: a split would start a split coordinator for it
+        # several workers: Ray Train splits the dataset among them; one worker iterates the
+        # whole dataset itself (no DatasetManager actor, a process per stage, to hand it over)
+        datasets=None if whole else {"train": dataset},
         dataset_config=DataConfig(datasets_to_split="all" if res.num_workers > 1 else [],
-                                  execution_options=_ordered_ingest_options(),
+                                  execution_options=ordered_ingest_options(),
                                   enable_shard_locality=False),
     )
     try:
@@ -102,16 +106,6 @@ def run_training(ctx: StageContext, *, model_spec: dict[str, Any], tokenizer_dir
                                   "metrics": {k: v for k, v in h.items() if k != "step"}}
                                  for h in meta["history"])
     return meta["final"]
-
-
-def _ordered_ingest_options() -> Any:
-    """Ray Train's default ingest options with ``preserve_order``: every worker gets the same
-    rows in the same order on every run (see ``workloads/data/dataset.py``)."""
-    from ray.train import DataConfig
-
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
 
 
 def _pid_dir(storage: str, run_name: str) -> str | None:
@@ -145,7 +139,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # the shard first, in a thread: a split coordinator (a new process) starts while this
     # worker builds its model, not after
     pool = ThreadPoolExecutor(1, thread_name_prefix="mmkd-shard")
-    shard_future = pool.submit(ray.train.get_dataset_shard, "train")
+    whole = config.get("dataset")  # one worker: the whole dataset (``whole_dataset``)
+    shard_future = pool.submit(whole.iterator) if whole is not None else \
+        pool.submit(ray.train.get_dataset_shard, "train")
     pool.shutdown(wait=False)  # the call runs on; the thread ends with it
     on_gpu = torch.cuda.is_available() and ctx.resources.gpus_per_worker > 0
     if not on_gpu:

@@ -20,7 +20,12 @@ __all__ = ["TrainParams", "LossFn", "CausalLMLoss", "StepContext", "model_inputs
            "deepspeed_config", "build_optimizer", "warmup_cosine",
            "check_resources", "ResourceError",
            "plan_total_steps", "deterministic_algorithms", "seed_all", "import_deepspeed",
-           "trainer_class"]
+           "trainer_class", "TRAIN_CALLBACKS_ENV", "lean_ray_train", "ordered_ingest_options",
+           "whole_dataset"]
+
+# "ray" keeps Ray Train's own callbacks and dataset hand-over (``trainer_class``): to compare
+# (benchmarks/train_stage_overhead.py), or should mmkd's setting ever misbehave
+TRAIN_CALLBACKS_ENV = "MMKD_RAY_TRAIN_CALLBACKS"
 
 
 @dataclass
@@ -272,8 +277,11 @@ def trainer_class() -> type:
       (``workloads.errors.no_retry_failure_policy``);
     - no ``PlacementGroupCleaner``: a detached actor per run (a process, ~1.8 s of CPU at
       every stage start on 2 cores) whose job mmkd's drivers do themselves, and for more
-      cases (``orchestrator.placement.Reaper``: a run killed while starting its workers).
-      Matched by name: should Ray rename it, the cleaner is kept, nothing breaks."""
+      cases (``orchestrator.placement.Reaper``: a run killed while starting its workers);
+    - no ``DatasetManager`` actor (~1.5 s of CPU) for a run given no dataset to split (one
+      worker iterates its whole dataset itself: ``train_loop.run_training``).
+
+    The callbacks are matched by name: should Ray rename one, it is kept, nothing breaks."""
     from ray.train.torch import TorchTrainer
 
     from workloads.errors import no_retry_failure_policy
@@ -284,7 +292,34 @@ def trainer_class() -> type:
             return super()._initialize_and_run_controller(**kwargs)
 
         def _create_default_callbacks(self) -> list[Any]:
-            return [c for c in super()._create_default_callbacks()
-                    if type(c).__name__ != "PlacementGroupCleanerCallback"]
+            callbacks = super()._create_default_callbacks()
+            if not lean_ray_train():
+                return callbacks
+            drop = {"PlacementGroupCleanerCallback"} | (set() if self.datasets
+                                                        else {"DatasetsCallback"})
+            return [c for c in callbacks if type(c).__name__ not in drop]
 
     return Trainer
+
+
+def lean_ray_train() -> bool:
+    """mmkd's Ray Train setting (``trainer_class``), unless ``TRAIN_CALLBACKS_ENV`` says "ray"."""
+    return os.environ.get(TRAIN_CALLBACKS_ENV, "mmkd") != "ray"
+
+
+def ordered_ingest_options() -> Any:
+    """Ray Train's default ingest options with ``preserve_order``: every worker gets the same
+    rows in the same order on every run (see ``workloads/data/dataset.py``)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
+def whole_dataset(dataset: Any) -> Any:
+    """The dataset a run's one worker iterates itself, with the options Ray Train gives a
+    shard (``DataConfig.configure``)."""
+    dataset = dataset.copy(dataset)
+    dataset.context.execution_options = ordered_ingest_options()
+    return dataset

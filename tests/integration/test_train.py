@@ -58,6 +58,9 @@ def _fresh_preset_state(preset, tok_dir, seed):
 # subset of 2
 @pytest.mark.parametrize("zero", [0])
 def test_zero_stages_train_and_save(env, zero):
+    from ray.util.state import list_actors
+
+    before = {a.actor_id for a in list_actors(limit=10_000)}
     ctx = _ctx(env, f"zero{zero}", zero=zero)
     m = run_training(ctx, model_spec={"preset": "tiny-student"}, tokenizer_dir=env["tok_dir"],
                      dataset=env["dataset"](),
@@ -71,15 +74,13 @@ def test_zero_stages_train_and_save(env, zero):
     assert state["lm_head.weight"].shape == init["lm_head.weight"].shape
     assert all(torch.equal(state[k], init[k]) for k in state if "vision_tower" in k)
     assert not torch.equal(state["lm_head.weight"], init["lm_head.weight"])
-    # the session's instance was started by mmkd (start_local_ray): its runs have a controller
-    # and no preemption watcher (a process per run that a single local node has no use for);
-    # no run of mmkd's has Ray Train's placement group cleaner (orchestrator.placement's
-    # Reaper does its work)
-    from ray.util.state import list_actors
-
-    classes = [a.class_name for a in list_actors(limit=10_000)]
-    assert "TrainController" in classes and "SynchronizationActor" in classes
-    assert "PreemptionWatcher" not in classes and "PlacementGroupCleaner" not in classes
+    # the processes of this run: the session's instance was started by mmkd (start_local_ray),
+    # so no preemption watcher (a single local node has no use for it); no placement group
+    # cleaner (orchestrator.placement's Reaper does its work); a dataset manager splits the
+    # data between the two workers (a one-worker run has none: test_train_data_quality.py)
+    classes = {a.class_name for a in list_actors(limit=10_000) if a.actor_id not in before}
+    assert {"TrainController", "RayTrainWorker", "DatasetManager"} <= classes, classes
+    assert not {"PreemptionWatcher", "PlacementGroupCleaner"} & classes, classes
 
 
 def test_too_many_workers_fails_before_training(env):
