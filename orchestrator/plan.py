@@ -40,7 +40,8 @@ def code_fingerprints(pipeline: Pipeline) -> dict[str, dict[str, str]]:
     by_workload: dict[str, dict[str, str]] = {}
     for stage in pipeline.stages.values():
         if stage.workload not in by_workload:
-            by_workload[stage.workload] = code_fingerprint(get_workload(stage.workload).fn.__module__)
+            by_workload[stage.workload] = code_fingerprint(
+                get_workload(stage.workload).fn.__module__, mmkd_home() / "code_cache")
     return {name: by_workload[s.workload] for name, s in pipeline.stages.items()}
 
 

@@ -63,6 +63,49 @@ def test_code_fingerprint_follows_imports_within_the_package():
     assert not any(m.startswith(("orchestrator", "torch")) for m in found)
 
 
+def test_parsed_modules_are_remembered_by_their_bytes_and_never_stale(tmp_path, monkeypatch):
+    """``code_fingerprint`` with a cache: the same hashes as parsing every module, read back
+    without parsing; a module whose source changed is parsed again; a damaged entry is parsed
+    again too."""
+    import ast
+
+    import orchestrator.keys as keys
+
+    pkg = tmp_path / "mmkdcachepkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from mmkdcachepkg import b\n\ndef f():\n    return 1\n")
+    (pkg / "b.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cache = tmp_path / "code_cache"
+    plain = code_fingerprint("mmkdcachepkg.a")
+    keys._module_summary.cache_clear()
+    assert code_fingerprint("mmkdcachepkg.a", cache) == plain
+    entries = sorted(cache.rglob("*.json"))
+    assert len(entries) == 3  # __init__, a, b
+
+    def no_parse(*args, **kw):
+        raise AssertionError("parsed although remembered")
+
+    keys._module_summary.cache_clear()  # as a new process
+    monkeypatch.setattr(ast, "parse", no_parse)
+    assert code_fingerprint("mmkdcachepkg.a", cache) == plain
+    monkeypatch.undo()
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    (pkg / "b.py").write_text("X = 2\n")  # an edit: new bytes, a new entry, a new hash
+    keys._module_summary.cache_clear()
+    edited = code_fingerprint("mmkdcachepkg.a", cache)
+    assert edited["mmkdcachepkg.b"] != plain["mmkdcachepkg.b"]
+    assert edited["mmkdcachepkg.a"] == plain["mmkdcachepkg.a"]
+    keys._module_summary.cache_clear()
+    assert edited == code_fingerprint("mmkdcachepkg.a")
+    for entry in cache.rglob("*.json"):
+        entry.write_text("{not json")
+    keys._module_summary.cache_clear()
+    assert code_fingerprint("mmkdcachepkg.a", cache) == edited
+
+
 def _keys_in_copy(copy: Path, pipeline: str, offline: bool = True, overrides=()) -> dict:
     """Keys (and key parts) as a new `mmkd` process computes them, in project folder ``copy``."""
     code = ("import json; from orchestrator.plan import pipeline_keys; "

@@ -34,7 +34,6 @@ from workloads.evaluation.checks import answer_floors, below_floor, blind_exampl
 from workloads.data.preflight import validate_config_sources
 from workloads.data.source import DataSource
 from workloads.evaluation.metrics import METRICS, exact_match, normalize_answer
-from workloads.merging.io import MERGED_META
 from workloads.evaluation.charts import accuracy_chart
 from workloads.evaluation.tables import (accuracy_by_type, compare_models, results_table,
                                          score_interval, seed_arms, summary_markdown)
@@ -167,6 +166,8 @@ def _source(path: Any) -> Any:
 def eval_problems(config: EvalConfig, inputs: dict | None = None) -> list[str]:
     """``mmkd validate`` hook: unreadable data, and `models` given by a path that holds no
     model (a local path, not a hub id: a stage is evaluated on files it can open)."""
+    from workloads.merging.io import MERGED_META  # here: the merging package imports torch
+
     problems = validate_config_sources(config, inputs)
     for name, path in config.models.items():
         if not any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", MERGED_META)):
