@@ -20,5 +20,7 @@ the same way (``x.divergence_at``, ``x.relation``, ``x.rows``) whatever the plac
 ``payload.py`` defines the entries once — what the ``teacher_logits`` stage writes, what the
 service sends and what ``StoredRows`` is built from. ``top_k`` is one typed value: the stage's
 ``top_k`` (``teacher_logits``, or ``distill`` with ``teacher: service``) goes into the entries'
-width and nowhere else; the loss reads it from the entries.
+width and nowhere else; the loss reads it from the entries. Its whole path: ``teacher_logits``
+→ ``payload.teacher_entries``; ``distill`` → ``ServiceSpec`` (``service/spec.py``, whose
+``entries`` a replica calls) → ``payload.teacher_entries``.
 """

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from workloads.teacher.service.spec import ServiceSpec
+
 __all__ = ["TeacherReplica", "TeacherService"]
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -59,11 +61,11 @@ class TeacherReplica:
         self.model = model.eval().requires_grad_(False).to(device=self.device, dtype=self.dtype)
         self.vocab_size = len(processor.tokenizer)
         self.image_token_id = image_token_id(model.config)
-        self.top_k = min(spec["top_k"] or self.vocab_size, self.vocab_size)
+        self.spec = ServiceSpec(**spec)
         self.load_id = uuid.uuid4().hex  # a restarted replica is a new load
 
     def info(self) -> dict[str, Any]:
-        return {"load_id": self.load_id, "vocab_size": self.vocab_size, "top_k": self.top_k,
+        return {"load_id": self.load_id, "vocab_size": self.vocab_size,
                 "image_token_id": self.image_token_id, "pid": os.getpid()}
 
     def forward(self, request: dict[str, np.ndarray], rows: list[int] | None
@@ -71,7 +73,6 @@ class TeacherReplica:
         """Entries for ``rows`` of the collated batch ``request`` (all rows when None)."""
         import torch
 
-        from workloads.teacher.payload import teacher_entries
         from workloads.train_loop_parts import model_inputs
 
         batch = {k: torch.tensor(v) for k, v in request.items()}
@@ -83,8 +84,8 @@ class TeacherReplica:
             on_device["pixel_values"] = on_device["pixel_values"].to(self.dtype)
         with torch.no_grad():
             logits = self.model(**model_inputs(on_device)).logits
-        return self.load_id, teacher_entries(logits, on_device, self.vocab_size,
-                                             self.image_token_id, self.top_k)
+        return self.load_id, self.spec.entries(logits, on_device, self.vocab_size,
+                                               self.image_token_id)
 
 
 class TeacherService:
@@ -198,7 +199,7 @@ class TeacherService:
         if self._info is None:
             infos = await asyncio.gather(*[r.info.remote() for r in self._replicas])
             self._load_ids.update(i["load_id"] for i in infos)
-            self._info = {k: infos[0][k] for k in ("vocab_size", "top_k", "image_token_id")}
+            self._info = {k: infos[0][k] for k in ("vocab_size", "image_token_id")}
             self._info["name"] = self.name
         return dict(self._info)
 

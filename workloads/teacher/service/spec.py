@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
+from typing import Any
 
 __all__ = ["NAMESPACE", "SERVICE_PREFIX", "ServiceSpec"]
 
@@ -37,6 +38,24 @@ class ServiceSpec:
     lease_s: float = 30.0         # a user that sends nothing for this long is dropped
     linger_s: float = 0.0         # stay up this long after the last user left
 
+    @classmethod
+    def of_stage(cls, config: Any, teacher: Any, precision: str = "fp32") -> "ServiceSpec":
+        """The service of a ``distill`` stage with ``teacher: service``: its teacher (a path,
+        or at plan time the reference to it), ``top_k``, the stage's precision (the teacher's
+        forward dtype, as online) and ``teacher_resources``."""
+        r = config.teacher_resources
+        teacher = teacher[0] if isinstance(teacher, list) and len(teacher) == 1 else teacher
+        return cls(teacher_dir=teacher, top_k=config.top_k, precision=precision,
+                   replicas=r.replicas, cpus=r.cpus, gpus=r.gpus, max_restarts=r.max_restarts,
+                   max_inflight=r.max_inflight, cache_mb=r.cache_mb, lease_s=r.lease_s,
+                   linger_s=r.linger_s)
+
+    @property
+    def shared_key(self) -> str:
+        """What stages that share one service (and its reserved resources) have in common."""
+        return json.dumps(["teacher-service", self.teacher_dir, self.top_k, self.replicas,
+                           self.cpus, self.gpus])
+
     @property
     def name(self) -> str:
         ident = {"teacher": os.path.abspath(self.teacher_dir),
@@ -45,6 +64,16 @@ class ServiceSpec:
                  "cpus": self.cpus, "gpus": self.gpus}
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
         return f"{SERVICE_PREFIX}{digest[:16]}"
+
+    def entries(self, logits: Any, batch: dict[str, Any], vocab_size: int,
+                image_token_id: int) -> list[dict[str, Any]]:
+        """What a replica sends for teacher ``logits`` of a collated ``batch``: the payload's
+        entries (``teacher.payload``) at this service's k, every logit when ``top_k`` is
+        None."""
+        from workloads.teacher.payload import teacher_entries
+
+        return teacher_entries(logits, batch, vocab_size, image_token_id,
+                               self.top_k or vocab_size)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -5,7 +5,6 @@ service (``serve``)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -44,11 +43,11 @@ def side_resources(config: Any, inputs: dict) -> SideResources | None:
     stages that name the same teacher with the same service settings."""
     if config.teacher != "service":
         return None
+    from workloads.teacher.service.spec import ServiceSpec
+
     r = config.teacher_resources
-    key = json.dumps(["teacher-service", inputs.get("teacher"), config.top_k, r.replicas,
-                      r.cpus, r.gpus])
     return SideResources(
-        key=key, cpus=r.replicas * r.cpus, gpus=r.replicas * r.gpus,
+        key=ServiceSpec.of_stage(config, inputs.get("teacher")).shared_key, cpus=r.replicas * r.cpus, gpus=r.replicas * r.gpus,
         what=f"teacher service: {r.replicas} replica(s) x {r.cpus:g} CPU, {r.gpus:g} GPU "
              f"(`teacher_resources`)",
         hint="its `teacher_resources` (`cpus: 0` lets the replicas run on CPUs Ray does not "
@@ -63,18 +62,11 @@ def release_holds(run_id: str) -> None:
 
 
 def service_spec(config: Any, ctx: StageContext) -> Any:
-    """The ``ServiceSpec`` of a ``teacher: service`` stage: its teacher, top_k, the stage's
-    precision (the teacher's forward dtype, as online) and ``teacher_resources``."""
+    """The ``ServiceSpec`` of a ``teacher: service`` stage (``ServiceSpec.of_stage``)."""
     from workloads.teacher.service.spec import ServiceSpec
 
-    r = config.teacher_resources
-    teacher = ctx.input("teacher")
-    teacher = teacher[0] if isinstance(teacher, list) and len(teacher) == 1 else teacher
-    return ServiceSpec(teacher_dir=teacher, top_k=config.top_k,
-                       precision=(ctx.deepspeed or {}).get("precision", "fp32"),
-                       replicas=r.replicas, cpus=r.cpus, gpus=r.gpus,
-                       max_restarts=r.max_restarts, max_inflight=r.max_inflight,
-                       cache_mb=r.cache_mb, lease_s=r.lease_s, linger_s=r.linger_s)
+    return ServiceSpec.of_stage(config, ctx.input("teacher"),
+                                precision=(ctx.deepspeed or {}).get("precision", "fp32"))
 
 
 def serve(config: Any, ctx: StageContext, loss_fn: Any,
