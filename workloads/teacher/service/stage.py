@@ -47,7 +47,8 @@ def side_resources(config: Any, inputs: dict) -> SideResources | None:
 
     r = config.teacher_resources
     return SideResources(
-        key=ServiceSpec.of_stage(config, inputs.get("teacher")).shared_key, cpus=r.replicas * r.cpus, gpus=r.replicas * r.gpus,
+        key=ServiceSpec.of_stage(config, inputs.get("teacher")).shared_key,
+        cpus=r.replicas * r.cpus, gpus=r.replicas * r.gpus,
         what=f"teacher service: {r.replicas} replica(s) x {r.cpus:g} CPU, {r.gpus:g} GPU "
              f"(`teacher_resources`)",
         hint="its `teacher_resources` (`cpus: 0` lets the replicas run on CPUs Ray does not "
