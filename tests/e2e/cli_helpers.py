@@ -63,7 +63,7 @@ def start_ui(env, cwd, timeout=300, attempts=5, extra=()):
                 return ui, f"http://127.0.0.1:{port}"
             except OSError:
                 if time.monotonic() > deadline:
-                    stop_group(ui)
+                    stop_ui(ui)
                     raise AssertionError(f"mmkd ui did not answer on port {port} within "
                                          f"{timeout} s") from None
                 time.sleep(0.5)
@@ -80,19 +80,24 @@ def stop_group(proc) -> None:
         proc.wait()
 
 
+def stop_ui(ui) -> None:
+    """SIGTERM, as a user stops it (it stops its server's process group), then its own group."""
+    import signal
+
+    if ui.poll() is None:
+        ui.send_signal(signal.SIGTERM)
+        try:
+            ui.wait(60)
+        except subprocess.TimeoutExpired:
+            stop_group(ui)
+
+
 @contextlib.contextmanager
 def mlflow_ui(env, cwd, timeout=300):
     """``start_ui`` as a context: yields the base URL, then stops the UI (SIGTERM, then the
     group)."""
-    import signal
-
     ui, url = start_ui(env, cwd, timeout)
     try:
         yield url
     finally:
-        if ui.poll() is None:
-            ui.send_signal(signal.SIGTERM)
-            try:
-                ui.wait(60)
-            except subprocess.TimeoutExpired:
-                stop_group(ui)
+        stop_ui(ui)
