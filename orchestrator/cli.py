@@ -328,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     # one user on a local store: one server process (MLflow's default of 4 took twice as long
     # to answer on a 2-core laptop, 13 s instead of 7 s)
-    p.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server worker processes (default 1; uvicorn kills a worker still "
+                        "starting after 5 s, so more may not come up on a busy machine)")
     p.add_argument("--no-browser", action="store_true", help="print the page, open nothing")
     p.set_defaults(fn=cmd_ui)
 
