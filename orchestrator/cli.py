@@ -197,6 +197,16 @@ def cmd_workloads(args) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number, 1 or more")
+    return value
+
+
 def cmd_ui(args) -> int:
     from orchestrator.tracking import default_tracking_uri
 
@@ -326,9 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline", nargs="?", help="whose runs to open (default: the most recent "
                                                "run's pipeline)")
     p.add_argument("--port", type=int, default=5000)
-    # one user on a local store: one server process (MLflow's default of 4 took twice as long
-    # to answer on a 2-core laptop, 13 s instead of 7 s)
-    p.add_argument("--workers", type=int, default=1,
+    # one user on a local store: one server process (MLflow's default is 4)
+    p.add_argument("--workers", type=_at_least_one, default=1,
                    help="server worker processes (default 1; uvicorn kills a worker still "
                         "starting after 5 s, so more may not come up on a busy machine)")
     p.add_argument("--no-browser", action="store_true", help="print the page, open nothing")

@@ -270,8 +270,8 @@ def import_deepspeed():
 
 
 def trainer_class() -> type:
-    """Ray Train's ``TorchTrainer`` with two of its defaults changed (Ray 2.60 has no public
-    hook for either; both methods are its own):
+    """Ray Train's ``TorchTrainer`` with three of its defaults changed (Ray 2.60 has no public
+    hook for them; both methods overridden are its own):
 
     - deterministic stage errors (bad data, a NaN loss) are raised, not retried
       (``workloads.errors.no_retry_failure_policy``);

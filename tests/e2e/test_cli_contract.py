@@ -117,6 +117,7 @@ CASES = [
     (["tune", "tune.yaml"], 0, "best"),
     (["tune", "bad_tune.yaml"], 2, "invalid tune spec"),
     (["ui", "--port", "notaport"], 2, "--port"),
+    (["ui", "--workers", "0"], 2, "--workers: '0': give a whole number, 1 or more"),
     (["submit", "good.yaml", "--address", "NOWHERE"], 2, "cannot reach the Ray dashboard"),
     (["submit", "good.yaml", "--address", "NOWHERE", "--env", "AWS_SECRET_ACCESS_KEY=x"], 2,
      "--allow-secret-env"),
